@@ -1,0 +1,24 @@
+"""unison: one training function, run as a single run, a hyperparameter search, an ablation or a
+distributed job, on this machine or a cluster. Importing unison loads no ML framework."""
+
+from unison.api import resume, run
+from unison.backends.base import Backend
+from unison.backends.inline import Inline
+from unison.backends.local import Local
+from unison.context import Context
+from unison.contexts.search import Search
+from unison.errors import SearchAborted, TrialStopped, WorkerError
+from unison.optimizers import GridSearch, Optimizer, RandomSearch
+from unison.result import Best, RunResult, SearchResult
+from unison.runtime import Reporter
+from unison.schedulers import MedianStopping, Scheduler
+from unison.space import choice, integer, loguniform, uniform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "run", "resume", "Search", "uniform", "loguniform", "integer", "choice",
+    "Backend", "Inline", "Local", "Context", "Reporter", "Optimizer", "RandomSearch", "GridSearch",
+    "Scheduler", "MedianStopping", "TrialStopped", "SearchAborted", "WorkerError",
+    "Best", "RunResult", "SearchResult", "__version__",
+]

@@ -1,0 +1,5 @@
+"""Contexts: declarative descriptions of what to run (a search, later ablations and distributed runs)."""
+
+from unison.contexts.search import Search
+
+__all__ = ["Search"]

@@ -1,0 +1,149 @@
+"""``Search``: the declaration of a hyperparameter search."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from unison.optimizers import BUILTIN_OPTIMIZERS, Optimizer, make_optimizer
+from unison.schedulers import BUILTIN_SCHEDULERS, MedianStopping, Scheduler, make_scheduler
+from unison.space import space_from_dict, space_to_dict, validate_space
+
+DEFAULT_RANDOM_TRIALS = 20
+
+
+def _positive_int(value: Any, what: str, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+class Search:
+    """A hyperparameter search over ``space``, optimizing ``metric`` in direction ``mode``.
+
+    Args:
+        space: dict of hyperparameter name -> distribution (``uniform``, ``loguniform``, ``integer``,
+            ``choice``) or constant.
+        metric: the name of the metric to optimize: a key of the dict the function returns (a bare
+            number returned by the function is this metric).
+        mode: ``"max"`` or ``"min"``.
+        trials: how many trials to run. Default: the whole grid for ``optimizer="grid"``, else 20.
+        optimizer: ``"random"``, ``"grid"`` or a :class:`unison.Optimizer` instance.
+        scheduler: ``None``, ``"median"`` or a :class:`unison.Scheduler` instance (early stopping).
+        seed: makes the sequence of suggested hyperparameters reproducible.
+        max_concurrent: at most this many trials run at once (default: every worker slot).
+        max_failures: abort the search once this many trials have failed (default ``None``: never
+            abort; every failure is recorded and the search goes on).
+        max_retries: how often a trial whose worker died (not one whose function raised) is run
+            again on another worker before it counts as failed. Default 2.
+    """
+
+    def __init__(
+        self,
+        space: dict[str, Any],
+        metric: str = "value",
+        mode: str = "max",
+        trials: int | None = None,
+        optimizer: str | Optimizer = "random",
+        scheduler: str | Scheduler | None = None,
+        seed: int | None = None,
+        max_concurrent: int | None = None,
+        max_failures: int | None = None,
+        max_retries: int = 2,
+    ) -> None:
+        self.space = validate_space(space)
+        if not isinstance(metric, str) or not metric:
+            raise ValueError(f"metric must be the name of a returned metric (a string), got {metric!r}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.metric, self.mode = metric, mode
+        self.trials = _positive_int(trials, "Search(trials=...)")
+        self.optimizer = optimizer
+        make_optimizer(optimizer)  # validates the name now, before any worker starts
+        self.scheduler = scheduler
+        make_scheduler(scheduler)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        self.seed = None if seed is None else int(seed)
+        self.max_concurrent = _positive_int(max_concurrent, "Search(max_concurrent=...)")
+        self.max_failures = _positive_int(max_failures, "Search(max_failures=...)")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, numbers.Integral) or max_retries < 0:
+            raise ValueError(f"Search(max_retries=...) must be a whole number >= 0, got {max_retries!r}")
+        self.max_retries = int(max_retries)
+        if optimizer == "grid":
+            size = self.build_optimizer().size()
+            if self.trials is not None and self.trials > size:
+                raise ValueError(
+                    f"the grid has {size} points but trials={self.trials}: leave trials unset to run "
+                    f"the whole grid, or use optimizer='random' to sample more"
+                )
+
+    @property
+    def hparam_names(self) -> list[str]:
+        return list(self.space)
+
+    def build_optimizer(self, seed: int | None = None) -> Optimizer:
+        """A fresh optimizer set up for this search (``seed`` overrides the search's own)."""
+        optimizer = make_optimizer(self.optimizer)
+        optimizer.setup(self.space, self.mode, self.seed if seed is None else seed)
+        return optimizer
+
+    def build_scheduler(self) -> Scheduler | None:
+        scheduler = make_scheduler(self.scheduler)
+        if scheduler is not None:
+            scheduler.setup(self.mode)
+        return scheduler
+
+    def planned_trials(self, optimizer: Optimizer) -> int:
+        """The number of trials this search runs."""
+        if self.trials is not None:
+            return self.trials
+        size = optimizer.size()
+        return size if size is not None else DEFAULT_RANDOM_TRIALS
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored in ``experiment.json`` (custom optimizers/schedulers by name only)."""
+
+        def describe(obj: Any, builtins: dict[str, Any]) -> Any:
+            if obj is None or isinstance(obj, str):
+                return obj
+            if isinstance(obj, MedianStopping):
+                return {"median": {"grace_period": obj.grace_period, "min_trials": obj.min_trials}}
+            return {"custom": type(obj).__qualname__}
+
+        return {
+            "space": space_to_dict(self.space),
+            "metric": self.metric,
+            "mode": self.mode,
+            "trials": self.trials,
+            "optimizer": describe(self.optimizer, BUILTIN_OPTIMIZERS),
+            "scheduler": describe(self.scheduler, BUILTIN_SCHEDULERS),
+            "seed": self.seed,
+            "max_concurrent": self.max_concurrent,
+            "max_failures": self.max_failures,
+            "max_retries": self.max_retries,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Search:
+        """Rebuild a search stored by :meth:`to_dict`; custom optimizers cannot be rebuilt."""
+        data = dict(data)
+        for key in ("optimizer", "scheduler"):
+            spec = data.get(key)
+            if isinstance(spec, dict) and "custom" in spec:
+                raise ValueError(
+                    f"this experiment used a custom {key} ({spec['custom']}); pass the same Search again: "
+                    f"unison.run(train, search, resume=...)"
+                )
+            if isinstance(spec, dict) and "median" in spec:
+                data[key] = MedianStopping(**spec["median"])
+        data["space"] = space_from_dict(data["space"])
+        return cls(**data)
+
+    def __repr__(self) -> str:
+        return (
+            f"Search(metric={self.metric!r}, mode={self.mode!r}, trials={self.trials}, "
+            f"optimizer={self.optimizer!r}, scheduler={self.scheduler!r}, seed={self.seed})"
+        )

@@ -1,0 +1,258 @@
+"""The search driver: what runs next, what stops early, what is recorded.
+
+``SearchDriver`` holds all decisions and all trial state. It is driven by one thread: the inline
+loop calls it between trials, the remote loop (``unison.loop``) calls it for each worker message.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from unison.contexts.search import Search
+from unison.errors import SearchAborted
+from unison.store import ExperimentStore
+
+FINAL = ("completed", "failed", "stopped")
+
+
+@dataclass
+class TrialState:
+    """The driver's record of one trial."""
+
+    trial_id: int
+    hparams: dict[str, Any]
+    status: str = "pending"  # pending | running | completed | failed | stopped
+    attempt: int = 0
+    worker: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    value: float | None = None
+    error: str | None = None
+    steps: int = 0
+    last_step: int | None = None
+    duration: float | None = None
+    stop_reason: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        """The trial as one flat record (for the trial table and result.json)."""
+        return {
+            "trial_id": self.trial_id,
+            "status": self.status,
+            "hparams": self.hparams,
+            "metrics": self.metrics,
+            "value": self.value,
+            "steps": self.steps,
+            "last_step": self.last_step,
+            "duration": self.duration,
+            "worker": self.worker,
+            "attempts": self.attempt + 1,
+            "stop_reason": self.stop_reason,
+            "error": self.error,
+        }
+
+
+class SearchDriver:
+    """Decisions and records for one search experiment."""
+
+    def __init__(self, search: Search, store: ExperimentStore, seed: int) -> None:
+        self.search, self.store = search, store
+        self.seed = seed
+        self.optimizer = search.build_optimizer(seed)
+        self.scheduler = search.build_scheduler()
+        self.planned = search.planned_trials(self.optimizer)
+        self.trials: dict[int, TrialState] = {}
+        self.pending: deque[int] = deque()
+        self.next_number = 0
+        self.exhausted = False
+        self.running = 0
+        self.failures = 0
+        self.first_failure: TrialState | None = None
+        self.abort_error: BaseException | None = None
+        self.best: TrialState | None = None
+        self.counts = {"completed": 0, "failed": 0, "stopped": 0}
+        self.started_at = time.monotonic()
+
+    # ----------------------------------------------------------------- resume
+    def replay(self, events: list[dict[str, Any]]) -> None:
+        """Rebuild state from a journal: ended trials are kept, unfinished ones are queued again."""
+        reports: dict[int, list[tuple[int, float]]] = {}
+        for ev in events:
+            kind, tid = ev.get("e"), ev.get("id")
+            if kind == "start":
+                trial = self.trials.get(tid) or TrialState(tid, ev["hparams"])
+                trial.attempt, trial.worker, trial.status = ev.get("attempt", 0), ev.get("worker"), "running"
+                self.trials[tid] = trial
+                self.next_number = max(self.next_number, tid + 1)
+                reports[tid] = []
+            elif kind == "report":
+                value = ev["metrics"].get(self.search.metric)
+                if value is not None:
+                    reports.setdefault(tid, []).append((ev["step"], value))
+            elif kind == "end":
+                self._apply_end(self.trials[tid], ev)
+                if self.scheduler is not None:
+                    for step, value in reports.get(tid, []):
+                        self.scheduler.on_report(tid, step, value)
+                    self.scheduler.on_complete(tid, ev["status"])
+                self._account(self.trials[tid])
+            elif kind == "lost":
+                self.trials[tid].attempt = ev.get("attempt", 0) + 1
+                self.trials[tid].status = "pending"
+        for tid in sorted(self.trials):  # unfinished when the driver stopped: run them again
+            if self.trials[tid].status not in FINAL:
+                self.trials[tid].status = "pending"
+                self.pending.append(tid)
+
+    # --------------------------------------------------------------- decisions
+    @property
+    def active_limit(self) -> int | None:
+        return self.search.max_concurrent
+
+    def can_start(self) -> bool:
+        limit = self.active_limit
+        return limit is None or self.running < limit
+
+    def next_trial(self) -> TrialState | None:
+        """The next trial to run, or ``None`` when there is nothing to start now."""
+        if self.abort_error is not None or not self.can_start():
+            return None
+        if self.pending:
+            return self.trials[self.pending.popleft()]
+        if self.exhausted or self.next_number >= self.planned:
+            return None
+        hparams = self.optimizer.suggest(self.next_number)
+        if hparams is None:
+            self.exhausted = True
+            return None
+        trial = TrialState(self.next_number, hparams)
+        self.trials[trial.trial_id] = trial
+        self.next_number += 1
+        return trial
+
+    @property
+    def finished(self) -> bool:
+        if self.abort_error is not None:
+            return True
+        more = not self.exhausted and self.next_number < self.planned
+        return not more and not self.pending and self.running == 0
+
+    def start(self, trial: TrialState, worker: str) -> dict[str, Any]:
+        """Record that ``trial`` starts on ``worker``; return the message that describes it."""
+        trial.status, trial.worker = "running", worker
+        self.running += 1
+        self.store.append(
+            {"e": "start", "id": trial.trial_id, "hparams": trial.hparams, "attempt": trial.attempt,
+             "worker": worker, "t": time.time()}
+        )
+        return {
+            "trial_id": trial.trial_id,
+            "hparams": trial.hparams,
+            "trial_dir": str(self.store.trial_dir(trial.trial_id)),
+            "attempt": trial.attempt,
+            "seed": (self.seed * 1_000_003 + trial.trial_id) % 2**32,
+        }
+
+    def report(self, trial_id: int, step: int, metrics: dict[str, float]) -> bool:
+        """Record an intermediate report; return whether the trial may continue."""
+        self.store.append({"e": "report", "id": trial_id, "step": step, "metrics": metrics})
+        value = metrics.get(self.search.metric)
+        if self.scheduler is None or value is None:
+            return True
+        return bool(self.scheduler.on_report(trial_id, step, value))
+
+    def finish(self, outcome: dict[str, Any]) -> None:
+        """Record a trial's outcome (from the trial runner) and learn from it."""
+        trial = self.trials[outcome["trial_id"]]
+        if trial.status != "running":
+            return  # a late result of a trial already given up on
+        self.running -= 1
+        self._end(trial, outcome)
+
+    def _end(self, trial: TrialState, outcome: dict[str, Any]) -> None:
+        event = {
+            "e": "end", "id": trial.trial_id, "status": outcome["status"],
+            "metrics": outcome.get("metrics") or {}, "error": outcome.get("error"),
+            "duration": outcome.get("duration"), "steps": outcome.get("steps", 0),
+            "last_step": outcome.get("last_step"), "stop_reason": outcome.get("stop_reason"),
+            "worker": trial.worker,
+        }
+        self.store.append(event)
+        self._apply_end(trial, event)
+        if self.scheduler is not None:
+            self.scheduler.on_complete(trial.trial_id, trial.status)
+        self._account(trial)
+        if outcome.get("error_kind") == "missing_metric" and self.abort_error is None:
+            self.abort_error = SearchAborted(outcome["error"])
+
+    def lose(self, trial_id: int, reason: str) -> None:
+        """The worker running ``trial_id`` died or went silent: retry it or fail it."""
+        trial = self.trials[trial_id]
+        if trial.status != "running":
+            return
+        self.running -= 1
+        self.store.append({"e": "lost", "id": trial_id, "attempt": trial.attempt, "reason": reason})
+        if self.scheduler is not None:
+            self.scheduler.on_complete(trial_id, "retried")
+        if trial.attempt < self.search.max_retries:
+            trial.attempt += 1
+            trial.status = "pending"
+            self.pending.appendleft(trial_id)
+            return
+        self._end(trial, {
+            "trial_id": trial_id, "status": "failed",
+            "error": f"{reason}; gave up after {trial.attempt + 1} attempts (max_retries="
+                     f"{self.search.max_retries})",
+        })
+
+    def abort(self, error: BaseException) -> None:
+        if self.abort_error is None:
+            self.abort_error = error
+
+    # ---------------------------------------------------------------- helpers
+    def _apply_end(self, trial: TrialState, event: dict[str, Any]) -> None:
+        trial.status = event["status"]
+        trial.metrics = event.get("metrics") or {}
+        trial.value = trial.metrics.get(self.search.metric)
+        trial.error = event.get("error")
+        trial.duration = event.get("duration")
+        trial.steps = event.get("steps") or 0
+        trial.last_step = event.get("last_step")
+        trial.stop_reason = event.get("stop_reason")
+        trial.worker = event.get("worker", trial.worker)
+
+    def _account(self, trial: TrialState) -> None:
+        self.counts[trial.status] += 1
+        if trial.status == "completed" and trial.value is not None and self._better(trial.value):
+            self.best = trial
+        self.optimizer.observe(trial.trial_id, trial.hparams, trial.value, trial.status)
+        if trial.status == "failed":
+            self.failures += 1
+            if self.first_failure is None:
+                self.first_failure = trial
+            limit = self.search.max_failures
+            if limit is not None and self.failures >= limit and self.abort_error is None:
+                self.abort_error = SearchAborted(
+                    f"{self.failures} trial(s) failed, reaching max_failures={limit}. The first failure, "
+                    f"trial {self.first_failure.trial_id} with {self.first_failure.hparams}:\n"
+                    f"{self.first_failure.error}"
+                )
+
+    def _better(self, value: float) -> bool:
+        """Whether ``value`` beats the best completed trial so far."""
+        if self.best is None:
+            return True
+        return value > self.best.value if self.search.mode == "max" else value < self.best.value
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for progress displays."""
+        return {
+            "planned": self.planned,
+            "completed": self.counts["completed"],
+            "failed": self.counts["failed"],
+            "stopped": self.counts["stopped"],
+            "running": self.running,
+            "best": None if self.best is None else self.best.value,
+            "elapsed": time.monotonic() - self.started_at,
+        }

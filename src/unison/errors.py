@@ -1,0 +1,19 @@
+"""Exceptions users see."""
+
+from __future__ import annotations
+
+
+class TrialStopped(BaseException):  # noqa: N818 - the public name says what happened
+    """Raised inside ``reporter.report`` when the scheduler stops the trial early.
+
+    It derives from ``BaseException`` so that a training function's ``except Exception`` does not
+    swallow it; the runtime catches it and records the trial as stopped with its last reported value.
+    """
+
+
+class SearchAborted(RuntimeError):
+    """A search ended before its trials were done (too many failures, a configuration error)."""
+
+
+class WorkerError(RuntimeError):
+    """A worker could not start or load the training function."""

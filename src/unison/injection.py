@@ -1,0 +1,109 @@
+"""Which arguments a training function asks for, and building them for one call."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+INJECTABLE = ("hparams", "reporter", "ctx", "model", "dataset", "model_fn", "data_fn")
+
+
+def requested_parameters(fn: Callable[..., Any]) -> list[inspect.Parameter]:
+    """The parameters of ``fn`` that the framework has to fill."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"cannot read the signature of {fn!r}: {exc}") from None
+    return [
+        p
+        for p in signature.parameters.values()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+
+
+def check_injectable(
+    fn: Callable[..., Any],
+    hparam_names: Iterable[str],
+    has_model: bool,
+    has_data: bool,
+) -> list[str]:
+    """Validate that every parameter of ``fn`` can be injected; return the names to inject."""
+    hparam_names = list(hparam_names)
+    fn_name = getattr(fn, "__qualname__", repr(fn))
+    clashes = sorted(set(hparam_names) & set(INJECTABLE))
+    if clashes:
+        raise ValueError(
+            f"hyperparameter name(s) {clashes} clash with unison's injectable names {list(INJECTABLE)}: "
+            f"rename them (e.g. {clashes[0]!r} -> {clashes[0] + '_name'!r})"
+        )
+    names = []
+    for p in requested_parameters(fn):
+        if p.kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise TypeError(f"{fn_name}: parameter {p.name!r} is positional-only; unison injects by name")
+        if p.name in ("model", "model_fn") and not has_model:
+            raise TypeError(
+                f"{fn_name} asks for {p.name!r} but no model generator was given: pass "
+                f"model=model_fn (a function hparams -> model) to unison.run"
+            )
+        if p.name in ("dataset", "data_fn") and not has_data:
+            raise TypeError(
+                f"{fn_name} asks for {p.name!r} but no data was given: pass data=data_fn (a function "
+                f"hparams -> dataset) or data=<object> to unison.run"
+            )
+        if p.name in INJECTABLE or p.name in hparam_names:
+            names.append(p.name)
+        elif p.default is inspect.Parameter.empty:
+            raise TypeError(
+                f"{fn_name} asks for {p.name!r}, which unison cannot inject. Injectable names: "
+                f"{', '.join(INJECTABLE)}, or a hyperparameter name "
+                f"({', '.join(hparam_names) if hparam_names else 'none defined'}). Rename the parameter, "
+                f"add it to the hyperparameters, or give it a default value"
+            )
+    return names
+
+
+def call_generator(generator: Callable[..., Any], hparams: dict[str, Any]) -> Any:
+    """Call ``model_fn``/``data_fn`` with the hyperparameters if it takes an argument."""
+    try:
+        params = inspect.signature(generator).parameters.values()
+    except (TypeError, ValueError):
+        return generator(hparams)
+    takes_arg = any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
+    )
+    return generator(hparams) if takes_arg else generator()
+
+
+def build_arguments(
+    names: list[str],
+    hparams: dict[str, Any],
+    reporter: Any,
+    ctx: Any,
+    model_fn: Callable[..., Any] | None,
+    data: Any,
+) -> dict[str, Any]:
+    """The keyword arguments for one call; the model and dataset are built only if asked for."""
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if name == "hparams":
+            kwargs[name] = dict(hparams)
+        elif name == "reporter":
+            kwargs[name] = reporter
+        elif name == "ctx":
+            kwargs[name] = ctx
+        elif name == "model":
+            kwargs[name] = call_generator(model_fn, hparams)
+        elif name == "model_fn":
+            kwargs[name] = lambda hp=None, _g=model_fn: call_generator(_g, hparams if hp is None else hp)
+        elif name == "dataset":
+            kwargs[name] = call_generator(data, hparams) if callable(data) else data
+        elif name == "data_fn":
+            kwargs[name] = (
+                (lambda hp=None, _g=data: call_generator(_g, hparams if hp is None else hp))
+                if callable(data)
+                else (lambda hp=None, _d=data: _d)
+            )
+        else:
+            kwargs[name] = hparams[name]
+    return kwargs

@@ -1,0 +1,25 @@
+"""Optimizers: what to try next. ``make_optimizer`` turns a name into an instance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from unison.optimizers.base import Optimizer
+from unison.optimizers.grid import GridSearch
+from unison.optimizers.random import RandomSearch
+
+BUILTIN_OPTIMIZERS = {"random": RandomSearch, "grid": GridSearch}
+
+__all__ = ["Optimizer", "RandomSearch", "GridSearch", "BUILTIN_OPTIMIZERS", "make_optimizer"]
+
+
+def make_optimizer(spec: Any) -> Optimizer:
+    """An optimizer from a name in ``BUILTIN_OPTIMIZERS`` or an :class:`Optimizer` instance."""
+    if isinstance(spec, Optimizer):
+        return spec
+    if isinstance(spec, str) and spec in BUILTIN_OPTIMIZERS:
+        return BUILTIN_OPTIMIZERS[spec]()
+    raise ValueError(
+        f"unknown optimizer {spec!r}: use one of {sorted(BUILTIN_OPTIMIZERS)} or an instance of "
+        f"unison.Optimizer"
+    )

@@ -1,0 +1,30 @@
+"""The optimizer interface: propose hyperparameters, learn from results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Optimizer:
+    """Proposes hyperparameters for trials and learns from their results.
+
+    The driver calls :meth:`suggest` once per new trial (trial numbers count up from 0) and
+    :meth:`observe` when a trial ends. ``suggest`` may be called again before earlier trials were
+    observed: that is how asynchronous search keeps every worker busy. Return ``None`` from
+    ``suggest`` when there is nothing left to propose (a finished grid).
+    """
+
+    def setup(self, space: dict[str, Any], mode: str, seed: int | None) -> None:
+        """Called once before the first suggestion with the search's space, mode and seed."""
+        self.space, self.mode, self.seed = space, mode, seed
+
+    def suggest(self, trial_number: int) -> dict[str, Any] | None:
+        """Hyperparameters for trial ``trial_number``, or ``None`` when exhausted."""
+        raise NotImplementedError
+
+    def observe(self, trial_number: int, hparams: dict[str, Any], value: float | None, status: str) -> None:
+        """A trial ended: ``status`` is ``completed``, ``stopped`` or ``failed`` (``value`` None)."""
+
+    def size(self) -> int | None:
+        """How many distinct suggestions exist (a grid's size), or ``None`` when unbounded."""
+        return None

@@ -1,0 +1,73 @@
+"""Shipping the training function to workers: one cloudpickled file the driver writes.
+
+Workers read the file from the driver's disk (local backend) or receive its bytes through the
+engine (Spark). It is never sent over the driver's socket.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+
+def _culprit(obj: Any, label: str, depth: int = 0) -> str | None:
+    """Name the part of ``obj`` (closure variable, global, default) that cannot be pickled."""
+    import cloudpickle
+
+    code = getattr(obj, "__code__", None)
+    if code is None or depth > 3:
+        return None
+    parts: list[tuple[str, Any]] = []
+    for name, cell in zip(code.co_freevars, getattr(obj, "__closure__", None) or (), strict=False):
+        try:
+            parts.append((f"closure variable {name!r}", cell.cell_contents))
+        except ValueError:
+            continue
+    globs = getattr(obj, "__globals__", {})
+    parts += [(f"global {name!r}", globs[name]) for name in code.co_names if name in globs]
+    parts += [("default of a parameter", d) for d in getattr(obj, "__defaults__", None) or ()]
+    for where, value in parts:
+        try:
+            cloudpickle.dumps(value)
+        except Exception as exc:  # noqa: BLE001 - we are looking for exactly this failure
+            inner = _culprit(value, where, depth + 1)
+            return inner or f"{label}: its {where} ({type(value).__name__}) cannot be pickled ({exc})"
+    return None
+
+
+def dumps_payload(parts: dict[str, Any]) -> bytes:
+    """Serialize the callables and objects workers need, naming what cannot be pickled."""
+    import cloudpickle
+
+    for key, obj in parts.items():
+        try:
+            cloudpickle.dumps(obj)
+        except Exception as exc:  # noqa: BLE001
+            label = getattr(obj, "__qualname__", None) or type(obj).__name__
+            detail = _culprit(obj, f"{key} {label!r}") or f"{key} {label!r} cannot be pickled ({exc})"
+            raise TypeError(
+                f"cannot send {key} to worker processes: {detail}. Create such objects inside the "
+                f"function (or model_fn/data_fn), or use backend='inline' to run in this process"
+            ) from exc
+    blob = cloudpickle.dumps(parts)
+    return msgpack.packb({"sys_path": [p for p in sys.path if p], "blob": blob}, use_bin_type=True)
+
+
+def write_payload(path: Path, parts: dict[str, Any]) -> None:
+    path.write_bytes(dumps_payload(parts))
+
+
+def loads_payload(data: bytes) -> dict[str, Any]:
+    """Inverse of :func:`dumps_payload`, run in a worker: restores the driver's import path first."""
+    import cloudpickle
+
+    outer = msgpack.unpackb(data, raw=False)
+    for entry in reversed(outer["sys_path"]):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    parts: dict[str, Callable[..., Any]] = cloudpickle.loads(outer["blob"])
+    return parts

@@ -1,0 +1,131 @@
+"""What ``unison.run`` returns: ``RunResult`` for a single run, ``SearchResult`` for a search."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unison.store import ExperimentStore
+
+_FIXED_COLUMNS = ("trial_id", "status")
+_TAIL_COLUMNS = ("steps", "last_step", "duration", "worker", "attempts", "stop_reason", "error")
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best completed trial: its id, hyperparameters, optimized value and all final metrics."""
+
+    trial_id: int
+    hparams: dict[str, Any]
+    metric: float
+    metrics: dict[str, float]
+
+
+@dataclass
+class RunResult:
+    """The result of a single run.
+
+    Attributes:
+        metrics: the dict the function returned (or ``{"value": x}`` for a bare number).
+        value: the bare number returned, the ``metric=`` entry, or the only entry of the dict.
+        returned: exactly what the function returned.
+        path: the experiment directory.
+    """
+
+    metrics: dict[str, Any]
+    value: Any
+    returned: Any
+    path: Path
+    duration: float
+
+
+def trials_frame(rows: list[dict[str, Any]]) -> Any:
+    """A pandas DataFrame with one row per trial: id, status, hparams, final metrics, the rest."""
+    import pandas as pd
+
+    records = []
+    for row in rows:
+        record: dict[str, Any] = {k: row[k] for k in _FIXED_COLUMNS}
+        record.update(row["hparams"])
+        for name, value in (row.get("metrics") or {}).items():
+            key = name if name not in record and name not in _TAIL_COLUMNS else f"metric:{name}"
+            record[key] = value
+        record.update({k: row.get(k) for k in _TAIL_COLUMNS})
+        if record["error"]:
+            record["error"] = record["error"].strip().splitlines()[-1]
+        records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    if not frame.empty:
+        frame = frame.sort_values("trial_id", kind="stable").reset_index(drop=True)
+    return frame
+
+
+def rows_from_journal(events: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The trial rows recorded in a journal (trials that never ended show as ``running``)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for ev in events:
+        kind, tid = ev.get("e"), ev.get("id")
+        if kind == "start":
+            row = rows.setdefault(tid, {"trial_id": tid, "metrics": {}, "steps": 0})
+            row.update(status="running", hparams=ev["hparams"], worker=ev.get("worker"),
+                       attempts=ev.get("attempt", 0) + 1)
+        elif kind == "report" and tid in rows:
+            rows[tid]["steps"] += 1
+            rows[tid]["last_step"] = ev["step"]
+            rows[tid]["metrics"] = ev["metrics"]
+        elif kind == "end" and tid in rows:
+            row = rows[tid]
+            row.update({k: ev.get(k) for k in ("status", "metrics", "error", "duration", "steps",
+                                                "last_step", "stop_reason", "worker")})
+            row["metrics"] = ev.get("metrics") or {}
+            row["value"] = row["metrics"].get(metric)
+        elif kind == "lost" and tid in rows:
+            rows[tid]["status"] = "pending"
+    return [rows[k] for k in sorted(rows)]
+
+
+class SearchResult:
+    """The result of a search.
+
+    Attributes:
+        best: the best completed trial (:class:`Best`), or ``None`` if none completed.
+        trials: a pandas DataFrame, one row per trial.
+        path: the experiment directory.
+        status: ``completed``, ``aborted``, ``interrupted``, ...
+    """
+
+    def __init__(self, path: Path, metric: str, mode: str, rows: list[dict[str, Any]], status: str) -> None:
+        self.path, self.metric, self.mode, self.status = Path(path), metric, mode, status
+        self._rows = rows
+        self.best = self._find_best()
+
+    def _find_best(self) -> Best | None:
+        done = [r for r in self._rows if r["status"] == "completed" and r.get("value") is not None]
+        if not done:
+            return None
+        pick = max if self.mode == "max" else min
+        row = pick(done, key=lambda r: r["value"])
+        return Best(row["trial_id"], dict(row["hparams"]), row["value"], dict(row["metrics"]))
+
+    @property
+    def trials(self) -> Any:
+        return trials_frame(self._rows)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The trial records as plain dicts."""
+        return list(self._rows)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchResult:
+        """Read a search experiment back from its directory (finished or not)."""
+        store = ExperimentStore(path)
+        meta = store.read_experiment()
+        search = meta["search"]
+        rows = rows_from_journal(store.read_journal(), search["metric"])
+        return cls(store.path, search["metric"], search["mode"], rows, meta.get("status", "unknown"))
+
+    def __repr__(self) -> str:
+        best = "none" if self.best is None else f"{self.metric}={self.best.metric:.6g} {self.best.hparams}"
+        return f"SearchResult({len(self._rows)} trials, status={self.status}, best: {best}, path={self.path})"

@@ -1,0 +1,209 @@
+"""Running one trial: inject arguments, capture output, call the function, check what it returned.
+
+The same code runs a trial in the calling process (inline backend) and in a worker process (local,
+Spark): only the way ``reporter`` reaches the driver differs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import numbers
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from unison.context import Context, _default_device
+from unison.errors import TrialStopped
+from unison.injection import build_arguments
+
+Decide = Callable[[int, dict[str, float]], bool]
+"""``decide(step, metrics) -> continue?``: how a reporter asks the scheduler."""
+
+
+def to_number(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (or a 0-d array/tensor), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        try:
+            inner = item()
+        except Exception:  # noqa: BLE001 - anything that is not a scalar is simply not a number
+            return None
+        return None if isinstance(inner, bool) else to_number(inner)
+    return None
+
+
+class Reporter:
+    """``reporter`` in the training function: records intermediate metrics, may stop the trial."""
+
+    def __init__(self, decide: Decide | None = None, log: io.TextIOBase | None = None) -> None:
+        self._decide = decide
+        self._log = log
+        self.last_metrics: dict[str, float] = {}
+        self.last_step: int | None = None
+        self.count = 0
+
+    def report(self, step: int | None = None, **metrics: Any) -> None:
+        """Record metrics at ``step`` (default: 0, 1, 2, ... per call).
+
+        Raises :class:`unison.TrialStopped` when the scheduler stops the trial; let it propagate.
+        """
+        if step is None:
+            step = self.count
+        elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(f"reporter.report(step=...) must be an int, got {step!r}")
+        clean: dict[str, float] = {}
+        for name, value in metrics.items():
+            number = to_number(value)
+            if number is None:
+                raise TypeError(
+                    f"reporter.report({name}={value!r}): metrics must be numbers "
+                    f"(got {type(value).__name__})"
+                )
+            clean[name] = number
+        self.count += 1
+        self.last_step, self.last_metrics = int(step), clean
+        if self._log is not None:
+            self._log.write(json.dumps({"step": int(step), **clean}) + "\n")
+        if self._decide is not None and not self._decide(int(step), clean):
+            raise TrialStopped(f"stopped by the scheduler at step {step}")
+
+
+def normalize_metrics(returned: Any, metric: str) -> tuple[dict[str, float] | None, str | None]:
+    """Turn what the function returned into ``{name: float}``; on a problem, ``(None, message)``."""
+    number = to_number(returned)
+    if number is not None:
+        metrics = {metric: number}
+    elif isinstance(returned, dict):
+        metrics = {}
+        for name, value in returned.items():
+            number = to_number(value)
+            if number is None:
+                return None, (
+                    f"metric {name!r} is {value!r} ({type(value).__name__}); the function must return a "
+                    f"number or a dict of numbers"
+                )
+            metrics[str(name)] = number
+    else:
+        return None, (
+            f"the function returned {returned!r} ({type(returned).__name__}); return a number (the "
+            f"metric {metric!r}) or a dict of numbers that includes {metric!r}"
+        )
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            return None, f"metric {name!r} is {value} (not finite): the trial diverged or divided by zero"
+    return metrics, None
+
+
+class _LazyLog(io.TextIOBase):
+    """A line-buffered log file opened on first write, so quiet trials cost no file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: io.TextIOWrapper | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self._file is None:
+            self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def isatty(self) -> bool:
+        return False
+
+
+class TrialRunner:
+    """Runs trials of one training function; built once per worker."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        names: list[str],
+        metric: str,
+        model_fn: Callable[..., Any] | None = None,
+        data: Any = None,
+        capture_output: bool = True,
+    ) -> None:
+        self.fn, self.names, self.metric = fn, names, metric
+        self.model_fn, self.data = model_fn, data
+        self.capture_output = capture_output
+        self.device = _default_device()
+
+    def run(self, trial: dict[str, Any], decide: Decide | None) -> dict[str, Any]:
+        """Run one trial described by ``trial`` (``trial_id``, ``hparams``, ``trial_dir``, ...)."""
+        trial_dir = Path(trial["trial_dir"])
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        ctx = Context(
+            trial_id=trial["trial_id"],
+            trial_dir=trial_dir,
+            device=self.device,
+            seed=trial.get("seed"),
+            attempt=trial.get("attempt", 0),
+        )
+        metrics_log = _LazyLog(trial_dir / "metrics.jsonl")
+        reporter = Reporter(decide, metrics_log)
+        outcome: dict[str, Any] = {"trial_id": trial["trial_id"], "error": None}
+        saved = sys.stdout, sys.stderr
+        out = err = None
+        if self.capture_output:
+            out, err = _LazyLog(trial_dir / "stdout.log"), _LazyLog(trial_dir / "stderr.log")
+            sys.stdout, sys.stderr = out, err
+        start = time.perf_counter()
+        try:
+            kwargs = build_arguments(self.names, trial["hparams"], reporter, ctx, self.model_fn, self.data)
+            returned = self.fn(**kwargs)
+        except TrialStopped:
+            outcome["status"] = "stopped"
+            outcome["metrics"] = reporter.last_metrics
+            outcome["stop_reason"] = f"scheduler stopped it at step {reporter.last_step}"
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # SystemExit too: a trial calling sys.exit() fails, the worker lives on
+            outcome["status"] = "failed"
+            outcome["error"] = traceback.format_exc()
+            if err is not None:
+                err.write(outcome["error"])
+        else:
+            metrics, problem = normalize_metrics(returned, self.metric)
+            if problem is not None:
+                outcome["status"], outcome["error"] = "failed", problem
+            elif self.metric not in metrics:
+                outcome["status"] = "failed"
+                outcome["error_kind"] = "missing_metric"
+                outcome["error"] = (
+                    f"the function returned the metrics {sorted(metrics)} but the search optimizes "
+                    f"metric={self.metric!r}: return {self.metric!r} too, or set Search(metric=...) to "
+                    f"one of {sorted(metrics)}"
+                )
+            else:
+                outcome["status"], outcome["metrics"] = "completed", metrics
+        finally:
+            outcome["duration"] = time.perf_counter() - start
+            metrics_log.close()
+            if self.capture_output:
+                sys.stdout, sys.stderr = saved
+                out.close()
+                err.close()
+        outcome.setdefault("metrics", reporter.last_metrics)
+        outcome["steps"] = reporter.count
+        outcome["last_step"] = reporter.last_step
+        return outcome

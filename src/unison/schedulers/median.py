@@ -1,0 +1,45 @@
+"""The median stopping rule (Golovin et al., Google Vizier, 2017)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+from unison.schedulers.base import Scheduler
+
+
+class MedianStopping(Scheduler):
+    """Stop a trial whose best value so far is worse than the median of the other trials' running
+    averages at the same step.
+
+    A decision is made only from step ``grace_period`` on, and only once ``min_trials`` trials have
+    finished (completed or stopped); until then every trial continues.
+    """
+
+    def __init__(self, grace_period: int = 1, min_trials: int = 3) -> None:
+        if grace_period < 0:
+            raise ValueError(f"MedianStopping(grace_period={grace_period}) must be >= 0")
+        if min_trials < 1:
+            raise ValueError(f"MedianStopping(min_trials={min_trials}) must be >= 1")
+        self.grace_period, self.min_trials = grace_period, min_trials
+        self._history: dict[int, list[tuple[int, float]]] = defaultdict(list)
+        self._finished: list[int] = []
+
+    def on_report(self, trial_id: int, step: int, value: float) -> bool:
+        self._history[trial_id].append((step, value))
+        if step < self.grace_period or len(self._finished) < self.min_trials:
+            return True
+        averages = []
+        for other in self._finished:
+            upto = [v for s, v in self._history[other] if s <= step]
+            if upto:
+                averages.append(sum(upto) / len(upto))
+        if len(averages) < self.min_trials:
+            return True
+        values = [v for _, v in self._history[trial_id]]
+        best = max(values) if self.mode == "max" else min(values)
+        return not self.better(statistics.median(averages), best)
+
+    def on_complete(self, trial_id: int, status: str) -> None:
+        if status in ("completed", "stopped") and self._history.get(trial_id):
+            self._finished.append(trial_id)
