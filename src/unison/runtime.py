@@ -19,7 +19,7 @@ from typing import Any
 
 from unison.context import Context, _default_device
 from unison.errors import TrialStopped
-from unison.injection import build_arguments
+from unison.injection import build_arguments, once, takes_no_arguments
 
 Decide = Callable[[int, dict[str, float]], bool]
 """``decide(step, metrics) -> continue?``: how a reporter asks the scheduler."""
@@ -144,7 +144,10 @@ class TrialRunner:
         capture_output: bool = True,
     ) -> None:
         self.fn, self.names, self.metric = fn, names, metric
-        self.model_fn, self.data = model_fn, data
+        self.model_fn = model_fn
+        # A data generator that takes no hyperparameters gives the same data to every trial: load it
+        # once per worker instead of once per trial.
+        self.data = once(data) if callable(data) and takes_no_arguments(data) else data
         self.capture_output = capture_output
         self.device = _default_device()
 

@@ -16,6 +16,7 @@ from unison.backends.base import Backend
 from unison.errors import WorkerError
 from unison.worker import ENV_ADDRESS, ENV_HEARTBEAT, ENV_PAYLOAD, ENV_SECRET, ENV_WORKER
 
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 _LIVE: weakref.WeakSet[Local] = weakref.WeakSet()
 
 
@@ -71,6 +72,11 @@ class Local(Backend):
             ENV_HEARTBEAT: str(self.heartbeat_interval),
             "PYTHONUNBUFFERED": "1",
         })
+        # Numerical libraries start one thread per core in every worker; split the cores instead,
+        # unless the user chose a number.
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        for var in _THREAD_VARS:
+            self._env.setdefault(var, threads)
         self._log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self._stopping = False
@@ -140,4 +146,4 @@ class Local(Backend):
         _LIVE.discard(self)
 
     def __repr__(self) -> str:
-        return f"Local(workers={self.workers})"
+        return f"Local(workers={self.slots()})"

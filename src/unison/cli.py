@@ -1,0 +1,144 @@
+"""The ``unison`` command: ``demo``, ``ls`` and ``show``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from unison.store import DEFAULT_STORAGE, ExperimentStore
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import unison
+    from unison import demo
+
+    backend = unison.Inline() if args.backend == "inline" else unison.Local(workers=args.workers)
+    search = unison.Search(demo.SPACE, metric="accuracy", mode="max", trials=args.trials,
+                           optimizer="random", scheduler="median", seed=args.seed)
+    result = unison.run(demo.train, search, data=demo.load_digits_split, backend=backend,
+                        storage=args.storage, name="digits-demo")
+    columns = ["trial_id", "status", *demo.SPACE, "accuracy", "steps", "duration", "worker"]
+    top = result.trials.sort_values("accuracy", ascending=False).head(5)[columns]
+    print("\nthe five best trials:")
+    print(top.to_string(index=False))
+    print(f"\nexperiment directory: {result.path}")
+    print(f"inspect it with: unison show {result.path}")
+    return 0
+
+
+def _summary(path: Path) -> dict[str, Any] | None:
+    store = ExperimentStore(path)
+    try:
+        meta = store.read_experiment()
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    result = store.read_result() or {}
+    if meta.get("kind") == "search":
+        from unison.result import SearchResult
+
+        loaded = SearchResult.load(path)
+        ended = sum(r["status"] in ("completed", "failed", "stopped") for r in loaded.rows)
+        trials = f"{ended}/{result.get('planned', '?')}"
+        metric = meta["search"]["metric"]
+        best = "-" if loaded.best is None else f"{metric}={loaded.best.metric:.6g}"
+    else:
+        trials, best = "1", json.dumps(result.get("metrics")) if result else "-"
+    return {
+        "experiment": str(path), "kind": meta.get("kind", "?"), "status": meta.get("status", "?"),
+        "trials": trials, "best": best,
+        "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(meta.get("created", 0))),
+    }
+
+
+def _print_table(rows: list[dict[str, Any]], title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    if not rows:
+        return
+    for column in rows[0]:
+        table.add_column(str(column), overflow="fold")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row.values()))
+    Console().print(table)
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    root = Path(args.storage)
+    if not root.is_dir():
+        print(f"no experiments: {root} does not exist (experiments are written to ./{DEFAULT_STORAGE} "
+              f"unless storage= says otherwise)", file=sys.stderr)
+        return 1
+    rows = [s for p in sorted(root.iterdir()) if p.is_dir() and (s := _summary(p)) is not None]
+    if not rows:
+        print(f"no experiments in {root}")
+        return 0
+    _print_table(rows, title=f"experiments in {root}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    path = Path(args.experiment)
+    store = ExperimentStore(path)
+    try:
+        meta = store.read_experiment()
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"experiment {path}  kind={meta.get('kind')}  status={meta.get('status')}  "
+          f"backend={meta.get('backend', '-')}")
+    if meta.get("kind") != "search":
+        print(json.dumps(store.read_result() or {}, indent=2))
+        return 0
+    from unison.result import SearchResult
+
+    result = SearchResult.load(path)
+    frame = result.trials
+    if frame.empty:
+        print("no trials recorded yet")
+        return 0
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", args.rows, "display.max_columns", None, "display.width", 200):
+        print(frame.drop(columns=["error"]).to_string(index=False, max_rows=args.rows))
+    failed = frame[frame["status"] == "failed"]
+    for _, row in failed.head(3).iterrows():
+        print(f"trial {row['trial_id']} failed: {row['error']}")
+    if result.best is not None:
+        print(f"\nbest trial {result.best.trial_id}: {result.metric}={result.best.metric:.6g} "
+              f"with {result.best.hparams}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unison", description="Run and inspect unison experiments.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run a real small search (a NumPy MLP on the digits data)")
+    demo.add_argument("--trials", type=int, default=40, help="number of trials (default 40)")
+    demo.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU cores)")
+    demo.add_argument("--backend", choices=["local", "inline"], default="local")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--storage", default=None, help=f"where experiments go (default ./{DEFAULT_STORAGE})")
+    demo.set_defaults(func=_cmd_demo)
+    ls = sub.add_parser("ls", help="list experiments, their status and best result")
+    ls.add_argument("storage", nargs="?", default=DEFAULT_STORAGE)
+    ls.set_defaults(func=_cmd_ls)
+    show = sub.add_parser("show", help="show an experiment's trial table and best trial")
+    show.add_argument("experiment", help="an experiment directory")
+    show.add_argument("--rows", type=int, default=60, help="at most this many trial rows (default 60)")
+    show.set_defaults(func=_cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
