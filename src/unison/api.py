@@ -178,7 +178,8 @@ def _run_search(fn: Callable[..., Any], search: Search, model: Any, data: Any,
     from unison.runtime import TrialRunner
 
     backend = resolve_backend(backend_spec)
-    names = check_injectable(fn, search.hparam_names, model is not None, data is not None)
+    names = check_injectable(fn, search.hparam_names, model is not None, data is not None,
+                             search.conditional_names)
     payload = None
     if not backend.in_process:
         from unison.payload import dumps_payload

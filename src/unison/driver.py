@@ -6,6 +6,7 @@ loop calls it between trials, the remote loop (``unison.loop``) calls it for eac
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -154,13 +155,16 @@ class SearchDriver:
             "seed": (self.seed * 1_000_003 + trial.trial_id) % 2**32,
         }
 
-    def report(self, trial_id: int, step: int, metrics: dict[str, float]) -> bool:
-        """Record an intermediate report; return whether the trial may continue."""
+    def report(self, trial_id: int, step: int, metrics: dict[str, float]) -> str | None:
+        """Record an intermediate report; return ``None`` to continue or the reason to stop."""
         self.store.append({"e": "report", "id": trial_id, "step": step, "metrics": metrics})
         value = metrics.get(self.search.metric)
-        if self.scheduler is None or value is None:
-            return True
-        return bool(self.scheduler.on_report(trial_id, step, value))
+        if self.scheduler is None or value is None or not math.isfinite(value):
+            return None
+        decision = self.scheduler.on_report(trial_id, step, value)
+        if decision:
+            return None
+        return getattr(decision, "reason", None) or f"stopped by the scheduler at step {step}"
 
     def finish(self, outcome: dict[str, Any]) -> None:
         """Record a trial's outcome (from the trial runner) and learn from it."""

@@ -27,8 +27,14 @@ def check_injectable(
     hparam_names: Iterable[str],
     has_model: bool,
     has_data: bool,
+    conditional_names: Iterable[str] = (),
 ) -> list[str]:
-    """Validate that every parameter of ``fn`` can be injected; return the names to inject."""
+    """Validate that every parameter of ``fn`` can be injected; return the names to inject.
+
+    A conditional hyperparameter is absent from trials where it does not apply, so a parameter
+    named after one needs a default value.
+    """
+    conditional_names = set(conditional_names)
     hparam_names = list(hparam_names)
     fn_name = getattr(fn, "__qualname__", repr(fn))
     clashes = sorted(set(hparam_names) & set(INJECTABLE))
@@ -50,6 +56,11 @@ def check_injectable(
             raise TypeError(
                 f"{fn_name} asks for {p.name!r} but no data was given: pass data=data_fn (a function "
                 f"hparams -> dataset) or data=<object> to unison.run"
+            )
+        if p.name in conditional_names and p.default is inspect.Parameter.empty:
+            raise TypeError(
+                f"{fn_name} asks for {p.name!r}, a conditional hyperparameter that some trials do not "
+                f"have: give the parameter a default value, e.g. {p.name}=None"
             )
         if p.name in INJECTABLE or p.name in hparam_names:
             names.append(p.name)
@@ -118,6 +129,6 @@ def build_arguments(
                 if callable(data)
                 else (lambda hp=None, _d=data: _d)
             )
-        else:
+        elif name in hparams:  # an inactive conditional hyperparameter keeps the parameter's default
             kwargs[name] = hparams[name]
     return kwargs

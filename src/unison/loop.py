@@ -26,7 +26,7 @@ def run_inline(driver: SearchDriver, runner: TrialRunner, progress: Any) -> None
             break
         message = driver.start(trial, "inline")
 
-        def decide(step: int, metrics: dict[str, float], _id: int = trial.trial_id) -> bool:
+        def decide(step: int, metrics: dict[str, float], _id: int = trial.trial_id) -> str | None:
             return driver.report(_id, step, metrics)
 
         driver.finish(runner.run(message, decide))
@@ -92,8 +92,8 @@ class RemoteLoop:
             self._dispatch(peer)
             self._dispatch_waiting()
         elif kind == "report":
-            keep_going = driver.report(message["trial_id"], message["step"], message["metrics"])
-            self._send(peer, {"t": "decision", "continue": keep_going})
+            stop = driver.report(message["trial_id"], message["step"], message["metrics"])
+            self._send(peer, {"t": "decision", "stop": stop})
         elif kind == "hello":
             peer.info = message
             self.peers[peer.peer_id] = peer

@@ -21,8 +21,8 @@ from unison.context import Context, _default_device
 from unison.errors import TrialStopped
 from unison.injection import build_arguments, once, takes_no_arguments
 
-Decide = Callable[[int, dict[str, float]], bool]
-"""``decide(step, metrics) -> continue?``: how a reporter asks the scheduler."""
+Decide = Callable[[int, dict[str, float]], "str | None"]
+"""``decide(step, metrics)``: how a reporter asks the scheduler; ``None`` to go on, else why to stop."""
 
 
 def to_number(value: Any) -> float | None:
@@ -73,8 +73,9 @@ class Reporter:
         self.last_step, self.last_metrics = int(step), clean
         if self._log is not None:
             self._log.write(json.dumps({"step": int(step), **clean}) + "\n")
-        if self._decide is not None and not self._decide(int(step), clean):
-            raise TrialStopped(f"stopped by the scheduler at step {step}")
+        reason = None if self._decide is None else self._decide(int(step), clean)
+        if reason is not None:
+            raise TrialStopped(reason)
 
 
 def normalize_metrics(returned: Any, metric: str) -> tuple[dict[str, float] | None, str | None]:
@@ -174,10 +175,10 @@ class TrialRunner:
         try:
             kwargs = build_arguments(self.names, trial["hparams"], reporter, ctx, self.model_fn, self.data)
             returned = self.fn(**kwargs)
-        except TrialStopped:
+        except TrialStopped as stop:
             outcome["status"] = "stopped"
             outcome["metrics"] = reporter.last_metrics
-            outcome["stop_reason"] = f"scheduler stopped it at step {reporter.last_step}"
+            outcome["stop_reason"] = str(stop) or f"stopped at step {reporter.last_step}"
         except KeyboardInterrupt:
             raise
         except BaseException:  # SystemExit too: a trial calling sys.exit() fails, the worker lives on

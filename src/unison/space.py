@@ -18,6 +18,9 @@ __all__ = [
     "LogUniform",
     "Integer",
     "Choice",
+    "Conditional",
+    "is_active",
+    "dependency_order",
     "uniform",
     "loguniform",
     "integer",
@@ -54,6 +57,13 @@ class Distribution:
 
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def when(self, **conditions: Any) -> Conditional:
+        """This hyperparameter exists only when every named parameter has one of the given values.
+
+        ``uniform(0.5, 0.99).when(optimizer="sgd")`` or ``.when(optimizer=["sgd", "rmsprop"])``.
+        """
+        return Conditional(self, conditions)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Distribution) and self.to_dict() == other.to_dict()
@@ -187,6 +197,66 @@ class Choice(Distribution):
         return f"choice({self.values!r})"
 
 
+class Conditional(Distribution):
+    """A distribution that applies only when other hyperparameters take given values."""
+
+    kind = "conditional"
+
+    def __init__(self, dist: Distribution, conditions: Mapping[str, Any]) -> None:
+        if isinstance(dist, Conditional):
+            conditions = {**dist.conditions, **conditions}
+            dist = dist.dist
+        if not conditions:
+            raise ValueError("when() needs at least one condition, e.g. .when(optimizer='sgd')")
+        self.dist = dist
+        self.conditions: dict[str, list[Any]] = {
+            name: list(v) if isinstance(v, (list, tuple)) else [v] for name, v in conditions.items()
+        }
+
+    def sample(self, rng: Any) -> Any:
+        return self.dist.sample(rng)
+
+    def grid_values(self, name: str) -> list[Any]:
+        return self.dist.grid_values(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.dist.to_dict(), "when": self.conditions}
+
+    def __repr__(self) -> str:
+        conds = ", ".join(f"{k}={v[0] if len(v) == 1 else v!r}" for k, v in self.conditions.items())
+        return f"{self.dist!r}.when({conds})"
+
+
+def is_active(dist: Any, hparams: Mapping[str, Any]) -> bool:
+    """Whether a (possibly conditional) hyperparameter applies, given its parents' values."""
+    if not isinstance(dist, Conditional):
+        return True
+    return all(name in hparams and hparams[name] in allowed for name, allowed in dist.conditions.items())
+
+
+def dependency_order(space: Mapping[str, Any]) -> list[str]:
+    """Names ordered so that every conditional parameter comes after the parameters it depends on."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise ValueError(f"conditional hyperparameters form a cycle through {name!r}")
+        visiting.add(name)
+        dist = space[name]
+        if isinstance(dist, Conditional):
+            for parent in dist.conditions:
+                visit(parent)
+        visiting.discard(name)
+        order.append(name)
+
+    for name in space:
+        visit(name)
+    return order
+
+
 def uniform(low: float, high: float) -> Uniform:
     """A float drawn uniformly from ``[low, high)``."""
     return Uniform(low, high)
@@ -232,6 +302,25 @@ def validate_space(space: Any) -> dict[str, Any]:
                     f"string, number, boolean or a list/dict of those"
                 ) from None
         checked[name] = value
+    for name, value in checked.items():
+        if not isinstance(value, Conditional):
+            continue
+        for parent, allowed in value.conditions.items():
+            if parent not in checked:
+                raise ValueError(
+                    f"{name!r} depends on {parent!r}, which is not in the space; add {parent!r} or fix "
+                    f"the condition"
+                )
+            parent_dist = checked[parent]
+            options = (parent_dist.dist if isinstance(parent_dist, Conditional) else parent_dist)
+            if isinstance(options, Choice):
+                unknown = [v for v in allowed if v not in options.values]
+                if unknown:
+                    raise ValueError(
+                        f"{name!r} applies when {parent!r} is {unknown}, but {parent!r} can only be "
+                        f"one of {options.values}"
+                    )
+    dependency_order(checked)
     return checked
 
 
@@ -249,10 +338,10 @@ def space_from_dict(data: Mapping[str, Any]) -> dict[str, Any]:
     for name, spec in data.items():
         spec = dict(spec)
         kind = spec.pop("kind")
+        conditions = spec.pop("when", None)
         if kind == "constant":
             space[name] = spec["value"]
-        elif kind == "choice":
-            space[name] = Choice(spec["values"])
-        else:
-            space[name] = _KINDS[kind](**spec)
+            continue
+        dist = Choice(spec["values"]) if kind == "choice" else _KINDS[kind](**spec)
+        space[name] = dist.when(**conditions) if conditions else dist
     return space

@@ -65,9 +65,9 @@ def serve(
                 break
             trial_id = request["trial_id"]
 
-            def decide(step: int, metrics: dict[str, float], _id: int = trial_id) -> bool:
+            def decide(step: int, metrics: dict[str, float], _id: int = trial_id) -> str | None:
                 conn.send({"t": "report", "trial_id": _id, "step": step, "metrics": metrics})
-                return bool(conn.recv()["continue"])
+                return conn.recv()["stop"]
 
             message = {"t": "ready", "result": runner.run(request, decide)}
             done += 1

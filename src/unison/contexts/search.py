@@ -7,7 +7,7 @@ from typing import Any
 
 from unison.optimizers import BUILTIN_OPTIMIZERS, Optimizer, make_optimizer
 from unison.schedulers import BUILTIN_SCHEDULERS, MedianStopping, Scheduler, make_scheduler
-from unison.space import space_from_dict, space_to_dict, validate_space
+from unison.space import Conditional, space_from_dict, space_to_dict, validate_space
 
 DEFAULT_RANDOM_TRIALS = 20
 
@@ -83,6 +83,11 @@ class Search:
     @property
     def hparam_names(self) -> list[str]:
         return list(self.space)
+
+    @property
+    def conditional_names(self) -> list[str]:
+        """Hyperparameters that only some trials have."""
+        return [name for name, dist in self.space.items() if isinstance(dist, Conditional)]
 
     def build_optimizer(self, seed: int | None = None) -> Optimizer:
         """A fresh optimizer set up for this search (``seed`` overrides the search's own)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from unison.optimizers.base import Optimizer
-from unison.space import Distribution
+from unison.space import Distribution, dependency_order, is_active
 
 
 class RandomSearch(Optimizer):
@@ -19,7 +19,9 @@ class RandomSearch(Optimizer):
         import numpy as np
 
         rng = np.random.default_rng([self.seed, trial_number])
-        return {
-            name: dist.sample(rng) if isinstance(dist, Distribution) else dist
-            for name, dist in self.space.items()
-        }
+        hparams: dict[str, Any] = {}
+        for name in dependency_order(self.space):
+            dist = self.space[name]
+            if is_active(dist, hparams):
+                hparams[name] = dist.sample(rng) if isinstance(dist, Distribution) else dist
+        return {name: hparams[name] for name in self.space if name in hparams}

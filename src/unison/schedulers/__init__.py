@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from unison.schedulers.base import Scheduler
+from unison.schedulers.base import Scheduler, Stop
 from unison.schedulers.median import MedianStopping
 
 BUILTIN_SCHEDULERS = {"median": MedianStopping}
 
-__all__ = ["Scheduler", "MedianStopping", "BUILTIN_SCHEDULERS", "make_scheduler"]
+__all__ = ["Scheduler", "Stop", "MedianStopping", "BUILTIN_SCHEDULERS", "make_scheduler"]
 
 
 def make_scheduler(spec: Any) -> Scheduler | None:

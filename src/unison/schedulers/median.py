@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from unison.schedulers.base import Scheduler
+from unison.schedulers.base import Scheduler, Stop
 
 
 class MedianStopping(Scheduler):
@@ -25,7 +25,7 @@ class MedianStopping(Scheduler):
         self._history: dict[int, list[tuple[int, float]]] = defaultdict(list)
         self._finished: list[int] = []
 
-    def on_report(self, trial_id: int, step: int, value: float) -> bool:
+    def on_report(self, trial_id: int, step: int, value: float) -> bool | Stop:
         self._history[trial_id].append((step, value))
         if step < self.grace_period or len(self._finished) < self.min_trials:
             return True
@@ -38,8 +38,16 @@ class MedianStopping(Scheduler):
             return True
         values = [v for _, v in self._history[trial_id]]
         best = max(values) if self.mode == "max" else min(values)
-        return not self.better(statistics.median(averages), best)
+        median = statistics.median(averages)
+        if self.better(median, best):
+            return Stop(
+                f"median rule at step {step}: best so far {best:.6g} is worse than the median "
+                f"{median:.6g} of {len(averages)} finished trials"
+            )
+        return True
 
     def on_complete(self, trial_id: int, status: str) -> None:
-        if status in ("completed", "stopped") and self._history.get(trial_id):
+        if status == "retried":
+            self._history.pop(trial_id, None)
+        elif status in ("completed", "stopped") and self._history.get(trial_id):
             self._finished.append(trial_id)
