@@ -138,7 +138,7 @@ def _run_single(fn: Callable[..., Any], hparams: dict[str, Any], model: Any, dat
         returned = fn(**build_arguments(names, hparams, reporter, ctx, model, data))
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        store.append({"e": "end", "id": 0, "status": "failed", "error": traceback.format_exc(),
+        store.append({"e": "end", "id": 0, "status": status, "error": traceback.format_exc(),
                       "duration": time.perf_counter() - start, "steps": reporter.count})
         store.update_experiment(status=status)
         raise
@@ -147,19 +147,26 @@ def _run_single(fn: Callable[..., Any], hparams: dict[str, Any], model: Any, dat
         store.close()
     duration = time.perf_counter() - start
     number = to_number(returned)
+    problem = None
     if number is not None:
         metrics: dict[str, Any] = {metric or "value": number}
         value: Any = number
     elif isinstance(returned, dict):
         metrics = dict(returned)
-        if metric is not None:
-            if metric not in metrics:
-                raise KeyError(f"metric={metric!r} is not among the returned keys {sorted(metrics)}")
+        if metric is None:
+            value = next(iter(metrics.values())) if len(metrics) == 1 else None
+        elif metric in metrics:
             value = metrics[metric]
         else:
-            value = next(iter(metrics.values())) if len(metrics) == 1 else None
+            value, problem = None, (f"metric={metric!r} is not among the returned keys {sorted(metrics)}: "
+                                    f"name one of them, or leave metric= unset")
     else:
         metrics, value = {}, None
+    if problem is not None:
+        store.append({"e": "end", "id": 0, "status": "failed", "error": problem, "duration": duration})
+        store.update_experiment(status="failed")
+        store.close()
+        raise ValueError(problem)
     store.append({"e": "end", "id": 0, "status": "completed", "metrics": metrics, "duration": duration,
                   "steps": reporter.count, "last_step": reporter.last_step})
     store.write_result({"status": "completed", "metrics": metrics, "value": value, "duration": duration})
@@ -184,7 +191,7 @@ def _run_search(fn: Callable[..., Any], search: Search, model: Any, data: Any,
     if not backend.in_process:
         from unison.payload import dumps_payload
 
-        payload = dumps_payload({"fn": fn, "names": names, "metric": search.metric,
+        payload = dumps_payload({"fn": fn, "names": names, "metric": search.metrics,
                                  "model_fn": model, "data": data})
 
     if resume_path is not None:
@@ -212,6 +219,8 @@ def _run_search(fn: Callable[..., Any], search: Search, model: Any, data: Any,
     driver.replay(events)
     remaining = driver.planned - sum(driver.counts.values())
     workers = max(1, min(backend.slots(), remaining, search.max_concurrent or remaining))
+    # Inline runs one trial at a time but may hold max_concurrent suggestions open (see run_inline).
+    driver.concurrency = search.max_concurrent or workers
     store.write_experiment({**meta, "status": "running", "backend": repr(backend),
                             "workers": workers, "argv": sys.argv})
     store.append({"e": "status", "status": "resumed" if events else "running", "t": time.time()})
@@ -224,7 +233,7 @@ def _run_search(fn: Callable[..., Any], search: Search, model: Any, data: Any,
         if driver.finished:
             pass
         elif backend.in_process:
-            run_inline(driver, TrialRunner(fn, names, search.metric, model, data), show)
+            run_inline(driver, TrialRunner(fn, names, search.metrics, model, data), show)
         else:
             payload_path = store.path / "payload.bin"
             payload_path.write_bytes(payload)
@@ -236,11 +245,12 @@ def _run_search(fn: Callable[..., Any], search: Search, model: Any, data: Any,
     finally:
         store.append({"e": "status", "status": status, "t": time.time()})
         rows = [t.row() for t in sorted(driver.trials.values(), key=lambda t: t.trial_id)]
-        result = SearchResult(store.path, search.metric, search.mode, rows, status)
+        result = SearchResult(store.path, search.metrics, search.modes, rows, status)
         store.update_experiment(status=status)
         store.write_result({
             "status": status, "counts": driver.counts, "planned": driver.planned,
             "best": None if result.best is None else vars(result.best),
+            "pareto": [vars(b) for b in result.pareto] if search.is_multi_objective else None,
             "elapsed": driver.summary()["elapsed"],
         })
         store.close()
@@ -256,6 +266,8 @@ def _closing_message(status: str, result: SearchResult, path: Path, driver: Any)
                 f"(or `unison.run(train, search, resume=...)`)")
     if status == "aborted":
         return f"aborted: {str(driver.abort_error).splitlines()[0]}"
+    if len(result.metrics) > 1 and result.pareto:
+        return f"{len(result.pareto)} trial(s) on the Pareto front of {result.metrics}: see result.pareto"
     if result.best is None:
         return f"no trial completed; see {path / 'journal.jsonl'}"
     best = result.best

@@ -44,7 +44,10 @@ def _summary(path: Path) -> dict[str, Any] | None:
         ended = sum(r["status"] in ("completed", "failed", "stopped") for r in loaded.rows)
         trials = f"{ended}/{result.get('planned', '?')}"
         metric = meta["search"]["metric"]
-        best = "-" if loaded.best is None else f"{metric}={loaded.best.metric:.6g}"
+        if len(loaded.metrics) > 1:
+            best = f"{len(loaded.pareto)} on the Pareto front"
+        else:
+            best = "-" if loaded.best is None else f"{metric}={loaded.best.metric:.6g}"
     else:
         trials, best = "1", json.dumps(result.get("metrics")) if result else "-"
     return {
@@ -65,7 +68,9 @@ def _print_table(rows: list[dict[str, Any]], title: str | None = None) -> None:
         table.add_column(str(column), overflow="fold")
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row.values()))
-    Console().print(table)
+    # Folding cells to 80 columns splits paths and numbers over lines in a pipe or a log: lay the
+    # table out at its natural width when the output is not a terminal.
+    Console(width=None if sys.stdout.isatty() else 10_000).print(table)
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
@@ -109,7 +114,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
     failed = frame[frame["status"] == "failed"]
     for _, row in failed.head(3).iterrows():
         print(f"trial {row['trial_id']} failed: {row['error']}")
-    if result.best is not None:
+    if len(result.metrics) > 1:
+        print(f"\nPareto front of {result.metrics} ({result.modes}):")
+        for best in result.pareto:
+            print(f"  trial {best.trial_id}: {dict(zip(result.metrics, best.metric, strict=True))} "
+                  f"with {best.hparams}")
+    elif result.best is not None:
         print(f"\nbest trial {result.best.trial_id}: {result.metric}={result.best.metric:.6g} "
               f"with {result.best.hparams}")
     return 0

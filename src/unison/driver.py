@@ -14,6 +14,7 @@ from typing import Any
 
 from unison.contexts.search import Search
 from unison.errors import SearchAborted
+from unison.result import objective_value
 from unison.store import ExperimentStore
 
 FINAL = ("completed", "failed", "stopped")
@@ -74,6 +75,7 @@ class SearchDriver:
         self.best: TrialState | None = None
         self.counts = {"completed": 0, "failed": 0, "stopped": 0}
         self.started_at = time.monotonic()
+        self.concurrency: int | None = search.max_concurrent
 
     # ----------------------------------------------------------------- resume
     def replay(self, events: list[dict[str, Any]]) -> None:
@@ -88,8 +90,8 @@ class SearchDriver:
                 self.next_number = max(self.next_number, tid + 1)
                 reports[tid] = []
             elif kind == "report":
-                value = ev["metrics"].get(self.search.metric)
-                if value is not None:
+                value = ev["metrics"].get(self.search.metrics[0])
+                if value is not None and self.scheduler is not None:
                     reports.setdefault(tid, []).append((ev["step"], value))
             elif kind == "end":
                 self._apply_end(self.trials[tid], ev)
@@ -107,13 +109,9 @@ class SearchDriver:
                 self.pending.append(tid)
 
     # --------------------------------------------------------------- decisions
-    @property
-    def active_limit(self) -> int | None:
-        return self.search.max_concurrent
-
     def can_start(self) -> bool:
-        limit = self.active_limit
-        return limit is None or self.running < limit
+        """Whether another trial may start now (``concurrency`` bounds the trials in flight)."""
+        return self.concurrency is None or self.running < self.concurrency
 
     def next_trial(self) -> TrialState | None:
         """The next trial to run, or ``None`` when there is nothing to start now."""
@@ -158,7 +156,7 @@ class SearchDriver:
     def report(self, trial_id: int, step: int, metrics: dict[str, float]) -> str | None:
         """Record an intermediate report; return ``None`` to continue or the reason to stop."""
         self.store.append({"e": "report", "id": trial_id, "step": step, "metrics": metrics})
-        value = metrics.get(self.search.metric)
+        value = metrics.get(self.search.metrics[0])
         if self.scheduler is None or value is None or not math.isfinite(value):
             return None
         decision = self.scheduler.on_report(trial_id, step, value)
@@ -218,7 +216,7 @@ class SearchDriver:
     def _apply_end(self, trial: TrialState, event: dict[str, Any]) -> None:
         trial.status = event["status"]
         trial.metrics = event.get("metrics") or {}
-        trial.value = trial.metrics.get(self.search.metric)
+        trial.value = objective_value(trial.metrics, self.search.metrics)
         trial.error = event.get("error")
         trial.duration = event.get("duration")
         trial.steps = event.get("steps") or 0
@@ -228,7 +226,8 @@ class SearchDriver:
 
     def _account(self, trial: TrialState) -> None:
         self.counts[trial.status] += 1
-        if trial.status == "completed" and trial.value is not None and self._better(trial.value):
+        if (trial.status == "completed" and trial.value is not None
+                and not self.search.is_multi_objective and self._better(trial.value)):
             self.best = trial
         self.optimizer.observe(trial.trial_id, trial.hparams, trial.value, trial.status)
         if trial.status == "failed":

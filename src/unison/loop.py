@@ -19,12 +19,19 @@ TICK_S = 0.1
 
 
 def run_inline(driver: SearchDriver, runner: TrialRunner, progress: Any) -> None:
-    """Run the trials one after another in this thread."""
+    """Run the trials one after another in this thread.
+
+    Up to ``driver.concurrency`` trials are started (suggested) before the oldest one runs and
+    reports, which reproduces in one process, deterministically, what asynchronous workers see:
+    suggestions made while other trials are still in flight.
+    """
+    window: deque[tuple[Any, dict[str, Any]]] = deque()
     while not driver.finished:
-        trial = driver.next_trial()
-        if trial is None:
+        while (trial := driver.next_trial()) is not None:
+            window.append((trial, driver.start(trial, "inline")))
+        if not window:
             break
-        message = driver.start(trial, "inline")
+        trial, message = window.popleft()
 
         def decide(step: int, metrics: dict[str, float], _id: int = trial.trial_id) -> str | None:
             return driver.report(_id, step, metrics)
@@ -68,8 +75,10 @@ class RemoteLoop:
                     peer.conn.send({"t": "shutdown"})
                 except OSError:
                     pass
-            self.backend.stop(force=self.driver.abort_error is not None or not self.driver.finished)
+            # Close before stopping: a worker that connected too late to be greeted (or to be sent
+            # "shutdown") then sees its connection end and exits instead of waiting to be killed.
             server.close()
+            self.backend.stop(force=self.driver.abort_error is not None or not self.driver.finished)
 
     # ------------------------------------------------------------------ events
     def _handle(self, event: Event) -> None:
@@ -79,7 +88,8 @@ class RemoteLoop:
             if peer in self.waiting:
                 self.waiting.remove(peer)
             if peer.trial_id is not None:
-                driver.lose(peer.trial_id, f"worker {peer.name} disconnected while running the trial")
+                driver.lose(peer.trial_id,
+                            f"worker {peer.name} died or lost its connection while running the trial")
                 peer.trial_id = None
                 self._dispatch_waiting()
             return

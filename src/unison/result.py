@@ -14,12 +14,27 @@ _TAIL_COLUMNS = ("steps", "last_step", "duration", "worker", "attempts", "stop_r
 
 @dataclass(frozen=True)
 class Best:
-    """The best completed trial: its id, hyperparameters, optimized value and all final metrics."""
+    """A best completed trial: its id, hyperparameters, optimized value (a list of values in a
+    multi-objective search) and all its final metrics."""
 
     trial_id: int
     hparams: dict[str, Any]
-    metric: float
+    metric: Any
     metrics: dict[str, float]
+
+
+def objective_value(metrics: dict[str, float], names: list[str]) -> Any:
+    """The optimized value: one float, a list of floats (multi-objective), or ``None`` if missing."""
+    if any(name not in metrics for name in names):
+        return None
+    return metrics[names[0]] if len(names) == 1 else [metrics[name] for name in names]
+
+
+def dominates(a: list[float], b: list[float], modes: list[str]) -> bool:
+    """Whether ``a`` is at least as good as ``b`` in every objective and better in one."""
+    signs = [1.0 if mode == "max" else -1.0 for mode in modes]
+    at_least = all(s * x >= s * y for s, x, y in zip(signs, a, b, strict=True))
+    return at_least and any(s * x > s * y for s, x, y in zip(signs, a, b, strict=True))
 
 
 @dataclass
@@ -47,7 +62,9 @@ def trials_frame(rows: list[dict[str, Any]]) -> Any:
     records = []
     for row in rows:
         record: dict[str, Any] = {k: row[k] for k in _FIXED_COLUMNS}
-        record.update(row["hparams"])
+        for name, value in row["hparams"].items():  # a hyperparameter called e.g. "steps" keeps its value
+            taken = name in _FIXED_COLUMNS or name in _TAIL_COLUMNS
+            record[f"hparam:{name}" if taken else name] = value
         for name, value in (row.get("metrics") or {}).items():
             key = name if name not in record and name not in _TAIL_COLUMNS else f"metric:{name}"
             record[key] = value
@@ -61,7 +78,7 @@ def trials_frame(rows: list[dict[str, Any]]) -> Any:
     return frame
 
 
-def rows_from_journal(events: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+def rows_from_journal(events: list[dict[str, Any]], metric: str | list[str]) -> list[dict[str, Any]]:
     """The trial rows recorded in a journal (trials that never ended show as ``running``)."""
     rows: dict[int, dict[str, Any]] = {}
     for ev in events:
@@ -79,7 +96,7 @@ def rows_from_journal(events: list[dict[str, Any]], metric: str) -> list[dict[st
             row.update({k: ev.get(k) for k in ("status", "metrics", "error", "duration", "steps",
                                                 "last_step", "stop_reason", "worker")})
             row["metrics"] = ev.get("metrics") or {}
-            row["value"] = row["metrics"].get(metric)
+            row["value"] = objective_value(row["metrics"], [metric] if isinstance(metric, str) else metric)
         elif kind == "lost" and tid in rows:
             rows[tid]["status"] = "pending"
     return [rows[k] for k in sorted(rows)]
@@ -89,23 +106,34 @@ class SearchResult:
     """The result of a search.
 
     Attributes:
-        best: the best completed trial (:class:`Best`), or ``None`` if none completed.
+        best: the best completed trial (:class:`Best`), or ``None`` if none completed (or the
+            search has several objectives: see ``pareto``).
+        pareto: the completed trials no other completed trial dominates (for one objective: the best).
         trials: a pandas DataFrame, one row per trial.
         path: the experiment directory.
         status: ``completed``, ``aborted``, ``interrupted``, ...
     """
 
-    def __init__(self, path: Path, metric: str, mode: str, rows: list[dict[str, Any]], status: str) -> None:
-        self.path, self.metric, self.mode, self.status = Path(path), metric, mode, status
+    def __init__(self, path: Path, metric: str | list[str], mode: str | list[str],
+                 rows: list[dict[str, Any]], status: str) -> None:
+        self.metrics = [metric] if isinstance(metric, str) else list(metric)
+        self.modes = [mode] * len(self.metrics) if isinstance(mode, str) else list(mode)
+        self.metric = self.metrics[0] if len(self.metrics) == 1 else self.metrics
+        self.mode = self.modes[0] if len(self.modes) == 1 else self.modes
+        self.path, self.status = Path(path), status
         self._rows = rows
-        self.best = self._find_best()
+        done = [r for r in rows if r["status"] == "completed" and r.get("value") is not None]
+        if len(self.metrics) > 1:
+            self.best = None
+            front = [r for r in done if not any(dominates(o["value"], r["value"], self.modes) for o in done)]
+            self.pareto = [self._as_best(r) for r in front]
+        else:
+            pick = max if self.mode == "max" else min
+            self.best = self._as_best(pick(done, key=lambda r: r["value"])) if done else None
+            self.pareto = [] if self.best is None else [self.best]
 
-    def _find_best(self) -> Best | None:
-        done = [r for r in self._rows if r["status"] == "completed" and r.get("value") is not None]
-        if not done:
-            return None
-        pick = max if self.mode == "max" else min
-        row = pick(done, key=lambda r: r["value"])
+    @staticmethod
+    def _as_best(row: dict[str, Any]) -> Best:
         return Best(row["trial_id"], dict(row["hparams"]), row["value"], dict(row["metrics"]))
 
     @property
@@ -127,5 +155,8 @@ class SearchResult:
         return cls(store.path, search["metric"], search["mode"], rows, meta.get("status", "unknown"))
 
     def __repr__(self) -> str:
-        best = "none" if self.best is None else f"{self.metric}={self.best.metric:.6g} {self.best.hparams}"
+        if self.best is None:
+            best = f"{len(self.pareto)} on the Pareto front" if len(self.metrics) > 1 else "none"
+        else:
+            best = f"{self.metric}={self.best.metric:.6g} {self.best.hparams}"
         return f"SearchResult({len(self._rows)} trials, status={self.status}, best: {best}, path={self.path})"

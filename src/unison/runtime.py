@@ -78,11 +78,16 @@ class Reporter:
             raise TrialStopped(reason)
 
 
-def normalize_metrics(returned: Any, metric: str) -> tuple[dict[str, float] | None, str | None]:
-    """Turn what the function returned into ``{name: float}``; on a problem, ``(None, message)``."""
+def normalize_metrics(returned: Any, metric: str | list[str]) -> tuple[dict[str, float] | None, str | None]:
+    """Turn what the function returned into ``{name: float}``; on a problem, ``(None, message)``.
+
+    A bare number is the optimized metric; a multi-objective search (``metric`` a list of names)
+    needs a dict.
+    """
+    names = [metric] if isinstance(metric, str) else list(metric)
     number = to_number(returned)
-    if number is not None:
-        metrics = {metric: number}
+    if number is not None and len(names) == 1:
+        metrics = {names[0]: number}
     elif isinstance(returned, dict):
         metrics = {}
         for name, value in returned.items():
@@ -95,8 +100,9 @@ def normalize_metrics(returned: Any, metric: str) -> tuple[dict[str, float] | No
             metrics[str(name)] = number
     else:
         return None, (
-            f"the function returned {returned!r} ({type(returned).__name__}); return a number (the "
-            f"metric {metric!r}) or a dict of numbers that includes {metric!r}"
+            f"the function returned {returned!r} ({type(returned).__name__}); return "
+            + (f"a number (the metric {names[0]!r}) or " if len(names) == 1 else "")
+            + f"a dict of numbers that includes {', '.join(map(repr, names))}"
         )
     for name, value in metrics.items():
         if not math.isfinite(value):
@@ -139,12 +145,13 @@ class TrialRunner:
         self,
         fn: Callable[..., Any],
         names: list[str],
-        metric: str,
+        metric: str | list[str],
         model_fn: Callable[..., Any] | None = None,
         data: Any = None,
         capture_output: bool = True,
     ) -> None:
-        self.fn, self.names, self.metric = fn, names, metric
+        self.fn, self.names = fn, names
+        self.metrics = [metric] if isinstance(metric, str) else list(metric)
         self.model_fn = model_fn
         # A data generator that takes no hyperparameters gives the same data to every trial: load it
         # once per worker instead of once per trial.
@@ -187,16 +194,17 @@ class TrialRunner:
             if err is not None:
                 err.write(outcome["error"])
         else:
-            metrics, problem = normalize_metrics(returned, self.metric)
+            metrics, problem = normalize_metrics(returned, self.metrics)
+            missing = [] if metrics is None else [m for m in self.metrics if m not in metrics]
             if problem is not None:
                 outcome["status"], outcome["error"] = "failed", problem
-            elif self.metric not in metrics:
+            elif missing:
                 outcome["status"] = "failed"
                 outcome["error_kind"] = "missing_metric"
                 outcome["error"] = (
                     f"the function returned the metrics {sorted(metrics)} but the search optimizes "
-                    f"metric={self.metric!r}: return {self.metric!r} too, or set Search(metric=...) to "
-                    f"one of {sorted(metrics)}"
+                    f"{', '.join(map(repr, missing))}: return {missing[0]!r} too, or set "
+                    f"Search(metric=...) to one of {sorted(metrics)}"
                 )
             else:
                 outcome["status"], outcome["metrics"] = "completed", metrics

@@ -79,6 +79,9 @@ class Server:
             return
         peer = Peer(next(self._ids), conn, last_seen=time.monotonic())
         with self._lock:
+            if self._closed.is_set():  # authenticated just as the driver closed: nothing to serve
+                conn.close()
+                return
             self._peers[peer.peer_id] = peer
         try:
             while True:

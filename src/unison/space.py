@@ -7,6 +7,7 @@ Constructors validate their arguments, so a bad range fails where it is written.
 from __future__ import annotations
 
 import json
+import keyword
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,9 @@ __all__ = [
     "space_to_dict",
     "space_from_dict",
 ]
+
+
+MAX_GRID_INTEGERS = 1000
 
 
 def _finite_number(value: Any, what: str) -> float:
@@ -151,8 +155,12 @@ class Integer(Distribution):
         return int(rng.integers(self.low, self.high + 1))
 
     def grid_values(self, name: str) -> list[Any]:
-        if self.high - self.low + 1 > 1000:
-            return super().grid_values(name)
+        count = self.high - self.low + 1
+        if count > MAX_GRID_INTEGERS:
+            raise ValueError(
+                f"grid search cannot enumerate the {count} values of {self!r} for {name!r} (more than "
+                f"{MAX_GRID_INTEGERS}): use choice([...]) with the values to try, or a sampling optimizer"
+            )
         return list(range(self.low, self.high + 1))
 
     def to_dict(self) -> dict[str, Any]:
@@ -288,7 +296,7 @@ def validate_space(space: Any) -> dict[str, Any]:
         )
     checked: dict[str, Any] = {}
     for name, value in space.items():
-        if not isinstance(name, str) or not name.isidentifier():
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             raise ValueError(
                 f"hyperparameter name {name!r} must be a string that is a valid Python identifier, so "
                 f"the training function can ask for it by name"

@@ -15,6 +15,11 @@ class RandomSearch(Optimizer):
     trials on every backend, in any completion order, and a resumed search continues the sequence.
     """
 
+    def setup(self, space: dict[str, Any], mode: str, seed: int | None) -> None:
+        import secrets
+
+        super().setup(space, mode, secrets.randbits(31) if seed is None else seed)
+
     def suggest(self, trial_number: int) -> dict[str, Any]:
         import numpy as np
 

@@ -17,6 +17,9 @@ class MedianStopping(Scheduler):
     """
 
     def __init__(self, grace_period: int = 1, min_trials: int = 3) -> None:
+        for what, value in (("grace_period", grace_period), ("min_trials", min_trials)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"MedianStopping({what}=...) must be an int, got {value!r}")
         if grace_period < 0:
             raise ValueError(f"MedianStopping(grace_period={grace_period}) must be >= 0")
         if min_trials < 1:
@@ -24,6 +27,16 @@ class MedianStopping(Scheduler):
         self.grace_period, self.min_trials = grace_period, min_trials
         self._history: dict[int, list[tuple[int, float]]] = defaultdict(list)
         self._finished: list[int] = []
+
+    def params(self) -> dict[str, int]:
+        """The constructor arguments that rebuild this scheduler (JSON-friendly)."""
+        return {"grace_period": self.grace_period, "min_trials": self.min_trials}
+
+    def setup(self, mode: str) -> None:
+        """Start a new search: forget the trials of any earlier run of the same ``Search``."""
+        super().setup(mode)
+        self._history = defaultdict(list)
+        self._finished = []
 
     def on_report(self, trial_id: int, step: int, value: float) -> bool | Stop:
         self._history[trial_id].append((step, value))
