@@ -11,7 +11,7 @@ from unison.errors import SearchAborted, TrialStopped, WorkerError
 from unison.optimizers import GridSearch, Optimizer, RandomSearch
 from unison.result import Best, RunResult, SearchResult
 from unison.runtime import Reporter
-from unison.schedulers import MedianStopping, Scheduler, Stop
+from unison.schedulers import ASHA, Hyperband, MedianStopping, Scheduler, Stop
 from unison.space import choice, integer, loguniform, uniform
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "run", "resume", "Search", "uniform", "loguniform", "integer", "choice",
     "Backend", "Inline", "Local", "Context", "Reporter", "Optimizer", "RandomSearch", "GridSearch",
-    "Scheduler", "Stop", "MedianStopping", "TrialStopped", "SearchAborted", "WorkerError",
+    "Scheduler", "Stop", "MedianStopping", "ASHA", "Hyperband",
+    "TrialStopped", "SearchAborted", "WorkerError",
     "Best", "RunResult", "SearchResult", "__version__",
 ]

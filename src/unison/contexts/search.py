@@ -5,8 +5,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from unison.optimizers import BUILTIN_OPTIMIZERS, Optimizer, make_optimizer
-from unison.schedulers import BUILTIN_SCHEDULERS, MedianStopping, Scheduler, make_scheduler
+from unison.optimizers import BUILTIN_OPTIMIZERS, GridSearch, Optimizer, make_optimizer
+from unison.schedulers import BUILTIN_SCHEDULERS, Scheduler, make_scheduler
 from unison.space import Conditional, space_from_dict, space_to_dict, validate_space
 
 DEFAULT_RANDOM_TRIALS = 20
@@ -20,6 +20,13 @@ def _positive_int(value: Any, what: str, allow_none: bool = True) -> int | None:
     return int(value)
 
 
+def _as_list(value: Any, repeat: int) -> list[Any]:
+    """A string repeated ``repeat`` times, a list or tuple as a list, anything else as ``[]``."""
+    if isinstance(value, str):
+        return [value] * repeat
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
 class Search:
     """A hyperparameter search over ``space``, optimizing ``metric`` in direction ``mode``.
 
@@ -27,11 +34,15 @@ class Search:
         space: dict of hyperparameter name -> distribution (``uniform``, ``loguniform``, ``integer``,
             ``choice``) or constant.
         metric: the name of the metric to optimize: a key of the dict the function returns (a bare
-            number returned by the function is this metric).
-        mode: ``"max"`` or ``"min"``.
+            number returned by the function is this metric). A list of names makes a
+            multi-objective search: the result's ``pareto`` holds the non-dominated trials.
+        mode: ``"max"`` or ``"min"``, or one of those per metric.
         trials: how many trials to run. Default: the whole grid for ``optimizer="grid"``, else 20.
         optimizer: ``"random"``, ``"grid"`` or a :class:`unison.Optimizer` instance.
-        scheduler: ``None``, ``"median"`` or a :class:`unison.Scheduler` instance (early stopping).
+        scheduler: early stopping: ``None``, ``"median"``, ``"asha"`` (``unison.ASHA()``: rungs at
+            steps 0, 2, 8, 26, ...), or a :class:`unison.Scheduler` instance such as
+            ``unison.ASHA(max_resource=epochs)``, ``unison.Hyperband(1, epochs)`` or
+            ``unison.MedianStopping(grace_period=2)``.
         seed: makes the sequence of suggested hyperparameters reproducible.
         max_concurrent: at most this many trials run at once (default: every worker slot).
         max_failures: abort the search once this many trials have failed (default ``None``: never
@@ -43,8 +54,8 @@ class Search:
     def __init__(
         self,
         space: dict[str, Any],
-        metric: str = "value",
-        mode: str = "max",
+        metric: str | list[str] = "value",
+        mode: str | list[str] = "max",
         trials: int | None = None,
         optimizer: str | Optimizer = "random",
         scheduler: str | Scheduler | None = None,
@@ -54,31 +65,51 @@ class Search:
         max_retries: int = 2,
     ) -> None:
         self.space = validate_space(space)
-        if not isinstance(metric, str) or not metric:
-            raise ValueError(f"metric must be the name of a returned metric (a string), got {metric!r}")
-        if mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-        self.metric, self.mode = metric, mode
+        metrics = _as_list(metric, 1)
+        named = all(isinstance(m, str) and m for m in metrics)
+        if not metrics or not named or len(set(metrics)) < len(metrics):
+            raise ValueError(
+                f"metric must name a returned metric (a string), or be a list of distinct names for a "
+                f"multi-objective search; got {metric!r}"
+            )
+        modes = _as_list(mode, len(metrics))
+        if len(modes) != len(metrics) or any(m not in ("max", "min") for m in modes):
+            raise ValueError(
+                f"mode must be 'max' or 'min' (or a list of those, one per metric {metrics}); got {mode!r}"
+            )
+        self.metrics, self.modes = metrics, modes
+        self.metric = metric if isinstance(metric, str) or len(metrics) > 1 else metrics[0]
+        self.mode = mode if isinstance(mode, str) or len(modes) > 1 else modes[0]
+        if self.is_multi_objective and scheduler is not None:
+            raise ValueError(
+                "early stopping compares one metric: a multi-objective search takes scheduler=None"
+            )
         self.trials = _positive_int(trials, "Search(trials=...)")
         self.optimizer = optimizer
         make_optimizer(optimizer)  # validates the name now, before any worker starts
         self.scheduler = scheduler
         make_scheduler(scheduler)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0
+        ):
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         self.seed = None if seed is None else int(seed)
         self.max_concurrent = _positive_int(max_concurrent, "Search(max_concurrent=...)")
         self.max_failures = _positive_int(max_failures, "Search(max_failures=...)")
         if isinstance(max_retries, bool) or not isinstance(max_retries, numbers.Integral) or max_retries < 0:
             raise ValueError(f"Search(max_retries=...) must be a whole number >= 0, got {max_retries!r}")
         self.max_retries = int(max_retries)
-        if optimizer == "grid":
+        if optimizer == "grid" or isinstance(optimizer, GridSearch):
             size = self.build_optimizer().size()
             if self.trials is not None and self.trials > size:
                 raise ValueError(
                     f"the grid has {size} points but trials={self.trials}: leave trials unset to run "
                     f"the whole grid, or use optimizer='random' to sample more"
                 )
+
+    @property
+    def is_multi_objective(self) -> bool:
+        return len(self.metrics) > 1
 
     @property
     def hparam_names(self) -> list[str]:
@@ -109,13 +140,16 @@ class Search:
         return size if size is not None else DEFAULT_RANDOM_TRIALS
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form stored in ``experiment.json`` (custom optimizers/schedulers by name only)."""
+        """The JSON form stored in ``experiment.json``. Names stay names; an instance of a builtin class
+        that has ``params()`` is stored as ``{"name": ..., "params": {...}}`` and rebuilt by
+        :meth:`from_dict`; any other instance is stored by class name only and cannot be rebuilt."""
 
         def describe(obj: Any, builtins: dict[str, Any]) -> Any:
             if obj is None or isinstance(obj, str):
                 return obj
-            if isinstance(obj, MedianStopping):
-                return {"median": {"grace_period": obj.grace_period, "min_trials": obj.min_trials}}
+            for name, cls in builtins.items():
+                if type(obj) is cls and callable(getattr(obj, "params", None)):
+                    return {"name": name, "params": dict(obj.params())}
             return {"custom": type(obj).__qualname__}
 
         return {
@@ -135,15 +169,18 @@ class Search:
     def from_dict(cls, data: dict[str, Any]) -> Search:
         """Rebuild a search stored by :meth:`to_dict`; custom optimizers cannot be rebuilt."""
         data = dict(data)
-        for key in ("optimizer", "scheduler"):
+        for key, builtins in (("optimizer", BUILTIN_OPTIMIZERS), ("scheduler", BUILTIN_SCHEDULERS)):
             spec = data.get(key)
             if isinstance(spec, dict) and "custom" in spec:
                 raise ValueError(
                     f"this experiment used a custom {key} ({spec['custom']}); pass the same Search again: "
                     f"unison.run(train, search, resume=...)"
                 )
-            if isinstance(spec, dict) and "median" in spec:
-                data[key] = MedianStopping(**spec["median"])
+            if isinstance(spec, dict) and "name" in spec:
+                if spec["name"] not in builtins:
+                    raise ValueError(f"unknown {key} {spec['name']!r} in the stored search: this version "
+                                     f"of unison knows {sorted(builtins)}")
+                data[key] = builtins[spec["name"]](**spec.get("params", {}))
         data["space"] = space_from_dict(data["space"])
         return cls(**data)
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+from unison.schedulers.asha import ASHA
 from unison.schedulers.base import Scheduler, Stop
+from unison.schedulers.hyperband import Hyperband
 from unison.schedulers.median import MedianStopping
 
-BUILTIN_SCHEDULERS = {"median": MedianStopping}
+# By name, each is built with its defaults: ``"asha"`` is ``ASHA()`` (min_resource=1, reduction_factor=3,
+# no max_resource); ``"hyperband"`` needs its resources, so the name alone is refused with a hint.
+BUILTIN_SCHEDULERS = {"median": MedianStopping, "asha": ASHA, "hyperband": Hyperband}
 
-__all__ = ["Scheduler", "Stop", "MedianStopping", "BUILTIN_SCHEDULERS", "make_scheduler"]
+__all__ = ["Scheduler", "Stop", "MedianStopping", "ASHA", "Hyperband", "BUILTIN_SCHEDULERS",
+           "make_scheduler"]
 
 
 def make_scheduler(spec: Any) -> Scheduler | None:
@@ -17,7 +23,17 @@ def make_scheduler(spec: Any) -> Scheduler | None:
     if spec is None or isinstance(spec, Scheduler):
         return spec
     if isinstance(spec, str) and spec in BUILTIN_SCHEDULERS:
-        return BUILTIN_SCHEDULERS[spec]()
+        cls = BUILTIN_SCHEDULERS[spec]
+        required = [p.name for p in inspect.signature(cls).parameters.values()
+                     if p.default is inspect.Parameter.empty
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if required:
+            raise ValueError(
+                f"scheduler={spec!r} cannot be built by name: {cls.__name__} needs {', '.join(required)}. "
+                f"Pass an instance, e.g. unison.{cls.__name__}("
+                f"{', '.join(f'{name}=...' for name in required)})"
+            )
+        return cls()
     raise ValueError(
         f"unknown scheduler {spec!r}: use None, one of {sorted(BUILTIN_SCHEDULERS)} or an instance of "
         f"unison.Scheduler"
