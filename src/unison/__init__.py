@@ -6,10 +6,11 @@ from unison.backends.base import Backend
 from unison.backends.inline import Inline
 from unison.backends.local import Local
 from unison.context import Context
+from unison.contexts.ablation import Ablation, Ablator, Component, LeaveOneOut
 from unison.contexts.search import Search
 from unison.errors import SearchAborted, TrialStopped, WorkerError
 from unison.optimizers import GridSearch, Optimizer, RandomSearch
-from unison.result import Best, RunResult, SearchResult
+from unison.result import AblationResult, Best, RunResult, SearchResult
 from unison.runtime import Reporter
 from unison.schedulers import ASHA, Hyperband, MedianStopping, Scheduler, Stop
 from unison.space import choice, integer, loguniform, uniform
@@ -17,7 +18,8 @@ from unison.space import choice, integer, loguniform, uniform
 __version__ = "0.1.0"
 
 __all__ = [
-    "run", "resume", "Search", "uniform", "loguniform", "integer", "choice",
+    "run", "resume", "Search", "Ablation", "Ablator", "LeaveOneOut", "Component", "AblationResult",
+    "uniform", "loguniform", "integer", "choice",
     "Backend", "Inline", "Local", "Context", "Reporter", "Optimizer", "RandomSearch", "GridSearch",
     "Scheduler", "Stop", "MedianStopping", "ASHA", "Hyperband",
     "TrialStopped", "SearchAborted", "WorkerError",

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import secrets
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from unison.backends.base import Backend
 from unison.backends.inline import Inline
 from unison.backends.local import Local
+from unison.contexts.ablation import Ablation
 from unison.contexts.search import Search
 from unison.injection import build_arguments, check_injectable
 from unison.result import RunResult, SearchResult
@@ -45,7 +48,7 @@ def _versions() -> dict[str, str]:
 
 def run(
     fn: Callable[..., Any],
-    context: Search | None = None,
+    context: Search | Ablation | None = None,
     *,
     hparams: dict[str, Any] | None = None,
     model: Callable[..., Any] | None = None,
@@ -63,7 +66,8 @@ def run(
         fn: the training function; it asks by parameter name for any of ``hparams``, a
             hyperparameter's name, ``reporter``, ``ctx``, ``model``, ``dataset``, ``model_fn``,
             ``data_fn``.
-        context: ``None`` for a single run in this process, or a :class:`unison.Search`.
+        context: ``None`` for a single run in this process, a :class:`unison.Search` or a
+            :class:`unison.Ablation`.
         hparams: the hyperparameters of a single run.
         model: a model generator ``model_fn(hparams) -> model``, injected as ``model``.
         data: a data generator ``data_fn(hparams) -> dataset`` or the dataset itself.
@@ -92,8 +96,15 @@ def run(
     if hparams is not None:
         raise ValueError("hparams= is for a single run; a Search takes its hyperparameters from its space")
     if isinstance(context, Search):
-        return _run_search(fn, context, model, data, backend, storage, name, resume, progress)
-    raise TypeError(f"unison.run: context must be None or a unison.Search, got {type(context).__name__}")
+        plan = _search_plan(context)
+    elif isinstance(context, Ablation):
+        plan = _ablation_plan(context, model, data)
+    else:
+        raise TypeError(
+            f"unison.run: context must be None, a unison.Search or a unison.Ablation, got "
+            f"{type(context).__name__}"
+        )
+    return _run_search(fn, plan, model, data, backend, storage, name, resume, progress)
 
 
 def resume(
@@ -176,7 +187,77 @@ def _run_single(fn: Callable[..., Any], hparams: dict[str, Any], model: Any, dat
 
 
 # ------------------------------------------------------------------------------------------ search
-def _run_search(fn: Callable[..., Any], search: Search, model: Any, data: Any,
+@dataclass
+class _Plan:
+    """What a search-like experiment (a search, an ablation) runs and how its result is built."""
+
+    kind: str
+    search: Search
+    declaration: dict[str, Any]
+    make_result: Callable[[Path, list[dict[str, Any]], str], SearchResult]
+    trial_spec: Callable[[int], dict[str, Any]] | None = None
+    variants: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    hparam_names: list[str] = field(default_factory=list)
+
+
+def _search_plan(search: Search) -> _Plan:
+    return _Plan("search", search, search.to_dict(),
+                 lambda path, rows, status: SearchResult(path, search.metrics, search.modes, rows, status),
+                 hparam_names=search.hparam_names)
+
+
+def _ablation_plan(study: Ablation, model: Any, data: Any) -> _Plan:
+    from unison.result import AblationResult
+
+    _check_ablation_targets(study, model, data)
+
+    def trial_spec(n: int) -> dict[str, Any]:
+        component, seed = study.configuration(n)
+        return {"component": component.to_dict(), "seed": seed}
+
+    return _Plan("ablation", study.to_search(), study.to_dict(),
+                 lambda path, rows, status: AblationResult(path, study.metric, study.mode, rows, status),
+                 trial_spec=trial_spec, variants=dict(study.variants),
+                 hparam_names=[*study.base, "seed"])
+
+
+def _check_ablation_targets(study: Ablation, model: Any, data: Any) -> None:
+    """Fail before any trial runs if a feature or module to remove does not exist."""
+    from unison.ablate import feature_names
+    from unison.injection import call_generator
+
+    if study.features:
+        if data is None:
+            raise ValueError("Ablation(features=...) removes dataset columns: pass data= to unison.run")
+        dataset = call_generator(data, dict(study.base)) if callable(data) else data
+        names = feature_names(dataset)
+        if names is None:
+            raise TypeError(f"feature ablation needs a pandas DataFrame, a dict of arrays or a NumPy "
+                            f"structured array; data_fn returned a {type(dataset).__name__}")
+        for group, columns in study.features.items():
+            unknown = [c for c in columns if c not in names]
+            if unknown:
+                raise ValueError(f"feature(s) {unknown} of {group!r} are not in the dataset; its columns are "
+                                 f"{names}")
+        if study.label is not None and study.label not in names:
+            raise ValueError(f"label={study.label!r} is not a column of the dataset; its columns are {names}")
+    if study.modules or study.variants:
+        if model is None and study.modules:
+            raise ValueError("Ablation(modules=...) removes model modules: pass model=model_fn to unison.run")
+    if study.modules:
+        built = call_generator(model, dict(study.base))
+        if not hasattr(built, "get_submodule"):
+            raise TypeError(f"module ablation needs a torch.nn.Module; model_fn returned a "
+                            f"{type(built).__name__}")
+        from unison.frameworks.torch import module_names
+
+        names = module_names(built)
+        unknown = [m for m in study.modules if m not in names]
+        if unknown:
+            raise ValueError(f"module(s) {unknown} are not in the model; its modules are {names}")
+
+
+def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
                 backend_spec: str | Backend | None, storage: str | Path | None, name: str | None,
                 resume_path: str | Path | None, progress: bool | None) -> SearchResult:
     from unison.driver import SearchDriver
@@ -184,38 +265,40 @@ def _run_search(fn: Callable[..., Any], search: Search, model: Any, data: Any,
     from unison.progress import make_progress
     from unison.runtime import TrialRunner
 
+    search = plan.search
     backend = resolve_backend(backend_spec)
-    names = check_injectable(fn, search.hparam_names, model is not None, data is not None,
-                             search.conditional_names)
+    names = check_injectable(fn, plan.hparam_names, model is not None or bool(plan.variants),
+                             data is not None, search.conditional_names)
     payload = None
     if not backend.in_process:
         from unison.payload import dumps_payload
 
         payload = dumps_payload({"fn": fn, "names": names, "metric": search.metrics,
-                                 "model_fn": model, "data": data})
+                                 "model_fn": model, "data": data, "variants": plan.variants})
 
     if resume_path is not None:
         store = ExperimentStore(resume_path)
         meta = store.read_experiment()
-        if meta.get("kind") != "search":
-            raise ValueError(f"{resume_path} holds a {meta.get('kind')!r} experiment, not a search")
-        if meta["search"] != search.to_dict():
+        if meta.get("kind") != plan.kind:
+            raise ValueError(f"{resume_path} holds a {meta.get('kind')!r} experiment, not a {plan.kind}")
+        if meta[plan.kind] != json.loads(json.dumps(plan.declaration)):
             raise ValueError(
-                f"the Search differs from the one stored in {resume_path}: pass the same Search, or call "
-                f"unison.resume({str(resume_path)!r}, fn) to use the stored one"
+                f"the {plan.kind} differs from the one stored in {resume_path}: pass the same one"
+                + (f", or call unison.resume({str(resume_path)!r}, fn) to use the stored one"
+                   if plan.kind == "search" else "")
             )
         seed, name = meta["seed"], meta["name"]
         events = store.read_journal()
     else:
-        name = name or getattr(fn, "__name__", "search")
+        name = name or getattr(fn, "__name__", plan.kind)
         store = ExperimentStore.create(storage, name)
         seed = search.seed if search.seed is not None else secrets.randbits(31)
-        meta = {"kind": "search", "name": name, "search": search.to_dict(), "seed": seed,
+        meta = {"kind": plan.kind, "name": name, plan.kind: plan.declaration, "seed": seed,
                 "function": getattr(fn, "__qualname__", repr(fn)), "created": time.time(),
                 "versions": _versions()}
         events = []
 
-    driver = SearchDriver(search, store, seed)
+    driver = SearchDriver(search, store, seed, plan.trial_spec)
     driver.replay(events)
     remaining = driver.planned - sum(driver.counts.values())
     workers = max(1, min(backend.slots(), remaining, search.max_concurrent or remaining))
@@ -233,7 +316,8 @@ def _run_search(fn: Callable[..., Any], search: Search, model: Any, data: Any,
         if driver.finished:
             pass
         elif backend.in_process:
-            run_inline(driver, TrialRunner(fn, names, search.metrics, model, data), show)
+            runner = TrialRunner(fn, names, search.metrics, model, data, variants=plan.variants)
+            run_inline(driver, runner, show)
         else:
             payload_path = store.path / "payload.bin"
             payload_path.write_bytes(payload)
@@ -245,13 +329,14 @@ def _run_search(fn: Callable[..., Any], search: Search, model: Any, data: Any,
     finally:
         store.append({"e": "status", "status": status, "t": time.time()})
         rows = [t.row() for t in sorted(driver.trials.values(), key=lambda t: t.trial_id)]
-        result = SearchResult(store.path, search.metrics, search.modes, rows, status)
+        result = plan.make_result(store.path, rows, status)
         store.update_experiment(status=status)
         store.write_result({
             "status": status, "counts": driver.counts, "planned": driver.planned,
             "best": None if result.best is None else vars(result.best),
             "pareto": [vars(b) for b in result.pareto] if search.is_multi_objective else None,
             "elapsed": driver.summary()["elapsed"],
+            **result.summary_extra(),
         })
         store.close()
         show.close(driver.summary(), _closing_message(status, result, store.path, driver))

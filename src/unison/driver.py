@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ class TrialState:
     last_step: int | None = None
     duration: float | None = None
     stop_reason: str | None = None
+    spec: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         """The trial as one flat record (for the trial table and result.json)."""
@@ -52,14 +54,19 @@ class TrialState:
             "attempts": self.attempt + 1,
             "stop_reason": self.stop_reason,
             "error": self.error,
+            **({"spec": self.spec} if self.spec else {}),
         }
 
 
 class SearchDriver:
     """Decisions and records for one search experiment."""
 
-    def __init__(self, search: Search, store: ExperimentStore, seed: int) -> None:
+    def __init__(self, search: Search, store: ExperimentStore, seed: int,
+                 trial_spec: Callable[[int], dict[str, Any]] | None = None) -> None:
+        """``trial_spec(n)`` adds context-specific fields to trial ``n`` (an ablation's component
+        and seed); they travel to the worker and into the journal."""
         self.search, self.store = search, store
+        self.trial_spec = trial_spec
         self.seed = seed
         self.optimizer = search.build_optimizer(seed)
         self.scheduler = search.build_scheduler()
@@ -84,7 +91,7 @@ class SearchDriver:
         for ev in events:
             kind, tid = ev.get("e"), ev.get("id")
             if kind == "start":
-                trial = self.trials.get(tid) or TrialState(tid, ev["hparams"])
+                trial = self.trials.get(tid) or TrialState(tid, ev["hparams"], spec=ev.get("spec") or {})
                 trial.attempt, trial.worker, trial.status = ev.get("attempt", 0), ev.get("worker"), "running"
                 self.trials[tid] = trial
                 self.next_number = max(self.next_number, tid + 1)
@@ -125,7 +132,8 @@ class SearchDriver:
         if hparams is None:
             self.exhausted = True
             return None
-        trial = TrialState(self.next_number, hparams)
+        spec = self.trial_spec(self.next_number) if self.trial_spec is not None else {}
+        trial = TrialState(self.next_number, hparams, spec=spec)
         self.trials[trial.trial_id] = trial
         self.next_number += 1
         return trial
@@ -143,7 +151,7 @@ class SearchDriver:
         self.running += 1
         self.store.append(
             {"e": "start", "id": trial.trial_id, "hparams": trial.hparams, "attempt": trial.attempt,
-             "worker": worker, "t": time.time()}
+             "worker": worker, "t": time.time(), **({"spec": trial.spec} if trial.spec else {})}
         )
         return {
             "trial_id": trial.trial_id,
@@ -151,6 +159,7 @@ class SearchDriver:
             "trial_dir": str(self.store.trial_dir(trial.trial_id)),
             "attempt": trial.attempt,
             "seed": (self.seed * 1_000_003 + trial.trial_id) % 2**32,
+            **trial.spec,
         }
 
     def report(self, trial_id: int, step: int, metrics: dict[str, float]) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,10 @@ class SearchResult:
     def trials(self) -> Any:
         return trials_frame(self._rows)
 
+    def summary_extra(self) -> dict[str, Any]:
+        """Kind-specific entries for ``result.json``."""
+        return {}
+
     @property
     def rows(self) -> list[dict[str, Any]]:
         """The trial records as plain dicts."""
@@ -160,3 +165,109 @@ class SearchResult:
         else:
             best = f"{self.metric}={self.best.metric:.6g} {self.best.hparams}"
         return f"SearchResult({len(self._rows)} trials, status={self.status}, best: {best}, path={self.path})"
+
+
+# ------------------------------------------------------------------------------------------ ablation
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042)
+
+
+def _mean_interval(values: list[float]) -> tuple[float, float, float, float]:
+    """Mean, sample standard deviation and a 95% Student-t interval of the mean."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan"), float("nan"), float("nan")
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * std / math.sqrt(n)
+    return mean, std, mean - half, mean + half
+
+
+def ablation_table(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """One record per component (the baseline first): mean, std and 95% interval over repeats, and
+    the difference to the baseline paired by seed, with its interval, and the importance rank."""
+    by_component: dict[str, dict[int, float]] = {}
+    kinds: dict[str, str] = {}
+    for row in rows:
+        spec = row.get("spec") or {}
+        component = spec.get("component") or {}
+        name = component.get("name")
+        if name is None:
+            continue
+        kinds[name] = component.get("kind", "")
+        by_component.setdefault(name, {})
+        if row["status"] == "completed" and row.get("value") is not None:
+            by_component[name][spec.get("seed")] = row["value"]
+    baseline = by_component.get("baseline", {})
+    records = []
+    for name, values in by_component.items():
+        record: dict[str, Any] = {"component": name, "kind": kinds[name], "n": len(values)}
+        if values:
+            mean, std, low, high = _mean_interval(list(values.values()))
+        else:
+            mean = std = low = high = float("nan")
+        record.update(mean=mean, std=std, ci_low=low, ci_high=high)
+        paired = [v - baseline[seed] for seed, v in values.items() if seed in baseline]
+        if name != "baseline" and paired:
+            diff, _, diff_low, diff_high = _mean_interval(paired)
+        else:
+            diff, diff_low, diff_high = (0.0, float("nan"), float("nan")) if name == "baseline" else (
+                float("nan"),) * 3
+        record.update(diff=diff, diff_ci_low=diff_low, diff_ci_high=diff_high)
+        records.append(record)
+    records.sort(key=lambda r: r["component"] != "baseline")
+    # Importance: how much worse the study gets without the component.
+    ranked = sorted((r for r in records if r["component"] != "baseline" and not math.isnan(r["diff"])),
+                    key=lambda r: r["diff"] if mode == "max" else -r["diff"])
+    for rank, record in enumerate(ranked, start=1):
+        record["rank"] = rank
+    for record in records:
+        record.setdefault("rank", None)
+    return records
+
+
+class AblationResult(SearchResult):
+    """The result of an ablation study.
+
+    Attributes:
+        ablation: a DataFrame, one row per component, the baseline first: ``component``, ``kind``,
+            ``n`` (completed repeats), ``mean``, ``std``, ``ci_low``, ``ci_high`` (95% over repeats),
+            ``diff`` (mean difference to the baseline, paired by seed), ``diff_ci_low``,
+            ``diff_ci_high``, ``rank`` (1 = the component whose removal hurts most).
+    """
+
+    @property
+    def ablation(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame.from_records(ablation_table(self._rows, self.modes[0]))
+
+    def summary_extra(self) -> dict[str, Any]:
+        return {"ablation": ablation_table(self._rows, self.modes[0])}
+
+    def plot(self, path: str | Path | None = None) -> Path:
+        """Save a bar chart of each component's difference to the baseline, with 95% error bars,
+        as ``ablation.png`` in the experiment directory (needs matplotlib: ``unison[plot]``)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError("plotting needs matplotlib: pip install 'unison[plot]'") from None
+        records = [r for r in ablation_table(self._rows, self.modes[0]) if r["component"] != "baseline"]
+        names = [r["component"] for r in records]
+        diffs = [r["diff"] for r in records]
+        errors = [[0 if math.isnan(r["diff_ci_low"]) else r["diff"] - r["diff_ci_low"] for r in records],
+                  [0 if math.isnan(r["diff_ci_high"]) else r["diff_ci_high"] - r["diff"] for r in records]]
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(names) + 2), 3.5))
+        ax.bar(names, diffs, yerr=errors, capsize=4, color=["#c44e52" if d < 0 else "#4c72b0" for d in diffs])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel(f"{self.metrics[0]} minus baseline")
+        ax.set_title("ablation: effect of removing each component")
+        fig.tight_layout()
+        target = Path(path) if path is not None else self.path / "ablation.png"
+        fig.savefig(target, dpi=120)
+        plt.close(fig)
+        return target

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from unison.ablate import component_generators
 from unison.context import Context, _default_device
 from unison.errors import TrialStopped
 from unison.injection import build_arguments, once, takes_no_arguments
@@ -149,6 +150,7 @@ class TrialRunner:
         model_fn: Callable[..., Any] | None = None,
         data: Any = None,
         capture_output: bool = True,
+        variants: dict[str, Callable[..., Any]] | None = None,
     ) -> None:
         self.fn, self.names = fn, names
         self.metrics = [metric] if isinstance(metric, str) else list(metric)
@@ -157,6 +159,7 @@ class TrialRunner:
         # once per worker instead of once per trial.
         self.data = once(data) if callable(data) and takes_no_arguments(data) else data
         self.capture_output = capture_output
+        self.variants = variants or {}
         self.device = _default_device()
 
     def run(self, trial: dict[str, Any], decide: Decide | None) -> dict[str, Any]:
@@ -180,7 +183,9 @@ class TrialRunner:
             sys.stdout, sys.stderr = out, err
         start = time.perf_counter()
         try:
-            kwargs = build_arguments(self.names, trial["hparams"], reporter, ctx, self.model_fn, self.data)
+            model_fn, data = component_generators(trial.get("component"), self.model_fn, self.data,
+                                                  self.variants)
+            kwargs = build_arguments(self.names, trial["hparams"], reporter, ctx, model_fn, data)
             returned = self.fn(**kwargs)
         except TrialStopped as stop:
             outcome["status"] = "stopped"

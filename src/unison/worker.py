@@ -49,7 +49,8 @@ def serve(
     try:
         parts = loads_payload(payload)
         runner = TrialRunner(
-            parts["fn"], parts["names"], parts["metric"], parts.get("model_fn"), parts.get("data")
+            parts["fn"], parts["names"], parts["metric"], parts.get("model_fn"), parts.get("data"),
+            variants=parts.get("variants"),
         )
     except Exception:  # noqa: BLE001 - the driver must learn why this worker cannot work
         conn.send({"t": "fatal", "error": traceback.format_exc()})

@@ -1,0 +1,1 @@
+"""Framework integrations (PyTorch, Keras), each imported only when used."""
