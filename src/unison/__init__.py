@@ -9,7 +9,7 @@ from unison.context import Context
 from unison.contexts.ablation import Ablation, Ablator, Component, LeaveOneOut
 from unison.contexts.search import Search
 from unison.errors import SearchAborted, TrialStopped, WorkerError
-from unison.optimizers import GridSearch, Optimizer, RandomSearch
+from unison.optimizers import GridSearch, Optimizer, OptunaOptimizer, RandomSearch
 from unison.result import AblationResult, Best, RunResult, SearchResult
 from unison.runtime import Reporter
 from unison.schedulers import ASHA, Hyperband, MedianStopping, Scheduler, Stop
@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 __all__ = [
     "run", "resume", "Search", "Ablation", "Ablator", "LeaveOneOut", "Component", "AblationResult",
     "uniform", "loguniform", "integer", "choice",
-    "Backend", "Inline", "Local", "Context", "Reporter", "Optimizer", "RandomSearch", "GridSearch",
+    "Backend", "Inline", "Local", "Context", "Reporter",
+    "Optimizer", "RandomSearch", "GridSearch", "OptunaOptimizer",
     "Scheduler", "Stop", "MedianStopping", "ASHA", "Hyperband",
     "TrialStopped", "SearchAborted", "WorkerError",
     "Best", "RunResult", "SearchResult", "__version__",

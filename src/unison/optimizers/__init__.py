@@ -6,11 +6,30 @@ from typing import Any
 
 from unison.optimizers.base import Optimizer
 from unison.optimizers.grid import GridSearch
+from unison.optimizers.optuna import (  # imports optuna only when an optimizer is set up
+    CmaEsSearch,
+    GPSearch,
+    NSGA2Search,
+    OptunaOptimizer,
+    QMCSearch,
+    TPESearch,
+)
 from unison.optimizers.random import RandomSearch
 
-BUILTIN_OPTIMIZERS = {"random": RandomSearch, "grid": GridSearch}
+BUILTIN_OPTIMIZERS = {
+    "random": RandomSearch,
+    "grid": GridSearch,
+    "tpe": TPESearch,
+    "gp": GPSearch,
+    "cmaes": CmaEsSearch,
+    "qmc": QMCSearch,
+    "nsga2": NSGA2Search,
+}
 
-__all__ = ["Optimizer", "RandomSearch", "GridSearch", "BUILTIN_OPTIMIZERS", "make_optimizer"]
+__all__ = [
+    "Optimizer", "RandomSearch", "GridSearch", "OptunaOptimizer", "TPESearch", "GPSearch", "CmaEsSearch",
+    "QMCSearch", "NSGA2Search", "BUILTIN_OPTIMIZERS", "make_optimizer",
+]
 
 
 def make_optimizer(spec: Any) -> Optimizer:
