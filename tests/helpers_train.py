@@ -22,7 +22,8 @@ def make_search(workdir: str | Path, trials: int = 10, sleep: float = 0.4, seed:
         "workdir": str(workdir),
         "sleep": sleep,
     }
-    return unison.Search(space, metric="value", mode="max", trials=trials, seed=seed)
+    return unison.Search(space, metric="value", mode="max", trials=trials, seed=seed,
+                         optimizer="random")
 
 
 def train(x: float, k: int, workdir: str, sleep: float, ctx: Any) -> dict[str, float]:
