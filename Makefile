@@ -20,6 +20,7 @@ bench: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0  # first: the CPU build on these machines, not a CUDA one
 	$(PY) -m pip install -q -e '.[dev,demo]'
 	touch $@
 

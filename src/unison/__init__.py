@@ -5,6 +5,7 @@ from unison.api import resume, run
 from unison.backends.base import Backend
 from unison.backends.inline import Inline
 from unison.backends.local import Local
+from unison.backends.spark import Spark
 from unison.context import Context
 from unison.contexts.ablation import Ablation, Ablator, Component, LeaveOneOut
 from unison.contexts.search import Search
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "run", "resume", "Search", "Ablation", "Ablator", "LeaveOneOut", "Component", "AblationResult",
     "uniform", "loguniform", "integer", "choice",
-    "Backend", "Inline", "Local", "Context", "Reporter",
+    "Backend", "Inline", "Local", "Spark", "Context", "Reporter",
     "Optimizer", "RandomSearch", "GridSearch", "OptunaOptimizer",
     "Scheduler", "Stop", "MedianStopping", "ASHA", "Hyperband",
     "TrialStopped", "SearchAborted", "WorkerError",

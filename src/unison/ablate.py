@@ -1,4 +1,4 @@
-"""Removing components for an ablation trial: columns from a dataset, submodules from a model."""
+"""Removing components for an ablation trial: columns from a dataset, submodules or layers from a model."""
 
 from __future__ import annotations
 
@@ -43,7 +43,14 @@ def drop_features(data: Any, columns: list[str]) -> Any:
 
 
 def remove_modules(model: Any, paths: list[str]) -> Any:
-    """Replace each submodule named by a dotted path with an identity (PyTorch models)."""
+    """``model`` without the named components: PyTorch submodules (dotted paths) are replaced by an
+    identity in place; Keras layers (names) are removed and a new model is returned."""
+    from unison.frameworks.keras import is_keras_model
+
+    if is_keras_model(model):  # first: a Keras model on the torch backend is a torch.nn.Module too
+        from unison.frameworks.keras import remove_layers
+
+        return remove_layers(model, paths)
     if type(model).__module__.startswith("torch") or hasattr(model, "get_submodule"):
         from unison.frameworks.torch import replace_with_identity
 
@@ -52,7 +59,7 @@ def remove_modules(model: Any, paths: list[str]) -> Any:
         return model
     raise TypeError(
         f"cannot remove modules from a {type(model).__name__}: module ablation works on torch.nn.Module "
-        f"models (Keras layers come with the Keras integration)"
+        f"models (submodules by dotted path) and Keras 3 models (layers by name)"
     )
 
 
@@ -69,7 +76,10 @@ def component_generators(
         model_fn = variants[component["variant"]]
     modules = list(component.get("modules") or ())
     features = list(component.get("features") or ())
-    if modules and model_fn is not None:
+    if modules and model_fn is None:
+        raise ValueError(f"component {component.get('name')!r} removes modules {modules}, but no model "
+                         f"generator was given: pass model=model_fn to unison.run")
+    if modules:
         base_model_fn = model_fn
 
         def model_fn(hparams: Any = None, _g: Any = base_model_fn) -> Any:

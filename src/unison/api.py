@@ -16,6 +16,7 @@ from typing import Any
 from unison.backends.base import Backend
 from unison.backends.inline import Inline
 from unison.backends.local import Local
+from unison.backends.spark import Spark
 from unison.contexts.ablation import Ablation
 from unison.contexts.search import Search
 from unison.injection import build_arguments, check_injectable
@@ -23,7 +24,7 @@ from unison.result import RunResult, SearchResult
 from unison.runtime import Reporter, _LazyLog, to_number
 from unison.store import ExperimentStore
 
-BACKENDS: dict[str, Callable[[], Backend]] = {"inline": Inline, "local": Local}
+BACKENDS: dict[str, Callable[[], Backend]] = {"inline": Inline, "local": Local, "spark": Spark}
 
 
 def resolve_backend(backend: str | Backend | None) -> Backend:
@@ -65,14 +66,15 @@ def run(
     Args:
         fn: the training function; it asks by parameter name for any of ``hparams``, a
             hyperparameter's name, ``reporter``, ``ctx``, ``model``, ``dataset``, ``model_fn``,
-            ``data_fn``.
+            ``data_fn``, ``callbacks`` (Keras: pass them to ``model.fit``).
         context: ``None`` for a single run in this process, a :class:`unison.Search` or a
             :class:`unison.Ablation`.
         hparams: the hyperparameters of a single run.
         model: a model generator ``model_fn(hparams) -> model``, injected as ``model``.
         data: a data generator ``data_fn(hparams) -> dataset`` or the dataset itself.
         backend: where a search runs: ``"local"`` (default: worker processes, one per CPU core),
-            ``"inline"`` (this process, one trial at a time) or a backend instance.
+            ``"inline"`` (this process, one trial at a time), ``"spark"`` (one long-lived Spark task
+            per slot on the active SparkSession) or a backend instance such as ``unison.Spark(...)``.
         storage: the folder that holds experiment directories (default ``./unison-runs``).
         name: the experiment's name (default: the function's name).
         metric: for a single run, which entry of a returned dict is ``result.value``.
@@ -118,6 +120,11 @@ def resume(
 ) -> SearchResult:
     """Finish the search stored in ``path``: trials that ended are kept, the rest run."""
     meta = ExperimentStore(path).read_experiment()
+    if meta.get("kind") == "ablation":
+        raise ValueError(
+            f"{path} holds an ablation: resume it with unison.run(fn, ablation, model=..., data=..., "
+            f"resume={str(path)!r}), passing the same unison.Ablation (its model generators are not stored)"
+        )
     if meta.get("kind") != "search":
         raise ValueError(f"{path} holds a {meta.get('kind')!r} experiment; only searches can be resumed")
     search = Search.from_dict(meta["search"])
@@ -198,6 +205,7 @@ class _Plan:
     trial_spec: Callable[[int], dict[str, Any]] | None = None
     variants: dict[str, Callable[..., Any]] = field(default_factory=dict)
     hparam_names: list[str] = field(default_factory=list)
+    check_names: Callable[[Callable[..., Any], list[str]], None] | None = None
 
 
 def _search_plan(search: Search) -> _Plan:
@@ -218,43 +226,102 @@ def _ablation_plan(study: Ablation, model: Any, data: Any) -> _Plan:
     return _Plan("ablation", study.to_search(), study.to_dict(),
                  lambda path, rows, status: AblationResult(path, study.metric, study.mode, rows, status),
                  trial_spec=trial_spec, variants=dict(study.variants),
-                 hparam_names=[*study.base, "seed"])
+                 hparam_names=[*study.base, "seed"],
+                 check_names=lambda fn, names: _check_ablation_reaches(study, fn, names))
+
+
+def _check_ablation_reaches(study: Ablation, fn: Callable[..., Any], names: list[str]) -> None:
+    """A study that removes features (modules, variants) needs a function that asks for the dataset
+    (the model): otherwise every component would silently look like it does not matter."""
+    fn_name = getattr(fn, "__qualname__", repr(fn))
+    if any(c.features for c in study.components) and not {"dataset", "data_fn"} & set(names):
+        raise TypeError(f"the ablation removes features, but {fn_name} asks for neither 'dataset' nor "
+                        f"'data_fn': add a 'dataset' parameter and train on it")
+    if any(c.modules or c.variant for c in study.components) and not {"model", "model_fn"} & set(names):
+        raise TypeError(f"the ablation changes the model, but {fn_name} asks for neither 'model' nor "
+                        f"'model_fn': add a 'model' parameter (or call model_fn(hparams)) and train it")
 
 
 def _check_ablation_targets(study: Ablation, model: Any, data: Any) -> None:
-    """Fail before any trial runs if a feature or module to remove does not exist."""
+    """Fail before any trial runs if a component removes a feature or module that does not exist.
+
+    This builds the dataset (if features are removed) and each model that loses modules once, here,
+    with the base hyperparameters and the first seed.
+    """
+    hparams = {**study.base, "seed": study.seed}
+    if model is None and (study.modules or study.variants):
+        what = "modules= removes model modules" if study.modules else "variants= compares model generators"
+        raise ValueError(f"Ablation({what}: pass the base model generator as model=model_fn to unison.run")
+    features = [c for c in study.components if c.features]
+    if features:
+        _check_features(study, features, data, hparams)
+    generators: dict[str | None, list[tuple[str, ...]]] = {}
+    for component in study.components:
+        if component.modules:
+            generators.setdefault(component.variant, []).append(tuple(component.modules))
+    for variant, removals in generators.items():
+        _check_modules(study.variants[variant] if variant else model, variant, removals, hparams)
+
+
+def _check_features(study: Ablation, components: list[Any], data: Any, hparams: dict[str, Any]) -> None:
+    """Every column the components remove, and the label, exist in the dataset."""
     from unison.ablate import feature_names
     from unison.injection import call_generator
 
-    if study.features:
-        if data is None:
-            raise ValueError("Ablation(features=...) removes dataset columns: pass data= to unison.run")
-        dataset = call_generator(data, dict(study.base)) if callable(data) else data
-        names = feature_names(dataset)
-        if names is None:
-            raise TypeError(f"feature ablation needs a pandas DataFrame, a dict of arrays or a NumPy "
-                            f"structured array; data_fn returned a {type(dataset).__name__}")
-        for group, columns in study.features.items():
-            unknown = [c for c in columns if c not in names]
-            if unknown:
-                raise ValueError(f"feature(s) {unknown} of {group!r} are not in the dataset; its columns are "
-                                 f"{names}")
-        if study.label is not None and study.label not in names:
-            raise ValueError(f"label={study.label!r} is not a column of the dataset; its columns are {names}")
-    if study.modules or study.variants:
-        if model is None and study.modules:
-            raise ValueError("Ablation(modules=...) removes model modules: pass model=model_fn to unison.run")
-    if study.modules:
-        built = call_generator(model, dict(study.base))
-        if not hasattr(built, "get_submodule"):
-            raise TypeError(f"module ablation needs a torch.nn.Module; model_fn returned a "
-                            f"{type(built).__name__}")
-        from unison.frameworks.torch import module_names
-
-        names = module_names(built)
-        unknown = [m for m in study.modules if m not in names]
+    if data is None:
+        raise ValueError("Ablation(features=...) removes dataset columns: pass data= to unison.run")
+    dataset = call_generator(data, hparams) if callable(data) else data
+    names = feature_names(dataset)
+    if names is None:
+        raise TypeError(f"feature ablation needs a pandas DataFrame, a dict of arrays or a NumPy structured "
+                        f"array as the dataset; {'data_fn returned' if callable(data) else 'data= is'} a "
+                        f"{type(dataset).__name__}")
+    for component in components:
+        unknown = [c for c in component.features if c not in names]
         if unknown:
-            raise ValueError(f"module(s) {unknown} are not in the model; its modules are {names}")
+            raise ValueError(f"feature(s) {unknown} of component {component.name!r} are not in the dataset; "
+                             f"its columns are {names}")
+    if study.label is not None and study.label not in names:
+        raise ValueError(f"label={study.label!r} is not a column of the dataset; its columns are {names}")
+
+
+def _check_modules(model_fn: Any, variant: str | None, removals: list[tuple[str, ...]],
+                   hparams: dict[str, Any]) -> None:
+    """Every module path exists in the PyTorch model that ``model_fn`` builds; for a Keras model, every
+    layer exists and each component's layers can be removed (so a layer that cannot be taken out fails
+    here, naming it, before any trial runs)."""
+    from unison.frameworks.keras import is_keras_model
+    from unison.injection import call_generator
+
+    which = f"the variant {variant!r}" if variant else "model_fn"
+    paths = list(dict.fromkeys(path for removal in removals for path in removal))
+    if "keras" in sys.modules:  # a model_fn that builds a Keras model names its layers as a trial would
+        from unison.frameworks.keras import fresh_layer_names
+
+        with fresh_layer_names():
+            built = call_generator(model_fn, hparams)
+    else:
+        built = call_generator(model_fn, hparams)
+    if is_keras_model(built):
+        from unison.frameworks.keras import layer_names, remove_layers
+
+        names = layer_names(built)
+        unknown = [m for m in paths if m not in names]
+        if unknown:
+            raise ValueError(f"layer(s) {unknown} are not in the Keras model {which} builds; its layers are "
+                             f"{names}")
+        for removal in removals:
+            remove_layers(built, list(removal))  # raises, naming the layer and why, if it cannot go
+        return
+    if not hasattr(built, "get_submodule"):
+        raise TypeError(f"module ablation needs a Keras model or a torch.nn.Module; {which} returned a "
+                        f"{type(built).__name__}")
+    from unison.frameworks.torch import module_names
+
+    names = module_names(built)
+    unknown = [m for m in paths if m not in names]
+    if unknown:
+        raise ValueError(f"module(s) {unknown} are not in the model {which} builds; its modules are {names}")
 
 
 def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
@@ -269,6 +336,8 @@ def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
     backend = resolve_backend(backend_spec)
     names = check_injectable(fn, plan.hparam_names, model is not None or bool(plan.variants),
                              data is not None, search.conditional_names)
+    if plan.check_names is not None:
+        plan.check_names(fn, names)
     payload = None
     if not backend.in_process:
         from unison.payload import dumps_payload
@@ -346,6 +415,14 @@ def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
 
 
 def _closing_message(status: str, result: SearchResult, path: Path, driver: Any) -> str:
+    from unison.result import AblationResult
+
+    if isinstance(result, AblationResult):
+        if status == "interrupted":
+            return (f"interrupted: resume it with unison.run(train, ablation, model=..., data=..., "
+                    f"resume={str(path)!r})")
+        if status != "aborted":
+            return f"{result.headline()}; see result.ablation"
     if status == "interrupted":
         return (f"interrupted: the experiment is resumable with unison.resume({str(path)!r}, train) "
                 f"(or `unison.run(train, search, resume=...)`)")

@@ -1,4 +1,4 @@
-"""The ``unison`` command: ``demo``, ``ls`` and ``show``."""
+"""The ``unison`` command: ``demo``, ``ls``, ``show`` and ``spark-standalone``."""
 
 from __future__ import annotations
 
@@ -37,14 +37,16 @@ def _summary(path: Path) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     result = store.read_result() or {}
-    if meta.get("kind") == "search":
-        from unison.result import SearchResult
+    if meta.get("kind") in ("search", "ablation"):
+        from unison.result import AblationResult, SearchResult
 
         loaded = SearchResult.load(path)
         ended = sum(r["status"] in ("completed", "failed", "stopped") for r in loaded.rows)
         trials = f"{ended}/{result.get('planned', '?')}"
-        metric = meta["search"]["metric"]
-        if len(loaded.metrics) > 1:
+        metric = loaded.metric
+        if isinstance(loaded, AblationResult):
+            best = loaded.headline()
+        elif len(loaded.metrics) > 1:
             best = f"{len(loaded.pareto)} on the Pareto front"
         else:
             best = "-" if loaded.best is None else f"{metric}={loaded.best.metric:.6g}"
@@ -97,10 +99,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
         return 1
     print(f"experiment {path}  kind={meta.get('kind')}  status={meta.get('status')}  "
           f"backend={meta.get('backend', '-')}")
-    if meta.get("kind") != "search":
+    if meta.get("kind") not in ("search", "ablation"):
         print(json.dumps(store.read_result() or {}, indent=2))
         return 0
-    from unison.result import SearchResult
+    from unison.result import AblationResult, SearchResult
 
     result = SearchResult.load(path)
     frame = result.trials
@@ -114,7 +116,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
     failed = frame[frame["status"] == "failed"]
     for _, row in failed.head(3).iterrows():
         print(f"trial {row['trial_id']} failed: {row['error']}")
-    if len(result.metrics) > 1:
+    if isinstance(result, AblationResult):
+        _print_ablation(result)
+    elif len(result.metrics) > 1:
         print(f"\nPareto front of {result.metrics} ({result.modes}):")
         for best in result.pareto:
             print(f"  trial {best.trial_id}: {dict(zip(result.metrics, best.metric, strict=True))} "
@@ -123,6 +127,49 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print(f"\nbest trial {result.best.trial_id}: {result.metric}={result.best.metric:.6g} "
               f"with {result.best.hparams}")
     return 0
+
+
+def _print_ablation(result: Any) -> None:
+    """The ablation table (one row per component, the baseline first) and its headline."""
+    import pandas as pd
+
+    print(f"\nablation of {result.metric} ({result.mode}; diff = component minus baseline, paired by "
+          f"seed; rank 1 = most important):")
+    with pd.option_context("display.max_columns", None, "display.width", 200):
+        print(result.ablation.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
+    print(result.headline())
+
+
+def _cmd_spark_standalone(args: argparse.Namespace) -> int:
+    from unison import spark_standalone as standalone
+
+    state_dir = Path(args.dir) if args.dir else standalone.default_dir()
+    try:
+        if args.action == "start":
+            info = standalone.start(state_dir, port=args.port, webui_port=args.webui_port,
+                                    cores=args.cores, memory=args.memory, timeout=args.timeout)
+            print(info["master_url"])  # alone on stdout: MASTER=$(unison spark-standalone start)
+            print(f"Spark standalone master {info['master_url']} (web UI {info.get('web_ui')}) with one "
+                  f"worker ({info.get('cores')} cores, {info.get('memory')}) registered; pids "
+                  f"{info['master_pid']}, {info['worker_pid']}; logs and work folder in {info['dir']}\n"
+                  f"stop it with: unison spark-standalone stop"
+                  + (f" --dir {args.dir}" if args.dir else ""), file=sys.stderr)
+            return 0
+        if args.action == "stop":
+            stopped = standalone.stop(state_dir)
+            print(f"stopped {len(stopped)} Spark process(es) {stopped} of {state_dir}" if stopped
+                  else f"no Spark standalone cluster runs from {state_dir}")
+            return 0
+        info = standalone.status(state_dir)
+        if info["running"]:
+            print(f"running: {info['master_url']} (web UI {info.get('web_ui')}), master pid "
+                  f"{info['master_pid']}, worker pid {info['worker_pid']}, in {state_dir}")
+            return 0
+        print(f"not running (from {state_dir})")
+        return 3
+    except standalone.StandaloneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,10 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list experiments, their status and best result")
     ls.add_argument("storage", nargs="?", default=DEFAULT_STORAGE)
     ls.set_defaults(func=_cmd_ls)
-    show = sub.add_parser("show", help="show an experiment's trial table and best trial")
+    show = sub.add_parser("show", help="show an experiment's trial table and best trial (or "
+                                          "ablation table)")
     show.add_argument("experiment", help="an experiment directory")
     show.add_argument("--rows", type=int, default=60, help="at most this many trial rows (default 60)")
     show.set_defaults(func=_cmd_show)
+    spark = sub.add_parser(
+        "spark-standalone",
+        help="start, stop or check a Spark standalone master and worker on 127.0.0.1 (from pip's pyspark)")
+    spark.add_argument("action", choices=["start", "stop", "status"])
+    spark.add_argument("--dir", default=None,
+                       help="where pid files, logs and the worker's work folder go "
+                            "(default ~/.cache/unison/spark-standalone)")
+    spark.add_argument("--port", type=int, default=7077, help="the master's port (0: any free one)")
+    spark.add_argument("--webui-port", type=int, default=8080, help="the master's web UI port (0: any)")
+    spark.add_argument("--cores", type=int, default=None, help="the worker's cores (default: all)")
+    spark.add_argument("--memory", default="2g", help="the worker's memory for executors (default 2g)")
+    spark.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for them to start")
+    spark.set_defaults(func=_cmd_spark_standalone)
     return parser
 
 

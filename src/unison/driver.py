@@ -30,6 +30,8 @@ class TrialState:
     status: str = "pending"  # pending | running | completed | failed | stopped
     attempt: int = 0
     worker: str | None = None
+    host: str | None = None
+    pid: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     value: float | None = None
     error: str | None = None
@@ -51,6 +53,8 @@ class TrialState:
             "last_step": self.last_step,
             "duration": self.duration,
             "worker": self.worker,
+            "host": self.host,
+            "pid": self.pid,
             "attempts": self.attempt + 1,
             "stop_reason": self.stop_reason,
             "error": self.error,
@@ -93,6 +97,7 @@ class SearchDriver:
             if kind == "start":
                 trial = self.trials.get(tid) or TrialState(tid, ev["hparams"], spec=ev.get("spec") or {})
                 trial.attempt, trial.worker, trial.status = ev.get("attempt", 0), ev.get("worker"), "running"
+                trial.host, trial.pid = ev.get("host"), ev.get("pid")
                 self.trials[tid] = trial
                 self.next_number = max(self.next_number, tid + 1)
                 reports[tid] = []
@@ -145,13 +150,16 @@ class SearchDriver:
         more = not self.exhausted and self.next_number < self.planned
         return not more and not self.pending and self.running == 0
 
-    def start(self, trial: TrialState, worker: str) -> dict[str, Any]:
-        """Record that ``trial`` starts on ``worker``; return the message that describes it."""
-        trial.status, trial.worker = "running", worker
+    def start(self, trial: TrialState, worker: str, host: str | None = None,
+              pid: int | None = None) -> dict[str, Any]:
+        """Record that ``trial`` starts on ``worker`` (process ``pid`` on ``host``); return the
+        message that describes it."""
+        trial.status, trial.worker, trial.host, trial.pid = "running", worker, host, pid
         self.running += 1
         self.store.append(
             {"e": "start", "id": trial.trial_id, "hparams": trial.hparams, "attempt": trial.attempt,
-             "worker": worker, "t": time.time(), **({"spec": trial.spec} if trial.spec else {})}
+             "worker": worker, "host": host, "pid": pid, "t": time.time(),
+             **({"spec": trial.spec} if trial.spec else {})}
         )
         return {
             "trial_id": trial.trial_id,
@@ -189,6 +197,8 @@ class SearchDriver:
             "last_step": outcome.get("last_step"), "stop_reason": outcome.get("stop_reason"),
             "worker": trial.worker,
         }
+        if outcome.get("files_skipped"):
+            event["files_skipped"] = outcome["files_skipped"]
         self.store.append(event)
         self._apply_end(trial, event)
         if self.scheduler is not None:

@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
-INJECTABLE = ("hparams", "reporter", "ctx", "model", "dataset", "model_fn", "data_fn")
+INJECTABLE = ("hparams", "reporter", "ctx", "model", "dataset", "model_fn", "data_fn", "callbacks")
 
 
 def requested_parameters(fn: Callable[..., Any]) -> list[inspect.Parameter]:
@@ -115,6 +115,10 @@ def build_arguments(
             kwargs[name] = dict(hparams)
         elif name == "reporter":
             kwargs[name] = reporter
+        elif name == "callbacks":  # Keras: imported only for a function that asks for it
+            from unison.frameworks.keras import callbacks
+
+            kwargs[name] = callbacks(reporter)
         elif name == "ctx":
             kwargs[name] = ctx
         elif name == "model":

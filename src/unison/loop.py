@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import socket
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
+from unison import trialfiles
 from unison.backends.base import Backend
 from unison.driver import SearchDriver
 from unison.errors import WorkerError
@@ -28,7 +31,7 @@ def run_inline(driver: SearchDriver, runner: TrialRunner, progress: Any) -> None
     window: deque[tuple[Any, dict[str, Any]]] = deque()
     while not driver.finished:
         while (trial := driver.next_trial()) is not None:
-            window.append((trial, driver.start(trial, "inline")))
+            window.append((trial, driver.start(trial, "inline", socket.gethostname(), os.getpid())))
         if not window:
             break
         trial, message = window.popleft()
@@ -51,7 +54,7 @@ class RemoteLoop:
         self.peers: dict[int, Peer] = {}
 
     def run(self, workers: int) -> None:
-        server = Server(new_secret(), host=self.backend.listen_host)
+        server = Server(new_secret(), host=self.backend.listen_host, port=self.backend.listen_port)
         self.server = server
         try:
             self.backend.start(server.address, server.secret, self.payload_path, self.log_dir, workers)
@@ -97,8 +100,7 @@ class RemoteLoop:
         kind = message.get("t")
         if kind == "ready":
             if "result" in message and peer.trial_id is not None:
-                driver.finish(message["result"])
-                peer.trial_id = None
+                self._finish(peer, message["result"])
             self._dispatch(peer)
             self._dispatch_waiting()
         elif kind == "report":
@@ -111,11 +113,25 @@ class RemoteLoop:
             driver.abort(WorkerError(f"worker {peer.name} could not load the training function:\n"
                                      f"{message.get('error')}"))
 
+    def _finish(self, peer: Peer, outcome: dict[str, Any]) -> None:
+        """Record the result of the trial ``peer`` was running, with the files it shipped (workers
+        that do not share the driver's disk send a trial's logs and small files in its result)."""
+        files = outcome.pop("files", None)
+        if files:
+            try:
+                trialfiles.write(self.driver.store.trial_dir(peer.trial_id), files)
+            except (OSError, ValueError) as exc:
+                outcome.setdefault("files_skipped", []).append(f"writing the shipped files failed: {exc}")
+        self.driver.finish(outcome)
+        peer.trial_id = None
+
     def _dispatch(self, peer: Peer) -> None:
         trial = self.driver.next_trial()
         if trial is not None:
             peer.trial_id = trial.trial_id
-            self._send(peer, {"t": "trial", **self.driver.start(trial, peer.name)})
+            info = peer.info
+            self._send(peer, {"t": "trial", **self.driver.start(trial, peer.name, info.get("host"),
+                                                                info.get("pid"))})
         elif self.driver.finished:
             self._send(peer, {"t": "shutdown"})
         elif peer not in self.waiting:

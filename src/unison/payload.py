@@ -6,6 +6,7 @@ engine (Spark). It is never sent over the driver's socket.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +55,46 @@ def dumps_payload(parts: dict[str, Any]) -> bytes:
                 f"function (or model_fn/data_fn), or use backend='inline' to run in this process"
             ) from exc
     blob = cloudpickle.dumps(parts)
-    return msgpack.packb({"sys_path": [p for p in sys.path if p], "blob": blob}, use_bin_type=True)
+    return msgpack.packb({"sys_path": [p for p in sys.path if p], "env": framework_env(), "blob": blob},
+                         use_bin_type=True)
+
+
+def framework_env() -> dict[str, str]:
+    """Environment variables a worker needs to load the same frameworks as the driver.
+
+    ``KERAS_BACKEND``: Keras picks its backend at its first import, from this variable (or
+    ``~/.keras/keras.json``). A Spark executor does not inherit the driver's environment, so the
+    backend the driver's Keras runs on (or the variable, if Keras is not loaded here) travels with the
+    function and is set before the function is unpickled.
+    """
+    keras = sys.modules.get("keras")
+    backend = None
+    if keras is not None:
+        try:
+            backend = keras.backend.backend()
+        except Exception:  # noqa: BLE001 - a half-imported or unusual Keras: fall back to the variable
+            backend = None
+    backend = backend or os.environ.get("KERAS_BACKEND")
+    return {"KERAS_BACKEND": backend} if backend else {}
+
+
+def _apply_env(env: dict[str, str]) -> None:
+    """Set ``env`` in this worker; fail clearly if Keras is already loaded here with another backend."""
+    wanted = env.get("KERAS_BACKEND")
+    if not wanted:
+        return
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        current = keras.backend.backend()
+        if current != wanted:
+            raise RuntimeError(
+                f"this worker process already loaded Keras with the {current!r} backend, but the driver "
+                f"runs Keras on {wanted!r}; Keras cannot switch backends in a running process. Use "
+                f"fresh worker processes (on Spark: spark.python.worker.reuse=false) or the same "
+                f"KERAS_BACKEND everywhere"
+            )
+        return
+    os.environ["KERAS_BACKEND"] = wanted
 
 
 def write_payload(path: Path, parts: dict[str, Any]) -> None:
@@ -69,5 +109,6 @@ def loads_payload(data: bytes) -> dict[str, Any]:
     for entry in reversed(outer["sys_path"]):
         if entry not in sys.path:
             sys.path.insert(0, entry)
+    _apply_env(outer.get("env") or {})
     parts: dict[str, Callable[..., Any]] = cloudpickle.loads(outer["blob"])
     return parts

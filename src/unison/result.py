@@ -10,7 +10,8 @@ from typing import Any
 from unison.store import ExperimentStore
 
 _FIXED_COLUMNS = ("trial_id", "status")
-_TAIL_COLUMNS = ("steps", "last_step", "duration", "worker", "attempts", "stop_reason", "error")
+_TAIL_COLUMNS = ("steps", "last_step", "duration", "worker", "host", "pid", "attempts", "stop_reason",
+                 "error")
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ def rows_from_journal(events: list[dict[str, Any]], metric: str | list[str]) -> 
         if kind == "start":
             row = rows.setdefault(tid, {"trial_id": tid, "metrics": {}, "steps": 0})
             row.update(status="running", hparams=ev["hparams"], worker=ev.get("worker"),
-                       attempts=ev.get("attempt", 0) + 1)
+                       host=ev.get("host"), pid=ev.get("pid"), attempts=ev.get("attempt", 0) + 1)
+            if ev.get("spec"):  # an ablation trial's component and seed
+                row["spec"] = ev["spec"]
         elif kind == "report" and tid in rows:
             rows[tid]["steps"] += 1
             rows[tid]["last_step"] = ev["step"]
@@ -152,12 +155,21 @@ class SearchResult:
 
     @classmethod
     def load(cls, path: str | Path) -> SearchResult:
-        """Read a search experiment back from its directory (finished or not)."""
+        """Read a search or an ablation back from its directory (finished or not).
+
+        ``SearchResult.load`` gives an :class:`AblationResult` for an ablation experiment.
+        """
         store = ExperimentStore(path)
         meta = store.read_experiment()
-        search = meta["search"]
-        rows = rows_from_journal(store.read_journal(), search["metric"])
-        return cls(store.path, search["metric"], search["mode"], rows, meta.get("status", "unknown"))
+        kind = meta.get("kind")
+        result_class = _RESULT_CLASSES.get(kind)
+        if result_class is None or not issubclass(result_class, cls):
+            readable = sorted(k for k, c in _RESULT_CLASSES.items() if issubclass(c, cls))
+            raise ValueError(f"{path} holds a {kind!r} experiment; {cls.__name__}.load reads {readable}")
+        declared = meta[kind]
+        rows = rows_from_journal(store.read_journal(), declared["metric"])
+        return result_class(store.path, declared["metric"], declared["mode"], rows,
+                            meta.get("status", "unknown"))
 
     def __repr__(self) -> str:
         if self.best is None:
@@ -184,10 +196,10 @@ def _mean_interval(values: list[float]) -> tuple[float, float, float, float]:
     return mean, std, mean - half, mean + half
 
 
-def ablation_table(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
-    """One record per component (the baseline first): mean, std and 95% interval over repeats, and
-    the difference to the baseline paired by seed, with its interval, and the importance rank."""
-    by_component: dict[str, dict[int, float]] = {}
+def _values_by_component(rows: list[dict[str, Any]]) -> tuple[dict[str, dict[Any, float]], dict[str, str]]:
+    """Each component's completed values by seed (in the order the components first appear), and
+    each component's kind."""
+    values: dict[str, dict[Any, float]] = {}
     kinds: dict[str, str] = {}
     for row in rows:
         spec = row.get("spec") or {}
@@ -196,34 +208,41 @@ def ablation_table(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]
         if name is None:
             continue
         kinds[name] = component.get("kind", "")
-        by_component.setdefault(name, {})
+        values.setdefault(name, {})
         if row["status"] == "completed" and row.get("value") is not None:
-            by_component[name][spec.get("seed")] = row["value"]
-    baseline = by_component.get("baseline", {})
+            values[name][spec.get("seed")] = row["value"]
+    return values, kinds
+
+
+def ablation_table(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """One record per component (the baseline first): mean, std and 95% interval over repeats, the
+    difference to the baseline paired by seed with its 95% interval, and the importance rank
+    (1 = the component whose removal hurts most; ``None`` for the baseline and for a component
+    without a completed trial paired with the baseline)."""
+    values, kinds = _values_by_component(rows)
+    baseline = next((name for name, kind in kinds.items() if kind == "baseline"), None)
+    base_values = values.get(baseline, {}) if baseline is not None else {}
+    nan = float("nan")
     records = []
-    for name, values in by_component.items():
-        record: dict[str, Any] = {"component": name, "kind": kinds[name], "n": len(values)}
-        if values:
-            mean, std, low, high = _mean_interval(list(values.values()))
-        else:
-            mean = std = low = high = float("nan")
+    for name, by_seed in values.items():
+        record: dict[str, Any] = {"component": name, "kind": kinds[name], "n": len(by_seed)}
+        mean, std, low, high = _mean_interval(list(by_seed.values())) if by_seed else (nan,) * 4
         record.update(mean=mean, std=std, ci_low=low, ci_high=high)
-        paired = [v - baseline[seed] for seed, v in values.items() if seed in baseline]
-        if name != "baseline" and paired:
+        paired = [v - base_values[seed] for seed, v in by_seed.items() if seed in base_values]
+        if name == baseline:
+            diff, diff_low, diff_high = 0.0, nan, nan
+        elif paired:
             diff, _, diff_low, diff_high = _mean_interval(paired)
         else:
-            diff, diff_low, diff_high = (0.0, float("nan"), float("nan")) if name == "baseline" else (
-                float("nan"),) * 3
-        record.update(diff=diff, diff_ci_low=diff_low, diff_ci_high=diff_high)
+            diff, diff_low, diff_high = nan, nan, nan
+        record.update(diff=diff, diff_ci_low=diff_low, diff_ci_high=diff_high, rank=None)
         records.append(record)
-    records.sort(key=lambda r: r["component"] != "baseline")
-    # Importance: how much worse the study gets without the component.
-    ranked = sorted((r for r in records if r["component"] != "baseline" and not math.isnan(r["diff"])),
+    records.sort(key=lambda r: r["component"] != baseline)
+    # Importance: how much worse the result gets without the component.
+    ranked = sorted((r for r in records if r["component"] != baseline and not math.isnan(r["diff"])),
                     key=lambda r: r["diff"] if mode == "max" else -r["diff"])
     for rank, record in enumerate(ranked, start=1):
         record["rank"] = rank
-    for record in records:
-        record.setdefault("rank", None)
     return records
 
 
@@ -234,40 +253,77 @@ class AblationResult(SearchResult):
         ablation: a DataFrame, one row per component, the baseline first: ``component``, ``kind``,
             ``n`` (completed repeats), ``mean``, ``std``, ``ci_low``, ``ci_high`` (95% over repeats),
             ``diff`` (mean difference to the baseline, paired by seed), ``diff_ci_low``,
-            ``diff_ci_high``, ``rank`` (1 = the component whose removal hurts most).
+            ``diff_ci_high`` (its 95% interval), ``rank`` (an ``Int64`` column: 1 = the component
+            whose removal hurts most; missing for the baseline).
+        trials: one row per trial, as for a search (the hyperparameters include ``seed``).
     """
+
+    @property
+    def trials(self) -> Any:
+        """One row per trial, as for a search, with the trial's ``component`` after its status."""
+        frame = trials_frame(self._rows)
+        if frame.empty:
+            return frame
+        if "component" in frame.columns:  # a base hyperparameter of that name
+            frame = frame.rename(columns={"component": "hparam:component"})
+        names = {row["trial_id"]: ((row.get("spec") or {}).get("component") or {}).get("name")
+                 for row in self._rows}
+        frame.insert(2, "component", frame["trial_id"].map(names))
+        return frame
 
     @property
     def ablation(self) -> Any:
         import pandas as pd
 
-        return pd.DataFrame.from_records(ablation_table(self._rows, self.modes[0]))
+        records = ablation_table(self._rows, self.modes[0])
+        frame = pd.DataFrame.from_records(records, columns=_ABLATION_COLUMNS)
+        frame["rank"] = frame["rank"].astype("Int64")
+        return frame
 
     def summary_extra(self) -> dict[str, Any]:
         return {"ablation": ablation_table(self._rows, self.modes[0])}
 
-    def plot(self, path: str | Path | None = None) -> Path:
-        """Save a bar chart of each component's difference to the baseline, with 95% error bars,
-        as ``ablation.png`` in the experiment directory (needs matplotlib: ``unison[plot]``)."""
-        try:
-            import matplotlib
+    def headline(self) -> str:
+        """One line: the most important component and its difference to the baseline."""
+        ranked = [r for r in ablation_table(self._rows, self.modes[0]) if r["rank"] is not None]
+        if not ranked:
+            return "no component has a completed trial paired with a baseline trial"
+        top = min(ranked, key=lambda r: r["rank"])
+        return f"most important: {top['component']} ({self.metrics[0]} {top['diff']:+.4g} without it)"
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+    def plot(self, path: str | Path | None = None) -> Path:
+        """Save a bar chart of each component's difference to the baseline, with 95% error bars, as
+        ``ablation.png`` in the experiment directory (or at ``path``); return where it went.
+
+        Needs matplotlib (``pip install 'unison[plot]'``); leaves pyplot's state and backend alone.
+        """
+        try:
+            from matplotlib.figure import Figure
         except ImportError:
             raise ImportError("plotting needs matplotlib: pip install 'unison[plot]'") from None
-        records = [r for r in ablation_table(self._rows, self.modes[0]) if r["component"] != "baseline"]
+        records = [r for r in ablation_table(self._rows, self.modes[0]) if r["kind"] != "baseline"]
         names = [r["component"] for r in records]
         diffs = [r["diff"] for r in records]
-        errors = [[0 if math.isnan(r["diff_ci_low"]) else r["diff"] - r["diff_ci_low"] for r in records],
-                  [0 if math.isnan(r["diff_ci_high"]) else r["diff_ci_high"] - r["diff"] for r in records]]
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(names) + 2), 3.5))
-        ax.bar(names, diffs, yerr=errors, capsize=4, color=["#c44e52" if d < 0 else "#4c72b0" for d in diffs])
+        errors = [[0.0 if math.isnan(r[bound]) else abs(r["diff"] - r[bound]) for r in records]
+                  for bound in ("diff_ci_low", "diff_ci_high")]
+        worse = [(d < 0) if self.modes[0] == "max" else (d > 0) for d in diffs]
+        fig = Figure(figsize=(max(4.0, 0.8 * len(names) + 2), 3.5))
+        ax = fig.subplots()
+        ax.bar(names, diffs, yerr=errors, capsize=4, color=["#c44e52" if w else "#4c72b0" for w in worse])
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_ylabel(f"{self.metrics[0]} minus baseline")
-        ax.set_title("ablation: effect of removing each component")
+        ax.set_title("ablation: effect of removing each component (red: worse without it)")
+        ax.tick_params(axis="x", labelrotation=30 if len(names) > 4 else 0)
         fig.tight_layout()
         target = Path(path) if path is not None else self.path / "ablation.png"
         fig.savefig(target, dpi=120)
-        plt.close(fig)
         return target
+
+    def __repr__(self) -> str:
+        return (f"AblationResult({len(self._rows)} trials, status={self.status}, {self.headline()}, "
+                f"path={self.path})")
+
+
+_ABLATION_COLUMNS = ["component", "kind", "n", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low",
+                     "diff_ci_high", "rank"]
+_RESULT_CLASSES: dict[str, type[SearchResult]] = {"search": SearchResult, "ablation": AblationResult}

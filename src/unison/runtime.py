@@ -6,6 +6,7 @@ Spark): only the way ``reporter`` reaches the driver differs.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -43,7 +44,13 @@ def to_number(value: Any) -> float | None:
 
 
 class Reporter:
-    """``reporter`` in the training function: records intermediate metrics, may stop the trial."""
+    """``reporter`` in the training function: records intermediate metrics, may stop the trial.
+
+    Once the scheduler has stopped the trial, ``stop_reason`` says why and the stop is final: every
+    later ``report`` raises :class:`unison.TrialStopped` at once, without recording anything, and the
+    trial is recorded as ``stopped`` even if the function caught the exception and returned (the Keras
+    callback does exactly that, to end ``fit`` cleanly).
+    """
 
     def __init__(self, decide: Decide | None = None, log: io.TextIOBase | None = None) -> None:
         self._decide = decide
@@ -51,12 +58,15 @@ class Reporter:
         self.last_metrics: dict[str, float] = {}
         self.last_step: int | None = None
         self.count = 0
+        self.stop_reason: str | None = None
 
     def report(self, step: int | None = None, **metrics: Any) -> None:
         """Record metrics at ``step`` (default: 0, 1, 2, ... per call).
 
         Raises :class:`unison.TrialStopped` when the scheduler stops the trial; let it propagate.
         """
+        if self.stop_reason is not None:
+            raise TrialStopped(self.stop_reason)
         if step is None:
             step = self.count
         elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
@@ -76,7 +86,8 @@ class Reporter:
             self._log.write(json.dumps({"step": int(step), **clean}) + "\n")
         reason = None if self._decide is None else self._decide(int(step), clean)
         if reason is not None:
-            raise TrialStopped(reason)
+            self.stop_reason = str(reason) or f"stopped at step {int(step)}"
+            raise TrialStopped(self.stop_reason)
 
 
 def normalize_metrics(returned: Any, metric: str | list[str]) -> tuple[dict[str, float] | None, str | None]:
@@ -185,8 +196,9 @@ class TrialRunner:
         try:
             model_fn, data = component_generators(trial.get("component"), self.model_fn, self.data,
                                                   self.variants)
-            kwargs = build_arguments(self.names, trial["hparams"], reporter, ctx, model_fn, data)
-            returned = self.fn(**kwargs)
+            with _framework_scope():
+                kwargs = build_arguments(self.names, trial["hparams"], reporter, ctx, model_fn, data)
+                returned = self.fn(**kwargs)
         except TrialStopped as stop:
             outcome["status"] = "stopped"
             outcome["metrics"] = reporter.last_metrics
@@ -199,20 +211,14 @@ class TrialRunner:
             if err is not None:
                 err.write(outcome["error"])
         else:
-            metrics, problem = normalize_metrics(returned, self.metrics)
-            missing = [] if metrics is None else [m for m in self.metrics if m not in metrics]
-            if problem is not None:
-                outcome["status"], outcome["error"] = "failed", problem
-            elif missing:
-                outcome["status"] = "failed"
-                outcome["error_kind"] = "missing_metric"
-                outcome["error"] = (
-                    f"the function returned the metrics {sorted(metrics)} but the search optimizes "
-                    f"{', '.join(map(repr, missing))}: return {missing[0]!r} too, or set "
-                    f"Search(metric=...) to one of {sorted(metrics)}"
-                )
+            if reporter.stop_reason is not None:
+                # The scheduler stopped the trial and the function ended by itself (the Keras callback
+                # ends fit after that epoch): stopped, with the metrics the scheduler judged.
+                outcome["status"] = "stopped"
+                outcome["metrics"] = reporter.last_metrics
+                outcome["stop_reason"] = reporter.stop_reason
             else:
-                outcome["status"], outcome["metrics"] = "completed", metrics
+                outcome.update(self._judge(returned))
         finally:
             outcome["duration"] = time.perf_counter() - start
             metrics_log.close()
@@ -224,3 +230,31 @@ class TrialRunner:
         outcome["steps"] = reporter.count
         outcome["last_step"] = reporter.last_step
         return outcome
+
+    def _judge(self, returned: Any) -> dict[str, Any]:
+        """The status (and metrics or error) of a trial whose function returned ``returned``."""
+        metrics, problem = normalize_metrics(returned, self.metrics)
+        if metrics is None:
+            return {"status": "failed", "error": problem}
+        missing = [m for m in self.metrics if m not in metrics]
+        if missing:
+            return {
+                "status": "failed",
+                "error_kind": "missing_metric",
+                "error": (
+                    f"the function returned the metrics {sorted(metrics)} but the search optimizes "
+                    f"{', '.join(map(repr, missing))}: return {missing[0]!r} too, or set "
+                    f"Search(metric=...) to one of {sorted(metrics)}"
+                ),
+            }
+        return {"status": "completed", "metrics": metrics}
+
+
+def _framework_scope() -> Any:
+    """Per-trial framework state: with Keras loaded, a fresh layer-naming scope (see
+    :func:`unison.frameworks.keras.fresh_layer_names`); otherwise nothing."""
+    if "keras" in sys.modules:
+        from unison.frameworks.keras import fresh_layer_names
+
+        return fresh_layer_names()
+    return contextlib.nullcontext()

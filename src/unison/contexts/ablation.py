@@ -41,12 +41,20 @@ BASELINE = Component("baseline", "baseline")
 class Ablator:
     """Turns the declared features, modules and variants into the configurations to run.
 
-    The first configuration returned must be the baseline (nothing removed). Subclass this for
-    other designs, e.g. leave-two-out or keep-only-one.
+    The first configuration returned must be the baseline (nothing removed); every component needs
+    its own name (it is the row's name in ``result.ablation``). Subclass this for other designs,
+    e.g. leave-two-out or keep-only-one.
     """
 
     def components(self, features: dict[str, list[str]], modules: list[str],
                    variants: list[str]) -> list[Component]:
+        """The configurations to run.
+
+        Args:
+            features: ``{group name: [columns]}`` (a plain list of features gives one group per column).
+            modules: the declared module paths.
+            variants: the declared variant names.
+        """
         raise NotImplementedError
 
 
@@ -74,6 +82,66 @@ def _names(value: Any, what: str) -> list[str]:
     return list(value)
 
 
+def _feature_groups(features: Sequence[str] | Mapping[str, Sequence[str]] | None) -> dict[str, list[str]]:
+    """``features=`` as ``{group name: [columns]}``: a list of names is one group per column."""
+    if not isinstance(features, Mapping):
+        return {name: [name] for name in _names(features, "features")}
+    groups: dict[str, list[str]] = {}
+    for group, columns in features.items():
+        if not isinstance(group, str) or not group:
+            raise TypeError(f"Ablation(features={{...}}) group names must be non-empty strings, "
+                            f"got {group!r}")
+        groups[group] = _names(columns, f"features[{group!r}]")
+        if not groups[group]:
+            raise ValueError(f"Ablation(features={{{group!r}: []}}) removes nothing: list its columns")
+    return groups
+
+
+def _fixed_base(base: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The study's hyperparameters: fixed, JSON-able values (no distributions), without ``seed``."""
+    from unison.space import Distribution, validate_space
+
+    checked = validate_space(dict(base or {}))
+    sampled = [name for name, value in checked.items() if isinstance(value, Distribution)]
+    if sampled:
+        raise TypeError(
+            f"Ablation(base=...) takes fixed values, but {sampled} are distributions: run a "
+            f"unison.Search first and pass base=search_result.best.hparams"
+        )
+    if "seed" in checked:
+        raise ValueError("Ablation(base=...) must not contain 'seed': the study injects one per repeat")
+    return checked
+
+
+def _check_components(components: Any, ablator: Ablator, label: str | None,
+                      variants: Mapping[str, Any]) -> None:
+    """What an ablator returned: the baseline first, then distinct named components that never remove
+    the label and only swap in declared variants."""
+    who = f"{type(ablator).__name__}.components()"
+    if not isinstance(components, list) or not all(isinstance(c, Component) for c in components):
+        raise TypeError(f"{who} must return a list of unison.Component, got {components!r}")
+    if not components or components[0].kind != "baseline":
+        raise ValueError(f"{who} must start with the baseline, a component of kind 'baseline' that "
+                         f"removes nothing, e.g. unison.Component('baseline', 'baseline')")
+    if len(components) < 2:
+        raise ValueError("an ablation needs at least one component: pass features=, modules= or variants=")
+    names = [c.name for c in components]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(
+            f"{who} gives several components the same name {twice}: every row of the result needs its "
+            f"own name (e.g. a feature and a module both called {twice[0]!r}: rename one, or use "
+            f"features={{'{twice[0]}_feature': [...]}})"
+        )
+    for component in components:
+        if label is not None and label in component.features:
+            raise ValueError(f"component {component.name!r} removes the label column {label!r}, which is "
+                             f"never ablated: remove it from the component's features")
+        if component.variant is not None and component.variant not in variants:
+            raise ValueError(f"component {component.name!r} uses the variant {component.variant!r}, but "
+                             f"variants= declares only {sorted(variants)}")
+
+
 class Ablation:
     """A leave-one-component-out study around the hyperparameters ``base``.
 
@@ -81,7 +149,9 @@ class Ablation:
         base: the hyperparameters every configuration uses (e.g. ``search_result.best.hparams``).
         features: feature (column) names to remove one at a time, or ``{"group": [columns]}`` to
             remove groups of columns together.
-        modules: dotted paths of model submodules (PyTorch) to replace by an identity, one at a time.
+        modules: what to remove from the model, one at a time: dotted paths of PyTorch submodules
+            (replaced by an identity) or names of Keras layers (removed from a Sequential model,
+            bypassed in a Functional one).
         variants: ``{name: model_fn}``: alternative model generators, each run as a configuration.
         label: the label column, which is never removed.
         metric, mode: what the training function returns and which direction is better.
@@ -109,21 +179,18 @@ class Ablation:
         max_failures: int | None = None,
         max_retries: int = 2,
     ) -> None:
-        from unison.space import validate_space
-
-        self.base = validate_space(dict(base or {}))
-        if "seed" in self.base:
-            raise ValueError("Ablation(base=...) must not contain 'seed': the study injects one per repeat")
-        if isinstance(features, Mapping):
-            self.features = {str(k): _names(v, f"features[{k!r}]") for k, v in features.items()}
-        else:
-            self.features = {name: [name] for name in _names(features, "features")}
+        self.base = _fixed_base(base)
+        self.features = _feature_groups(features)
         self.modules = _names(modules, "modules")
         variants = dict(variants or {})
         for name, gen in variants.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"Ablation(variants=...) names must be non-empty strings, got {name!r}")
             if not callable(gen):
                 raise TypeError(f"Ablation(variants={{{name!r}: ...}}) must map names to model generators")
         self.variants = variants
+        if label is not None and (not isinstance(label, str) or not label):
+            raise TypeError(f"Ablation(label=...) names the label column (a string), got {label!r}")
         if label is not None and any(label in cols for cols in self.features.values()):
             raise ValueError(f"the label column {label!r} cannot be ablated: remove it from features=")
         self.label = label
@@ -139,13 +206,10 @@ class Ablation:
             raise ValueError(f"Ablation(repeats={repeats}) must be at least 1")
         self.repeats, self.seed = int(repeats), int(seed)
         self.ablator = ablator or LeaveOneOut()
+        if not isinstance(self.ablator, Ablator):
+            raise TypeError(f"Ablation(ablator=...) must be a unison.Ablator, got {self.ablator!r}")
         self.components = self.ablator.components(self.features, self.modules, list(self.variants))
-        if not self.components or self.components[0].kind != "baseline":
-            raise ValueError(f"{type(self.ablator).__name__}.components() must start with the baseline")
-        if len(self.components) < 2:
-            raise ValueError(
-                "an ablation needs at least one component: pass features=, modules= or variants="
-            )
+        _check_components(self.components, self.ablator, label, self.variants)
         self.max_concurrent, self.max_failures, self.max_retries = max_concurrent, max_failures, max_retries
 
     @property

@@ -1,0 +1,309 @@
+"""How much does unison cost on top of a plain process pool? Measured side by side in one run.
+
+(a) search overhead: the same trial (sleep 50 ms, return a number) run N times through
+    ``unison.run(fn, Search(...), backend=Local(workers=2))`` and through a plain
+    ``concurrent.futures.ProcessPoolExecutor(2)`` map over the same inputs. Both wall times include
+    starting the workers. Target: unison / pool <= 1.03.
+(b) throughput: trials that do nothing, unison's local backend with 2 workers, in trials per second
+    (target >= 1,000/s); the plain pool and unison's inline backend for reference.
+(c) single-run overhead: ``unison.run(train, hparams=...)`` minus calling ``train(...)`` directly
+    (median of many calls; target < 20 ms).
+
+Each measurement is repeated (``--repeats``, default 3) with the contenders interleaved, so the
+machine's noise is shared; the median is reported. The figures go to a table on stdout and to
+``benchmarks/results/overhead.json``.
+
+    python benchmarks/overhead.py            # the full run (about 1.5 minutes on 2 cores)
+    python benchmarks/overhead.py --quick    # a smoke run (a few seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import unison
+
+HERE = Path(__file__).resolve().parent
+SLEEP_S = 0.05
+TARGETS = {"search_ratio_max": 1.03, "throughput_min_per_s": 1000.0, "single_run_added_ms_max": 20.0}
+
+
+# ------------------------------------------------------------------------------ trial functions
+# Module level, so the plain pool can pickle them by reference; unison ships them with cloudpickle.
+def sleep_trial(x: float) -> float:
+    time.sleep(SLEEP_S)
+    return x
+
+
+def noop_trial(x: float) -> float:
+    return x
+
+
+def train(hparams: dict[str, Any]) -> dict[str, float]:
+    return {"accuracy": hparams["lr"] * 10.0}
+
+
+# ------------------------------------------------------------------------------------- helpers
+def search_inputs(trials: int, seed: int = 0) -> list[float]:
+    """The exact ``x`` values unison's random search draws, so the pool gets the same inputs."""
+    optimizer = unison.Search({"x": unison.uniform(0, 1)}, metric="value", trials=trials,
+                              seed=seed).build_optimizer()
+    return [optimizer.suggest(n)["x"] for n in range(trials)]
+
+
+def journal_phases(path: Path, t_call: float, t_return: float) -> dict[str, float]:
+    """Split a unison search's wall time with its journal's time stamps.
+
+    ``startup_s``: the call until the first trial starts (store, payload, worker processes, handshake);
+    ``run_s``: the first trial start until the search is marked done (after the workers have exited);
+    ``finish_s``: the rest (result files). ``steady_per_s``: trials started per second between the
+    first and the last trial start, i.e. the dispatch rate with start-up and wind-down left out.
+    """
+    starts, done = [], None
+    with open(path / "journal.jsonl", encoding="utf-8") as f:
+        for line in f:
+            ev = json.loads(line)
+            if ev.get("e") == "start":
+                starts.append(ev["t"])
+            elif ev.get("e") == "status" and ev.get("status") not in ("running", "resumed"):
+                done = ev["t"]
+    starts.sort()
+    done = done if done is not None else t_return
+    span = starts[-1] - starts[0]
+    return {"startup_s": starts[0] - t_call, "run_s": done - starts[0], "finish_s": t_return - done,
+            "steady_per_s": (len(starts) - 1) / span if span > 0 else float("nan")}
+
+
+def time_unison_search(fn: Any, trials: int, backend: Any, storage: Path) -> dict[str, Any]:
+    search = unison.Search({"x": unison.uniform(0, 1)}, metric="value", trials=trials, seed=0)
+    t_call = time.time()
+    t0 = time.perf_counter()
+    result = unison.run(fn, search, backend=backend, progress=False, storage=storage)
+    wall = time.perf_counter() - t0
+    t_return = time.time()
+    done = sum(1 for r in result.rows if r["status"] == "completed")
+    if done != trials:
+        raise RuntimeError(f"unison completed {done}/{trials} trials; see {result.path}")
+    phases = journal_phases(result.path, t_call, t_return)
+    shutil.rmtree(result.path, ignore_errors=True)
+    return {"wall_s": wall, **phases}
+
+
+def time_pool(fn: Any, inputs: list[float], workers: int, method: str | None = None) -> float:
+    """Wall time of a fresh pool (start-up included) mapping ``fn`` over ``inputs``."""
+    ctx = multiprocessing.get_context(method) if method else None
+    t0 = time.perf_counter()
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        out = list(pool.map(fn, inputs))
+    wall = time.perf_counter() - t0
+    assert len(out) == len(inputs)
+    return wall
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# ------------------------------------------------------------------------------------ benchmarks
+def bench_search(trials: int, workers: int, repeats: int, storage: Path) -> dict[str, Any]:
+    inputs = search_inputs(trials)
+    runs: dict[str, list[Any]] = {"unison": [], "pool": [], "pool_spawn": []}
+    for rep in range(repeats):
+        order = ["unison", "pool", "pool_spawn"] if rep % 2 == 0 else ["pool_spawn", "pool", "unison"]
+        for who in order:
+            if who == "unison":
+                runs[who].append(time_unison_search(sleep_trial, trials, unison.Local(workers=workers),
+                                                    storage))
+            elif who == "pool":
+                runs[who].append(time_pool(sleep_trial, inputs, workers))
+            else:
+                runs[who].append(time_pool(sleep_trial, inputs, workers, "spawn"))
+    u = med([r["wall_s"] for r in runs["unison"]])
+    p = med(runs["pool"])
+    ideal = trials * SLEEP_S / workers
+    return {
+        "trials": trials, "workers": workers, "sleep_s": SLEEP_S, "ideal_s": ideal,
+        "unison_s": u, "pool_s": p, "pool_spawn_s": med(runs["pool_spawn"]),
+        "ratio": u / p,
+        "ratio_per_repeat": [r["wall_s"] / q for r, q in zip(runs["unison"], runs["pool"], strict=True)],
+        # wall time added per trial on its worker slot: (unison - pool) * workers / trials
+        "overhead_ms_per_trial": (u - p) * workers / trials * 1e3,
+        "unison_phases_s": {k: med([r[k] for r in runs["unison"]])
+                            for k in ("startup_s", "run_s", "finish_s")},
+        "runs": runs,
+    }
+
+
+def bench_throughput(trials: int, workers: int, repeats: int, storage: Path) -> dict[str, Any]:
+    inputs = search_inputs(trials)
+    runs: dict[str, list[Any]] = {"unison_local": [], "unison_inline": [], "pool": [], "pool_spawn": []}
+    for rep in range(repeats):
+        order = list(runs) if rep % 2 == 0 else list(reversed(runs))
+        for who in order:
+            if who == "unison_local":
+                runs[who].append(time_unison_search(noop_trial, trials, unison.Local(workers=workers),
+                                                    storage))
+            elif who == "unison_inline":
+                runs[who].append(time_unison_search(noop_trial, trials, unison.Inline(), storage))
+            elif who == "pool":
+                runs[who].append(time_pool(noop_trial, inputs, workers))
+            else:
+                runs[who].append(time_pool(noop_trial, inputs, workers, "spawn"))
+
+    def rate(wall: float) -> float:
+        return trials / wall
+
+    out: dict[str, Any] = {"trials": trials, "workers": workers}
+    for who in ("unison_local", "unison_inline"):
+        walls = [r["wall_s"] for r in runs[who]]
+        out[who] = {
+            "wall_s": med(walls),
+            "per_s": rate(med(walls)),
+            "steady_per_s": med([r["steady_per_s"] for r in runs[who]]),
+            "phases_s": {k: med([r[k] for r in runs[who]]) for k in ("startup_s", "run_s", "finish_s")},
+        }
+    for who in ("pool", "pool_spawn"):
+        out[who] = {"wall_s": med(runs[who]), "per_s": rate(med(runs[who]))}
+    out["runs"] = runs
+    return out
+
+
+def bench_single(calls: int, repeats: int, storage: Path) -> dict[str, Any]:
+    hparams = {"lr": 0.01, "epochs": 1}
+    medians_direct, medians_unison = [], []
+    for _ in range(repeats):
+        direct, wrapped = [], []
+        for _ in range(calls):  # interleaved call by call
+            t0 = time.perf_counter()
+            train(hparams=hparams)
+            direct.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            result = unison.run(train, hparams=hparams, storage=storage)
+            wrapped.append(time.perf_counter() - t0)
+            shutil.rmtree(result.path, ignore_errors=True)
+        medians_direct.append(med(direct))
+        medians_unison.append(med(wrapped))
+    d, u = med(medians_direct), med(medians_unison)
+    return {"calls": calls, "direct_ms": d * 1e3, "unison_ms": u * 1e3, "added_ms": (u - d) * 1e3,
+            "unison_ms_per_repeat": [x * 1e3 for x in medians_unison]}
+
+
+# --------------------------------------------------------------------------------------- report
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "platform": platform.platform(), "unison": unison.__version__,
+            "mp_start_method": multiprocessing.get_start_method()}
+
+
+def verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def print_report(res: dict[str, Any]) -> None:
+    m, s, t, c = res["machine"], res["search"], res["throughput"], res["single"]
+    print(f"\nunison overhead benchmark — {res['date']} — {m['cpus']} CPUs ({m['cpu']}), "
+          f"Python {m['python']}, median of {res['repeats']} repeat(s)\n")
+    print(f"(a) search: {s['trials']} trials x sleep {s['sleep_s'] * 1e3:.0f} ms, {s['workers']} workers "
+          f"(ideal {s['ideal_s']:.2f} s)")
+    print(f"    {'unison Local(workers=2)':<34}{s['unison_s']:8.3f} s   "
+          f"(start-up {s['unison_phases_s']['startup_s']:.3f} s, trials and worker exit "
+          f"{s['unison_phases_s']['run_s']:.3f} s, the rest {s['unison_phases_s']['finish_s']:.3f} s)")
+    print(f"    {'ProcessPoolExecutor(2) [' + m['mp_start_method'] + ']':<34}{s['pool_s']:8.3f} s")
+    print(f"    {'ProcessPoolExecutor(2) [spawn]':<34}{s['pool_spawn_s']:8.3f} s   (reference)")
+    print(f"    ratio unison/pool {s['ratio']:.4f} (target <= {TARGETS['search_ratio_max']}: "
+          f"{verdict(s['ratio'] <= TARGETS['search_ratio_max'])}); "
+          f"overhead {s['overhead_ms_per_trial']:.2f} ms per trial per worker slot\n")
+    print(f"(b) throughput: {t['trials']} no-op trials, {t['workers']} workers")
+    lo = t["unison_local"]
+    print(f"    {'unison Local(workers=2)':<34}{lo['per_s']:8.0f} /s  ({lo['wall_s']:.3f} s end to end; "
+          f"{lo['steady_per_s']:.0f}/s between first and last trial start) "
+          f"target >= {TARGETS['throughput_min_per_s']:.0f}/s: "
+          f"{verdict(lo['per_s'] >= TARGETS['throughput_min_per_s'])}")
+    il = t["unison_inline"]
+    print(f"    {'unison Inline()':<34}{il['per_s']:8.0f} /s  ({il['wall_s']:.3f} s; steady "
+          f"{il['steady_per_s']:.0f}/s)")
+    print(f"    {'ProcessPoolExecutor(2) [' + m['mp_start_method'] + ']':<34}{t['pool']['per_s']:8.0f} /s  "
+          f"({t['pool']['wall_s']:.3f} s)")
+    print(f"    {'ProcessPoolExecutor(2) [spawn]':<34}{t['pool_spawn']['per_s']:8.0f} /s  "
+          f"({t['pool_spawn']['wall_s']:.3f} s)\n")
+    print(f"(c) single run: median of {c['calls']} calls")
+    print(f"    train(...) directly {c['direct_ms']:.3f} ms, unison.run(train, hparams=...) "
+          f"{c['unison_ms']:.3f} ms: added {c['added_ms']:.2f} ms (target < "
+          f"{TARGETS['single_run_added_ms_max']:.0f} ms: "
+          f"{verdict(c['added_ms'] < TARGETS['single_run_added_ms_max'])})\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run with small sizes")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats per measurement (default 3)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON output (default benchmarks/results/overhead.json; "
+                             "overhead-quick.json with --quick)")
+    parser.add_argument("--storage", type=Path, default=None,
+                        help="where experiment directories go (default: a temporary folder)")
+    args = parser.parse_args(argv)
+
+    repeats = args.repeats or (1 if args.quick else 3)
+    search_trials, throughput_trials, single_calls = (40, 200, 5) if args.quick else (200, 1000, 30)
+    out = args.out or HERE / "results" / ("overhead-quick.json" if args.quick else "overhead.json")
+
+    tmp = Path(tempfile.mkdtemp(prefix="unison-bench-", dir=args.storage))
+    try:
+        # warm-up, not measured: imports, first-use caches, first process start-ups
+        time_unison_search(noop_trial, 4, unison.Local(workers=args.workers), tmp)
+        time_unison_search(noop_trial, 4, unison.Inline(), tmp)
+        time_pool(noop_trial, [0.0] * 4, args.workers)
+        shutil.rmtree(unison.run(train, hparams={"lr": 0.1}, storage=tmp).path)
+
+        res: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": machine(),
+            "quick": args.quick,
+            "repeats": repeats,
+            "targets": TARGETS,
+        }
+        print(f"(a) search overhead: {search_trials} trials x {repeats} ...", file=sys.stderr, flush=True)
+        res["search"] = bench_search(search_trials, args.workers, repeats, tmp)
+        print(f"(b) throughput: {throughput_trials} trials x {repeats} ...", file=sys.stderr, flush=True)
+        res["throughput"] = bench_throughput(throughput_trials, args.workers, repeats, tmp)
+        print(f"(c) single run: {single_calls} calls x {repeats} ...", file=sys.stderr, flush=True)
+        res["single"] = bench_single(single_calls, repeats, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    res["met"] = {
+        "search_ratio": res["search"]["ratio"] <= TARGETS["search_ratio_max"],
+        "throughput": res["throughput"]["unison_local"]["per_s"] >= TARGETS["throughput_min_per_s"],
+        "single_run": res["single"]["added_ms"] < TARGETS["single_run_added_ms_max"],
+    }
+    print_report(res)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    print(f"figures written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

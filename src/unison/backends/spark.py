@@ -1,0 +1,384 @@
+"""The Spark backend: one long-lived Spark task per slot, each running the worker runtime.
+
+Every slot is a one-task Spark job whose task runs :func:`unison.worker.serve`, the same loop as a
+local worker process: it connects back to the driver over the authenticated protocol and pulls
+trials until the driver says shut down. The driver decides what runs, so a task that Spark
+relaunches (a retry, a lost executor) is simply a new worker and never re-runs a finished trial; a
+trial whose worker died is retried by the driver on another slot. The training function travels
+once, as a Spark broadcast; the experiment secret travels in the task closure; neither crosses the
+driver's socket. pyspark is imported only when a Spark backend is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import secrets
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from unison.backends.base import Backend
+from unison.errors import WorkerError
+from unison.trialfiles import MAX_SHIP_LIMIT_BYTES, SHIP_LIMIT_BYTES
+
+EARLY_DEATH_S = 10.0  # a slot job that ends this soon after its launch did not get to work
+MAX_EARLY_DEATHS = 3  # ... this many times in a row on one slot: the search is aborted
+_WILDCARDS = ("", "0.0.0.0", "::")
+_LOCAL_MASTER = re.compile(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?$")
+_LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]$")
+
+
+def _serve_slot(address: tuple[str, int], secret: bytes, payload: Any, slot: int, generation: int,
+                heartbeat_interval: float, shared_filesystem: bool, ship_limit: int, _partition: Any) -> Any:
+    """The body of a slot's Spark task (runs on an executor): serve trials, then report how it went.
+
+    It returns normally when the driver says shut down, hangs up or cannot be reached, so that Spark
+    never retries it; an exception here is a broken executor, which Spark retries as usual.
+    """
+    from pyspark import TaskContext
+
+    from unison.worker import serve
+
+    task = TaskContext.get()
+    attempt = task.attemptNumber() if task is not None else 0
+    name = f"spark-{slot}" if (generation, attempt) == (0, 0) else f"spark-{slot}.{generation}.{attempt}"
+    info: dict[str, Any] = {"slot": slot, "worker": name, "host": socket.gethostname(), "pid": os.getpid(),
+                            "trials": 0, "error": None}
+    try:
+        info["trials"] = serve(address, secret, payload.value, name, heartbeat_interval,
+                               shared_filesystem=shared_filesystem, ship_limit=ship_limit,
+                               exit_when_driver_gone=False)
+    except (ConnectionError, OSError) as exc:  # the driver is unreachable, or already gone
+        info["error"] = f"{type(exc).__name__}: {exc}"
+    yield info
+
+
+@dataclass
+class _SlotJob:
+    slot: int
+    generation: int
+    thread: threading.Thread | None = None
+    started: float = field(default_factory=time.monotonic)
+    info: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def _spark_error(exc: BaseException) -> str:
+    """The useful part of an error from a Spark job: the Python traceback from the executor."""
+    text = str(exc)
+    at = text.find("PythonException")
+    if at >= 0:
+        text = text[at:]
+    return text[:4000]
+
+
+class Spark(Backend):
+    """Trials on a Spark cluster: one long-lived Spark task per slot, pulling trials from the driver.
+
+    Args:
+        spark: the ``SparkSession`` (or ``SparkContext``) to use. Default: the active session, or
+            one built from the usual Spark configuration (``spark-submit``, ``spark-defaults.conf``).
+        slots: how many trials run at once. Default: what the cluster offers (executors × cores ÷
+            ``spark.task.cpus``; ``N`` for ``local[N]``), capped by the number of trials. Set it
+            with dynamic allocation, where the executors come only once tasks wait.
+        listen_host: the interface the driver listens on for its workers. Default: 127.0.0.1 on a
+            ``local*`` master; else ``spark.driver.bindAddress`` or ``spark.driver.host``. Workers
+            connect to this address, or to ``spark.driver.host`` when it is a wildcard (0.0.0.0).
+        listen_port: the driver's port for its workers (default: any free port); fix it where a
+            firewall or a Kubernetes service must let executors reach the driver.
+        heartbeat_interval: seconds between a worker's heartbeats.
+        heartbeat_timeout: a worker silent this long loses its trial, which is retried elsewhere.
+            Default: 10 heartbeat intervals.
+        max_trial_files_bytes: how much of a trial's files (logs, then files written into
+            ``ctx.trial_dir``, smallest first) an executor ships back to the driver's experiment
+            directory (default 8 MiB; at most 48 MiB). See :mod:`unison.trialfiles`.
+        executor_wait_s: how long to wait for executors to register before counting slots.
+    """
+
+    name = "spark"
+    shared_filesystem = False
+
+    def __init__(
+        self,
+        spark: Any = None,
+        slots: int | None = None,
+        listen_host: str | None = None,
+        listen_port: int = 0,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float | None = None,
+        max_trial_files_bytes: int = SHIP_LIMIT_BYTES,
+        executor_wait_s: float = 60.0,
+    ) -> None:
+        if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+            raise ValueError(f"Spark(slots=...) must be a whole number >= 1, got {slots!r}")
+        if not heartbeat_interval > 0:
+            raise ValueError(f"Spark(heartbeat_interval=...) must be > 0, got {heartbeat_interval!r}")
+        if heartbeat_timeout is not None and not heartbeat_timeout > heartbeat_interval:
+            raise ValueError(f"Spark(heartbeat_timeout=...) must exceed heartbeat_interval, got "
+                             f"{heartbeat_timeout!r}")
+        if not isinstance(listen_port, int) or not 0 <= listen_port < 65536:
+            raise ValueError(f"Spark(listen_port=...) must be a port number (0 for any), got {listen_port!r}")
+        limit = max_trial_files_bytes
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_SHIP_LIMIT_BYTES:
+            raise ValueError(f"Spark(max_trial_files_bytes=...) must be between 0 and "
+                             f"{MAX_SHIP_LIMIT_BYTES}, got {limit!r}")
+        self._spark = spark
+        self.requested_slots = slots
+        self._listen_host = listen_host
+        self.listen_port = listen_port
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.heartbeat_timeout = (
+            float(heartbeat_timeout) if heartbeat_timeout is not None else 10 * self.heartbeat_interval
+        )
+        self.max_trial_files_bytes = max_trial_files_bytes
+        self.executor_wait_s = float(executor_wait_s)
+        self._sc: Any = None
+        self._jobs: dict[int, _SlotJob] = {}
+        self._early: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._log: IO[str] | None = None
+        self._payload: Any = None
+        self.job_group: str | None = None
+
+    # ------------------------------------------------------------------ the cluster
+    @property
+    def spark_context(self) -> Any:
+        """The ``SparkContext`` this backend runs on (found or created on first use)."""
+        if self._sc is None:
+            self._sc = self._find_context()
+        return self._sc
+
+    def _find_context(self) -> Any:
+        try:
+            from pyspark import SparkContext
+            from pyspark.sql import SparkSession
+        except ImportError as exc:
+            raise ImportError("backend='spark' needs pyspark: pip install 'unison[spark]'") from exc
+        spark = self._spark
+        if spark is None:
+            active = SparkContext._active_spark_context
+            if active is not None and getattr(active, "_jsc", None) is not None:
+                return active
+            spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
+        if isinstance(spark, SparkContext):
+            return spark
+        if type(spark).__module__.startswith("pyspark.sql.connect"):
+            raise ValueError(
+                "Spark(spark=...) got a Spark Connect session; unison starts its workers as Spark tasks "
+                "through the RDD API, which needs a classic SparkSession (spark-submit, pyspark, or "
+                "SparkSession.builder.master(...)) on the driver"
+            )
+        sc = getattr(spark, "sparkContext", None)
+        if sc is None:
+            raise TypeError(f"Spark(spark=...) must be a SparkSession or SparkContext, got {spark!r}")
+        return sc
+
+    @property
+    def master(self) -> str:
+        return str(self.spark_context.master)
+
+    def _is_local(self) -> bool:
+        return self.master.startswith("local")
+
+    def _concurrent_tasks(self) -> int:
+        """How many one-CPU tasks the cluster runs at once now: executors × cores ÷ spark.task.cpus."""
+        sc = self.spark_context
+        try:
+            jsc = sc._jsc.sc()
+            return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
+        except Exception:  # noqa: BLE001 - a private JVM method: fall back to the configuration
+            pass
+        conf = sc.getConf()
+        task_cpus = int(conf.get("spark.task.cpus", "1"))
+        if m := _LOCAL_MASTER.match(self.master):
+            threads = m.group(1)
+            cores = 1 if threads is None else (os.cpu_count() or 1) if threads == "*" else int(threads)
+            return cores // task_cpus
+        if m := _LOCAL_CLUSTER.match(self.master):
+            return int(m.group(1)) * int(m.group(2)) // task_cpus
+        executors = max(0, sc._jsc.sc().getExecutorMemoryStatus().size() - 1)  # minus the driver
+        return executors * int(conf.get("spark.executor.cores", "1")) // task_cpus
+
+    def slots(self) -> int:
+        if self.requested_slots is not None:
+            return self.requested_slots
+        deadline = time.monotonic() + self.executor_wait_s
+        while (n := self._concurrent_tasks()) < 1 and time.monotonic() < deadline:
+            time.sleep(0.25)  # executors are still registering with the driver
+        if n < 1:
+            raise WorkerError(
+                f"no Spark executors registered with {self.master} within {self.executor_wait_s:.0f} s "
+                f"(or spark.task.cpus exceeds their cores): check the cluster, or pass "
+                f"unison.Spark(slots=N) (with dynamic allocation executors come only once tasks wait)"
+            )
+        return n
+
+    @property
+    def listen_host(self) -> str:  # type: ignore[override]
+        """The interface the driver binds for its workers."""
+        if self._listen_host is not None:
+            return self._listen_host
+        if self._is_local():
+            return "127.0.0.1"  # executors of local[N] and local-cluster run on this machine
+        conf = self.spark_context.getConf()
+        return conf.get("spark.driver.bindAddress") or conf.get("spark.driver.host") or socket.gethostname()
+
+    def _connect_host(self, bound: str) -> str:
+        """The address executors connect to, given the one the driver bound."""
+        if bound not in _WILDCARDS:
+            return bound
+        return self.spark_context.getConf().get("spark.driver.host") or socket.getfqdn()
+
+    # ------------------------------------------------------------------ the workers
+    def start(self, address: tuple[str, int], secret: bytes, payload_path: Path, log_dir: Path,
+              workers: int) -> None:
+        sc = self.spark_context
+        self._address = (self._connect_host(address[0]), address[1])
+        self._secret = secret
+        experiment = log_dir.parent.name
+        self.job_group = f"unison-{experiment}-{secrets.token_hex(4)}"
+        self._description = f"unison: {experiment}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self._log_path = log_dir / "spark.log"
+        self._log = open(self._log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop()
+        self._stopping = False
+        self._early.clear()  # a backend instance may serve one search after another
+        # One copy per executor, fetched through Spark: never over the driver's socket.
+        self._payload = sc.broadcast(payload_path.read_bytes())
+        self._note(f"master {sc.master}, {workers} slot(s), workers connect to "
+                   f"{self._address[0]}:{self._address[1]}, job group {self.job_group}")
+        for slot in range(workers):
+            self._launch(slot, 0)
+
+    def _note(self, text: str) -> None:
+        if self._log is not None:
+            self._log.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+            self._log.flush()
+
+    def _launch(self, slot: int, generation: int) -> None:
+        from pyspark import InheritableThread
+
+        job = _SlotJob(slot, generation)
+        # An InheritableThread keeps the caller's local properties (a scheduler pool, say).
+        job.thread = InheritableThread(target=self._run_job, args=(job,), name=f"unison-spark-slot-{slot}",
+                                       daemon=True)
+        self._jobs[slot] = job
+        job.thread.start()
+
+    def _run_job(self, job: _SlotJob) -> None:
+        sc = self.spark_context
+        task = functools.partial(_serve_slot, self._address, self._secret, self._payload, job.slot,
+                                 job.generation, self.heartbeat_interval, self.shared_filesystem,
+                                 self.max_trial_files_bytes)
+        try:
+            with self._lock:
+                if self._stopping:
+                    return
+                sc.setJobGroup(self.job_group, f"{self._description}: worker slot {job.slot}",
+                               interruptOnCancel=True)
+            infos = sc.parallelize([job.slot], 1).mapPartitions(task).collect()
+            job.info = infos[0] if infos else None
+        except BaseException as exc:  # noqa: BLE001 - reported by poll()
+            job.error = _spark_error(exc) if not self._stopping else "cancelled"
+
+    def poll(self) -> None:
+        if self._stopping:
+            return
+        now = time.monotonic()
+        for slot, job in list(self._jobs.items()):
+            assert job.thread is not None
+            if job.thread.is_alive():
+                if now - job.started > EARLY_DEATH_S:
+                    self._early[slot] = 0
+                continue
+            error = job.error or (job.info or {}).get("error")
+            self._note(f"slot {slot} job {job.generation} ended after {now - job.started:.1f} s: "
+                       + (f"failed: {error}" if error else f"{job.info}"))
+            unreachable = bool((job.info or {}).get("error"))  # the driver is listening: a real problem
+            if unreachable or (error and now - job.started < EARLY_DEATH_S):
+                self._early[slot] = self._early.get(slot, 0) + 1
+                if self._early[slot] >= MAX_EARLY_DEATHS:
+                    raise WorkerError(self._explain(error))
+            # The slot's worker is gone while the search goes on (its task failed more often than
+            # Spark retries, or its connection was dropped): start a new one in its place.
+            self._launch(slot, job.generation + 1)
+
+    def _explain(self, error: str) -> str:
+        if "PythonException" not in error and ("onnection" in error or "timed out" in error):
+            return (
+                f"Spark tasks on {self.master} could not connect to the driver at "
+                f"{self._address[0]}:{self._address[1]} ({error}). Executors must reach that address: set "
+                f"unison.Spark(listen_host=...) or spark.driver.host to an address they can route to, and "
+                f"open the port (unison.Spark(listen_port=...) fixes it). Details in {self._log_path}"
+            )
+        return (
+            f"Spark tasks that run unison workers keep failing right after they start on {self.master}. "
+            f"Is unison installed on the executors, in the same version as on the driver, for the Python "
+            f"that PYSPARK_PYTHON names (the driver uses {sys.executable})? The last error:\n{error}"
+        )
+
+    def stop(self, force: bool = False) -> None:
+        sc = self._sc
+        jobs = list(self._jobs.values())
+        with self._lock:
+            self._stopping = True
+        if not jobs or sc is None:
+            return
+        if not force:  # workers were told to shut down: their tasks end by themselves, at once
+            deadline = time.monotonic() + 1.0
+            for job in jobs:
+                assert job.thread is not None
+                job.thread.join(max(0.0, deadline - time.monotonic()))
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:  # cancels every slot job still pending or running
+                sc.cancelJobGroup(self.job_group)
+            except Exception:  # noqa: BLE001 - the context may be stopping too
+                self._note(f"cancelJobGroup failed: {traceback.format_exc()}")
+            for job in jobs:
+                assert job.thread is not None
+                job.thread.join(max(0.0, min(0.5, deadline - time.monotonic())))
+            # Again, for a job that was being submitted while the group was cancelled.
+            if not any(job.thread.is_alive() for job in jobs if job.thread is not None):
+                break
+            if time.monotonic() >= deadline:
+                self._note("slot jobs still running 30 s after they were cancelled")
+                break
+        self._wait_until_no_job_runs(deadline)
+        try:
+            self._payload.destroy(blocking=False)
+        except Exception:  # noqa: BLE001
+            pass
+        for job in jobs:
+            self._note(f"slot {job.slot} job {job.generation}: "
+                       + (f"{job.info}" if job.info else f"failed: {job.error}"))
+        self._note("stopped" + (" (cancelled)" if force else ""))
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self._jobs.clear()
+
+    def _wait_until_no_job_runs(self, deadline: float) -> None:
+        """Wait until Spark's status tracker (updated asynchronously) shows no job of ours running."""
+        try:
+            tracker = self.spark_context.statusTracker()
+            while time.monotonic() < deadline:
+                infos = [tracker.getJobInfo(j) for j in tracker.getJobIdsForGroup(self.job_group)]
+                if not [i for i in infos if i is not None and i.status in ("RUNNING", "UNKNOWN")]:
+                    return
+                time.sleep(0.02)
+        except Exception:  # noqa: BLE001 - the context may be stopping too
+            return
+
+    def __repr__(self) -> str:
+        slots = "" if self.requested_slots is None else f", slots={self.requested_slots}"
+        master = self._sc.master if self._sc is not None else "?"
+        return f"Spark(master={master!r}{slots})"
