@@ -8,7 +8,8 @@ once per backend::
 
 which runs the unchanged ``train`` as a single run, as a search with ASHA on ``Local(workers=2)`` and
 as ablations of a Sequential and a Functional model, and writes the experiment paths to
-``OUTDIR/summary.json`` for the test to check.
+``OUTDIR/summary.json`` for the test to check. Its worker processes get the Keras backend only
+through the payload (see the end of this file).
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ def run_all(out: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # Keras has its backend now. The worker processes must learn it from the payload, as Spark
+    # executors (which do not inherit the driver's environment) do: with torch, a worker that did not
+    # would run Keras on its default, tensorflow, and the test sees it in after_fit.json.
+    os.environ.pop("KERAS_BACKEND", None)
     target = Path(sys.argv[1])
     summary = run_all(target)
     (target / "summary.json").write_text(json.dumps(summary))

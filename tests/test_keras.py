@@ -354,14 +354,16 @@ def test_the_same_keras_function_as_single_run_search_and_ablation(backend, tmp_
     # search on two worker processes: every stopped trial stopped at the epoch ASHA chose
     search = unison.SearchResult.load(summary["search"])
     trials = search.trials.set_index("trial_id")
-    assert set(trials["worker"]) <= {"worker-0", "worker-1"} and trials["worker"].nunique() == 2
-    assert set(trials["status"]) == {"completed", "stopped"}, trials[["status", "error"]]
+    table = trials[["lr", "status", "worker", "last_step", "stop_reason", "error"]].to_string()
+    # worker processes ran them (one may have run them all while the other was still importing Keras)
+    assert all(str(w).startswith("worker-") for w in trials["worker"]), table
+    assert set(trials["status"]) == {"completed", "stopped"}, table
     events = read_jsonl(Path(summary["search"]) / "journal.jsonl")
     for tid, row in trials.iterrows():
         folder = trial_dir(summary["search"], tid)
         steps = [r["step"] for r in read_jsonl(folder / "metrics.jsonl")]
         after = json.loads((folder / "after_fit.json").read_text())
-        assert after["backend"] == backend
+        assert after["backend"] == backend  # the workers' environment lacks KERAS_BACKEND: the payload
         assert steps == [e["step"] for e in events if e["e"] == "report" and e["id"] == tid]
         if row["status"] == "stopped":
             chosen = int(re.search(r"\(resource \d+, step (\d+)\)", row["stop_reason"]).group(1))
@@ -371,7 +373,7 @@ def test_the_same_keras_function_as_single_run_search_and_ablation(backend, tmp_
         else:
             assert steps == list(range(ks.EPOCHS)) and after["epochs_trained"] == ks.EPOCHS
     poor = trials[trials["lr"] == 1e-6]
-    assert (poor["status"] == "stopped").sum() >= 1
+    assert (poor["status"] == "stopped").sum() >= 1, table
 
     # ablations: the layer is gone from the model the trial trained
     for key, expected in (("sequential", ["hidden", "dropout", "hidden2", "out"]),

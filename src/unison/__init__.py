@@ -8,8 +8,9 @@ from unison.backends.local import Local
 from unison.backends.spark import Spark
 from unison.context import Context
 from unison.contexts.ablation import Ablation, Ablator, Component, LeaveOneOut
+from unison.contexts.distributed import Distributed
 from unison.contexts.search import Search
-from unison.errors import SearchAborted, TrialStopped, WorkerError
+from unison.errors import RunFailed, SearchAborted, TrialStopped, WorkerError
 from unison.optimizers import GridSearch, Optimizer, OptunaOptimizer, RandomSearch
 from unison.result import AblationResult, Best, RunResult, SearchResult
 from unison.runtime import Reporter
@@ -19,7 +20,8 @@ from unison.space import choice, integer, loguniform, uniform
 __version__ = "0.1.0"
 
 __all__ = [
-    "run", "resume", "Search", "Ablation", "Ablator", "LeaveOneOut", "Component", "AblationResult",
+    "run", "resume", "Search", "Ablation", "Distributed", "RunFailed", "Ablator", "LeaveOneOut", "Component",
+    "AblationResult",
     "uniform", "loguniform", "integer", "choice",
     "Backend", "Inline", "Local", "Spark", "Context", "Reporter",
     "Optimizer", "RandomSearch", "GridSearch", "OptunaOptimizer",

@@ -18,6 +18,7 @@ from unison.backends.inline import Inline
 from unison.backends.local import Local
 from unison.backends.spark import Spark
 from unison.contexts.ablation import Ablation
+from unison.contexts.distributed import Distributed
 from unison.contexts.search import Search
 from unison.injection import build_arguments, check_injectable
 from unison.result import RunResult, SearchResult
@@ -49,7 +50,7 @@ def _versions() -> dict[str, str]:
 
 def run(
     fn: Callable[..., Any],
-    context: Search | Ablation | None = None,
+    context: Search | Ablation | Distributed | None = None,
     *,
     hparams: dict[str, Any] | None = None,
     model: Callable[..., Any] | None = None,
@@ -67,14 +68,17 @@ def run(
         fn: the training function; it asks by parameter name for any of ``hparams``, a
             hyperparameter's name, ``reporter``, ``ctx``, ``model``, ``dataset``, ``model_fn``,
             ``data_fn``, ``callbacks`` (Keras: pass them to ``model.fit``).
-        context: ``None`` for a single run in this process, a :class:`unison.Search` or a
-            :class:`unison.Ablation`.
+        context: ``None`` for a single run in this process, a :class:`unison.Search`, a
+            :class:`unison.Ablation`, or a :class:`unison.Distributed` (one run as N data-parallel
+            processes: returns a :class:`RunResult` with rank 0's metrics, raises
+            :class:`unison.RunFailed` with the failing rank's traceback).
         hparams: the hyperparameters of a single run.
         model: a model generator ``model_fn(hparams) -> model``, injected as ``model``.
         data: a data generator ``data_fn(hparams) -> dataset`` or the dataset itself.
-        backend: where a search runs: ``"local"`` (default: worker processes, one per CPU core),
-            ``"inline"`` (this process, one trial at a time), ``"spark"`` (one long-lived Spark task
-            per slot on the active SparkSession) or a backend instance such as ``unison.Spark(...)``.
+        backend: where a search (or a distributed run) runs: ``"local"`` (default: worker processes,
+            one per CPU core), ``"inline"`` (this process, one trial at a time), ``"spark"`` (one
+            long-lived Spark task per slot on the active SparkSession) or a backend instance such as
+            ``unison.Spark(...)``.
         storage: the folder that holds experiment directories (default ``./unison-runs``).
         name: the experiment's name (default: the function's name).
         metric: for a single run, which entry of a returned dict is ``result.value``.
@@ -101,10 +105,21 @@ def run(
         plan = _search_plan(context)
     elif isinstance(context, Ablation):
         plan = _ablation_plan(context, model, data)
+    elif isinstance(context, Distributed):
+        if metric is not None:
+            raise ValueError("metric= is for a single run; pass unison.Distributed(..., metric=...) instead")
+        from unison.errors import RunFailed, SearchAborted
+
+        plan = _distributed_plan(context)
+        try:
+            searched = _run_search(fn, plan, model, data, backend, storage, name, resume, progress)
+        except SearchAborted as exc:  # e.g. the chief did not return the metric= it names
+            raise RunFailed(f"the distributed run ({context.workers} ranks) failed: {exc}") from None
+        return _distributed_result(searched, context)
     else:
         raise TypeError(
-            f"unison.run: context must be None, a unison.Search or a unison.Ablation, got "
-            f"{type(context).__name__}"
+            f"unison.run: context must be None, a unison.Search, a unison.Ablation or a unison.Distributed, "
+            f"got {type(context).__name__}"
         )
     return _run_search(fn, plan, model, data, backend, storage, name, resume, progress)
 
@@ -206,12 +221,52 @@ class _Plan:
     variants: dict[str, Callable[..., Any]] = field(default_factory=dict)
     hparam_names: list[str] = field(default_factory=list)
     check_names: Callable[[Callable[..., Any], list[str]], None] | None = None
+    dist_options: dict[str, Any] = field(default_factory=dict)  # process_group, timeout_s, strategy
+    require_metric: bool = True  # a trial that does not return the search's metric fails
 
 
 def _search_plan(search: Search) -> _Plan:
     return _Plan("search", search, search.to_dict(),
                  lambda path, rows, status: SearchResult(path, search.metrics, search.modes, rows, status),
                  hparam_names=search.hparam_names)
+
+
+class _DistributedRecord(SearchResult):
+    """The one-trial search behind a distributed run; its ``result.json`` also holds rank 0's metrics."""
+
+    def summary_extra(self) -> dict[str, Any]:
+        row = self._rows[0] if self._rows else {}
+        return {"metrics": row.get("metrics") or {}, "trial_status": row.get("status"),
+                "error": row.get("error")}
+
+
+def _distributed_plan(run: Distributed) -> _Plan:
+    search = run.to_search()
+    def make_result(path: Path, rows: list[dict[str, Any]], status: str) -> SearchResult:
+        return _DistributedRecord(path, search.metrics, search.modes, rows, status)
+
+    return _Plan("distributed", search, run.to_dict(), make_result,
+                 hparam_names=search.hparam_names, dist_options=run.dist_options,
+                 require_metric=run.metric is not None)
+
+
+def _distributed_result(result: SearchResult, run: Distributed) -> RunResult:
+    """What a distributed run returns: rank 0's metrics, like a single run; a failure raises."""
+    from unison.errors import RunFailed
+
+    rows = result.rows
+    row = rows[0] if rows else None
+    if row is None or row["status"] != "completed":
+        why = (row or {}).get("error") or f"the run ended {(row or {}).get('status', result.status)}"
+        raise RunFailed(f"the distributed run ({run.workers} ranks) failed; see {result.path}:\n{why}",
+                        result.path)
+    metrics = dict(row["metrics"])
+    if run.metric is not None:
+        value = metrics[run.metric]
+    else:
+        value = next(iter(metrics.values())) if len(metrics) == 1 else None
+    return RunResult(metrics=metrics, value=value, returned=metrics, path=result.path,
+                     duration=row["duration"])
 
 
 def _ablation_plan(study: Ablation, model: Any, data: Any) -> _Plan:
@@ -334,6 +389,15 @@ def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
 
     search = plan.search
     backend = resolve_backend(backend_spec)
+    k = search.workers_per_trial
+    if k > 1 and backend.in_process:
+        what = "unison.Distributed" if plan.kind == "distributed" else f"Search(workers_per_trial={k})"
+        raise ValueError(f"{what} runs each trial as {k} processes: use backend='local' or 'spark', not "
+                         f"{backend.name!r}")
+    gang_slots = backend.gang_slots(k) if k > 1 else 0  # before anything is written: it may fail
+    if k > 1 and gang_slots < k:
+        raise ValueError(f"a trial of {k} ranks needs {k} worker slots, but {backend!r} has {gang_slots}: "
+                         f"give the backend more workers, or use fewer ranks per trial")
     names = check_injectable(fn, plan.hparam_names, model is not None or bool(plan.variants),
                              data is not None, search.conditional_names)
     if plan.check_names is not None:
@@ -343,7 +407,8 @@ def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
         from unison.payload import dumps_payload
 
         payload = dumps_payload({"fn": fn, "names": names, "metric": search.metrics,
-                                 "model_fn": model, "data": data, "variants": plan.variants})
+                                 "model_fn": model, "data": data, "variants": plan.variants,
+                                 "distributed": k > 1, "require_metric": plan.require_metric})
 
     if resume_path is not None:
         store = ExperimentStore(resume_path)
@@ -370,16 +435,23 @@ def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
     driver = SearchDriver(search, store, seed, plan.trial_spec)
     driver.replay(events)
     remaining = driver.planned - sum(driver.counts.values())
-    workers = max(1, min(backend.slots(), remaining, search.max_concurrent or remaining))
-    # Inline runs one trial at a time but may hold max_concurrent suggestions open (see run_inline).
-    driver.concurrency = search.max_concurrent or workers
+    if k > 1:  # trials of k ranks: floor(slots / k) at once, k workers each
+        at_once = max(1, min(gang_slots // k, remaining, search.max_concurrent or remaining))
+        workers, driver.concurrency = at_once * k, at_once
+    else:
+        workers = max(1, min(backend.slots(), remaining, search.max_concurrent or remaining))
+        # Inline runs one trial at a time but may hold max_concurrent suggestions open (see run_inline).
+        driver.concurrency = search.max_concurrent or workers
     store.write_experiment({**meta, "status": "running", "backend": repr(backend),
                             "workers": workers, "argv": sys.argv})
     store.append({"e": "status", "status": "resumed" if events else "running", "t": time.time()})
 
     show = make_progress(progress, search.metric)
-    show.start(f"unison: {name}: {driver.planned} trials on {backend!r} with {workers} slot(s) "
-               f"-> {store.path}")
+    if plan.kind == "distributed":
+        show.start(f"unison: {name}: distributed run of {k} ranks on {backend!r} -> {store.path}")
+    else:
+        show.start(f"unison: {name}: {driver.planned} trials on {backend!r} with {workers} slot(s)"
+                   + (f", {k} ranks per trial" if k > 1 else "") + f" -> {store.path}")
     status = "failed"
     try:
         if driver.finished:
@@ -390,7 +462,8 @@ def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
         else:
             payload_path = store.path / "payload.bin"
             payload_path.write_bytes(payload)
-            RemoteLoop(driver, backend, payload_path, store.path / "workers", show).run(workers)
+            RemoteLoop(driver, backend, payload_path, store.path / "workers", show, workers_per_trial=k,
+                       dist_options=plan.dist_options, barrier=plan.kind == "distributed").run(workers)
         status = "aborted" if driver.abort_error is not None else "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -408,15 +481,20 @@ def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
             **result.summary_extra(),
         })
         store.close()
-        show.close(driver.summary(), _closing_message(status, result, store.path, driver))
+        show.close(driver.summary(), _closing_message(status, result, store.path, driver, plan.kind))
     if driver.abort_error is not None:
         raise driver.abort_error
     return result
 
 
-def _closing_message(status: str, result: SearchResult, path: Path, driver: Any) -> str:
+def _closing_message(status: str, result: SearchResult, path: Path, driver: Any, kind: str = "search") -> str:
     from unison.result import AblationResult
 
+    if kind == "distributed" and status == "completed":
+        row = result.rows[0] if result.rows else {}
+        if row.get("status") != "completed":
+            return f"the run {row.get('status', 'did not end')}: see {path / 'trials' / '0000'}"
+        return f"completed: {row.get('metrics')}"
     if isinstance(result, AblationResult):
         if status == "interrupted":
             return (f"interrupted: resume it with unison.run(train, ablation, model=..., data=..., "

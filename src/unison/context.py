@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,10 @@ class Context:
     Attributes:
         trial_id: the trial's number in its experiment (0 for a single run).
         trial_dir: a private folder for this trial's files; they are kept in the experiment.
-        rank, world_size, local_rank: the process's place in a distributed run (0, 1, 0 otherwise).
-        device: ``"cuda"`` when torch is loaded and sees a GPU, else ``"cpu"``.
+        rank, world_size, local_rank: the process's place in a distributed run (0, 1, 0 otherwise);
+            ``local_rank`` counts the ranks on the same host.
+        device: ``"cuda"`` when torch is loaded and sees a GPU, else ``"cpu"``; in a distributed run
+            this rank's device (``"cuda:<local_rank>"`` or ``"cpu"``).
         seed: a per-trial seed the function may use for its own randomness.
         attempt: 0 the first time a trial runs, 1.. when it is re-run after its worker died.
     """
@@ -36,6 +38,7 @@ class Context:
     device: str = "cpu"
     seed: int | None = None
     attempt: int = 0
+    _session: Any = field(default=None, repr=False, compare=False)
 
     @property
     def is_chief(self) -> bool:
@@ -45,10 +48,28 @@ class Context:
     def prepare(self, obj: Any) -> Any:
         """Make ``obj`` (a model, DataLoader or optimizer) ready for this context.
 
-        Outside distributed training this returns ``obj`` unchanged.
+        In distributed training a ``torch.nn.Module`` is moved to ``device`` and wrapped in
+        ``DistributedDataParallel`` (sharded with FSDP for ``strategy="fsdp"``; an already wrapped
+        model is returned as is), a ``DataLoader`` is re-created with a ``DistributedSampler`` over
+        this rank's part of its dataset (shuffled if the loader shuffled; its epoch advances each
+        time the loader is iterated again), and an optimizer is returned unchanged (DDP averages the
+        gradients during ``backward``). Outside distributed training this returns ``obj`` unchanged.
         """
-        return obj
+        if self._session is None:
+            return obj
+        return self._session.prepare(obj)
 
-    def shard(self, data: Any) -> Any:
-        """This process's disjoint part of ``data``; the whole of it outside distributed training."""
-        return data
+    def shard(self, data: Any, even: bool = False) -> Any:
+        """This process's disjoint part of ``data``; the whole of it outside distributed training.
+
+        Splits a pandas DataFrame/Series, a NumPy array or torch tensor (first axis), a dict or tuple
+        of those, a list, or a map-style torch ``Dataset`` (as a ``Subset``) into ``world_size``
+        contiguous blocks whose union is ``data`` and whose sizes differ by at most one. With
+        ``even=True`` every rank gets ``len(data) // world_size`` rows (the remainder is left out),
+        so that loops over batches take the same number of steps on every rank, as DDP requires.
+        """
+        if self.world_size == 1:
+            return data
+        from unison.dist import shard
+
+        return shard(data, self.rank, self.world_size, even)

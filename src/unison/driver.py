@@ -151,15 +151,16 @@ class SearchDriver:
         return not more and not self.pending and self.running == 0
 
     def start(self, trial: TrialState, worker: str, host: str | None = None,
-              pid: int | None = None) -> dict[str, Any]:
+              pid: int | None = None, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Record that ``trial`` starts on ``worker`` (process ``pid`` on ``host``); return the
-        message that describes it."""
+        message that describes it. A distributed trial names its ranks' workers, hosts and pids in
+        ``ranks`` (``worker``, ``host``, ``pid`` are then rank 0's, the workers joined by commas)."""
         trial.status, trial.worker, trial.host, trial.pid = "running", worker, host, pid
         self.running += 1
         self.store.append(
             {"e": "start", "id": trial.trial_id, "hparams": trial.hparams, "attempt": trial.attempt,
              "worker": worker, "host": host, "pid": pid, "t": time.time(),
-             **({"spec": trial.spec} if trial.spec else {})}
+             **({"spec": trial.spec} if trial.spec else {}), **({"ranks": ranks} if ranks else {})}
         )
         return {
             "trial_id": trial.trial_id,

@@ -17,3 +17,13 @@ class SearchAborted(RuntimeError):
 
 class WorkerError(RuntimeError):
     """A worker could not start or load the training function."""
+
+
+class RunFailed(RuntimeError):
+    """A distributed run (``unison.Distributed``) failed: the message names the rank that failed
+    first and holds its traceback; ``path`` is the experiment directory (every rank's logs are in
+    ``trials/0000/``, rank ``r``'s in ``trials/0000/rank-<r>/``)."""
+
+    def __init__(self, message: str, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path

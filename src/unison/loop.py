@@ -1,4 +1,13 @@
-"""The experiment loops: feed a :class:`SearchDriver` trials from in-process calls or from workers."""
+"""The experiment loops: feed a :class:`SearchDriver` trials from in-process calls or from workers.
+
+Distributed trials (``workers_per_trial`` = k > 1) are dispatched as gangs: a trial starts once k
+workers are idle; each gets the trial message plus ``dist`` (its rank, the group's size, its local
+rank among the gang's workers on its host, rank 0's address and free port for the rendezvous, the
+process-group options). Only rank 0 reports. The trial ends when every rank has sent its outcome,
+or at once when one rank fails (its ``rank_failed`` notice, its outcome, or its connection lost):
+the ranks still running are then told to ``abort`` (they end their processes; the backend replaces
+them).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +16,7 @@ import queue
 import socket
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +29,7 @@ from unison.runtime import TrialRunner
 from unison.server import Event, Peer, Server
 
 TICK_S = 0.1
+LINGER_S = 3.0  # after the last trial: how long to wait for ranks still sending their logs
 
 
 def run_inline(driver: SearchDriver, runner: TrialRunner, progress: Any) -> None:
@@ -43,21 +54,47 @@ def run_inline(driver: SearchDriver, runner: TrialRunner, progress: Any) -> None
         progress.update(driver.summary())
 
 
+@dataclass
+class _Gang:
+    """The workers running one distributed trial, by rank, and the outcomes they sent."""
+
+    trial_id: int
+    members: list[Peer]
+    outcomes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    ended: bool = False
+
+    def rank_of(self, peer: Peer) -> int:
+        return next(i for i, member in enumerate(self.members) if member is peer)
+
+
 class RemoteLoop:
     """Serves trials to workers started by a backend, one event at a time."""
 
     def __init__(self, driver: SearchDriver, backend: Backend, payload_path: Path, log_dir: Path,
-                 progress: Any) -> None:
+                 progress: Any, workers_per_trial: int = 1, dist_options: dict[str, Any] | None = None,
+                 barrier: bool = False) -> None:
+        """``workers_per_trial`` > 1 runs every trial as that many ranks (``dist_options``: the
+        process group's ``process_group``, ``timeout_s``, ``strategy``); ``barrier`` asks the backend
+        to start all workers at once as one gang (Spark: a barrier stage)."""
         self.driver, self.backend, self.progress = driver, backend, progress
         self.payload_path, self.log_dir = payload_path, log_dir
         self.waiting: deque[Peer] = deque()
         self.peers: dict[int, Peer] = {}
+        self.k = workers_per_trial
+        self.dist_options = dict(dist_options or {})
+        self.barrier = barrier
+        self.gangs: dict[int, _Gang] = {}
+        self.aborting: set[int] = set()  # aborted peers whose saved files (or end) may still come
 
     def run(self, workers: int) -> None:
         server = Server(new_secret(), host=self.backend.listen_host, port=self.backend.listen_port)
         self.server = server
         try:
-            self.backend.start(server.address, server.secret, self.payload_path, self.log_dir, workers)
+            if self.barrier:
+                self.backend.start(server.address, server.secret, self.payload_path, self.log_dir, workers,
+                                   barrier=True)
+            else:
+                self.backend.start(server.address, server.secret, self.payload_path, self.log_dir, workers)
             next_tick = 0.0
             while not self.driver.finished:
                 try:
@@ -72,6 +109,7 @@ class RemoteLoop:
                     self._check_heartbeats(now)
                     self.backend.poll()
                     self.progress.update(self.driver.summary())
+            self._linger(server)
         finally:
             for peer in list(self.peers.values()):
                 try:
@@ -86,11 +124,23 @@ class RemoteLoop:
     # ------------------------------------------------------------------ events
     def _handle(self, event: Event) -> None:
         peer, driver = event.peer, self.driver
+        if peer.aborted:  # told to end itself: only the files it saves still matter
+            if event.kind == "closed":
+                self.peers.pop(peer.peer_id, None)
+                self.aborting.discard(peer.peer_id)
+            elif (event.message or {}).get("t") == "files":
+                self._write_files(event.message["trial_id"], event.message.get("files") or {})
+                self.aborting.discard(peer.peer_id)
+            return
         if event.kind == "closed":
             self.peers.pop(peer.peer_id, None)
             if peer in self.waiting:
                 self.waiting.remove(peer)
-            if peer.trial_id is not None:
+            gang = self.gangs.get(peer.trial_id) if peer.trial_id is not None else None
+            if gang is not None:
+                self._rank_lost(gang, peer)
+                self._dispatch_waiting()
+            elif peer.trial_id is not None:
                 driver.lose(peer.trial_id,
                             f"worker {peer.name} died or lost its connection while running the trial")
                 peer.trial_id = None
@@ -99,13 +149,33 @@ class RemoteLoop:
         message = event.message or {}
         kind = message.get("t")
         if kind == "ready":
+            if "port" in message:
+                peer.endpoint = {"address": message.get("address"), "port": message["port"],
+                                 "gpus": message.get("gpus", 0)}
             if "result" in message and peer.trial_id is not None:
-                self._finish(peer, message["result"])
+                gang = self.gangs.get(peer.trial_id)
+                if gang is not None:
+                    self._rank_finished(gang, peer, message["result"])
+                else:
+                    self._finish(peer, message["result"])
             self._dispatch(peer)
             self._dispatch_waiting()
         elif kind == "report":
-            stop = driver.report(message["trial_id"], message["step"], message["metrics"])
+            trial = driver.trials.get(message["trial_id"])
+            if trial is None or trial.status != "running":  # e.g. another rank failed meanwhile
+                stop = "the trial already ended"
+            else:
+                stop = driver.report(message["trial_id"], message["step"], message["metrics"])
             self._send(peer, {"t": "decision", "stop": stop})
+        elif kind == "rank_failed":
+            gang = self.gangs.get(peer.trial_id) if peer.trial_id is not None else None
+            if gang is not None and not gang.ended and message.get("trial_id") == gang.trial_id:
+                rank = gang.rank_of(peer)
+                self._end_gang(gang, {"trial_id": gang.trial_id, "status": "failed",
+                                      "error": self._rank_error(gang, rank, message.get("error"))},
+                               spare=peer)
+        elif kind == "files":
+            self._write_files(message["trial_id"], message.get("files") or {})
         elif kind == "hello":
             peer.info = message
             self.peers[peer.peer_id] = peer
@@ -118,14 +188,145 @@ class RemoteLoop:
         that do not share the driver's disk send a trial's logs and small files in its result)."""
         files = outcome.pop("files", None)
         if files:
-            try:
-                trialfiles.write(self.driver.store.trial_dir(peer.trial_id), files)
-            except (OSError, ValueError) as exc:
-                outcome.setdefault("files_skipped", []).append(f"writing the shipped files failed: {exc}")
+            problem = self._write_files(peer.trial_id, files)
+            if problem:
+                outcome.setdefault("files_skipped", []).append(problem)
         self.driver.finish(outcome)
         peer.trial_id = None
 
+    def _write_files(self, trial_id: int, files: dict[str, bytes]) -> str | None:
+        try:
+            trialfiles.write(self.driver.store.trial_dir(trial_id), files)
+        except (OSError, ValueError) as exc:
+            return f"writing the shipped files failed: {exc}"
+        return None
+
+    # ------------------------------------------------------------- distributed trials
+    def _dispatch_gangs(self) -> None:
+        """Start distributed trials while ``k`` workers are idle."""
+        driver = self.driver
+        while len(self.waiting) >= self.k and driver.can_start() and not driver.finished:
+            trial = driver.next_trial()
+            if trial is None:
+                break
+            members = [self.waiting.popleft() for _ in range(self.k)]
+            # Ranks on one host get consecutive numbers (local ranks 0, 1, ...), rank 0's host first.
+            hosts = list(dict.fromkeys(str(m.info.get("host")) for m in members))
+            members.sort(key=lambda m: (hosts.index(str(m.info.get("host"))), m.peer_id))
+            self._start_gang(trial, members)
+        if driver.finished:
+            while self.waiting:
+                self._send(self.waiting.popleft(), {"t": "shutdown"})
+
+    def _start_gang(self, trial: Any, members: list[Peer]) -> None:
+        gang = _Gang(trial.trial_id, members)
+        self.gangs[trial.trial_id] = gang
+        ranks = [{"worker": m.name, "host": m.info.get("host"), "pid": m.info.get("pid")} for m in members]
+        chief = members[0]
+        message = self.driver.start(trial, ",".join(m.name for m in members), chief.info.get("host"),
+                                    chief.info.get("pid"), ranks=ranks)
+        backend = self.dist_options.get("process_group") or (
+            "nccl" if all(m.endpoint.get("gpus") for m in members) else "gloo")
+        hosts = [m.info.get("host") for m in members]
+        for rank, member in enumerate(members):
+            member.trial_id = trial.trial_id
+            dist = {
+                "rank": rank, "world_size": len(members),
+                "local_rank": hosts[:rank].count(hosts[rank]), "local_world_size": hosts.count(hosts[rank]),
+                "master_addr": chief.endpoint.get("address"), "master_port": chief.endpoint.get("port"),
+                "address": member.endpoint.get("address"), "backend": backend,
+                "timeout_s": self.dist_options.get("timeout_s"),
+                "strategy": self.dist_options.get("strategy"),
+            }
+            self._send(member, {"t": "trial", **message, "dist": dist})
+
+    def _rank_error(self, gang: _Gang, rank: int, error: Any) -> str:
+        member = gang.members[rank]
+        where = f"{member.name} on {member.info.get('host')}, pid {member.info.get('pid')}"
+        return f"rank {rank} of {len(gang.members)} ({where}) failed:\n{error}"
+
+    def _rank_finished(self, gang: _Gang, peer: Peer, outcome: dict[str, Any]) -> None:
+        """One rank's outcome: a failure ends the trial at once; otherwise it ends with rank 0's
+        outcome once every rank has sent one."""
+        rank = gang.rank_of(peer)
+        files = outcome.pop("files", None)
+        problem = self._write_files(gang.trial_id, files) if files else None
+        if problem:
+            outcome.setdefault("files_skipped", []).append(problem)
+        gang.outcomes[rank] = outcome
+        peer.trial_id = None
+        if not gang.ended:
+            if outcome.get("status") == "failed":
+                failed = {**outcome, "error": self._rank_error(gang, rank, outcome.get("error"))}
+                if rank != 0:
+                    failed["metrics"] = (gang.outcomes.get(0) or {}).get("metrics") or {}
+                    failed.pop("error_kind", None)
+                self._end_gang(gang, failed)
+            elif len(gang.outcomes) == len(gang.members):
+                chief = dict(gang.outcomes[0])
+                skipped = [s for o in gang.outcomes.values() for s in o.get("files_skipped") or ()]
+                if skipped:
+                    chief["files_skipped"] = skipped
+                self._end_gang(gang, chief)
+        self._forget_if_done(gang)
+
+    def _rank_lost(self, gang: _Gang, peer: Peer) -> None:
+        """A rank's worker died or went silent: the trial is lost (retried or failed), the others abort."""
+        rank = gang.rank_of(peer)
+        peer.trial_id = None
+        gang.outcomes[rank] = {"status": "lost"}
+        if not gang.ended:
+            gang.ended = True
+            self.driver.lose(gang.trial_id, f"rank {rank} of {len(gang.members)} ({peer.name}) died or lost "
+                                            f"its connection while running the trial")
+            self._abort_others(gang, f"rank {rank} died")
+        self._forget_if_done(gang)
+
+    def _end_gang(self, gang: _Gang, outcome: dict[str, Any], spare: Peer | None = None) -> None:
+        """Record the trial's outcome; abort the ranks still running (except ``spare``, which failed and
+        sends its own outcome once it has cleaned up)."""
+        gang.ended = True
+        self.driver.finish(outcome)
+        error = str(outcome.get("error") or "another rank failed")
+        reason = "the trial ended" if outcome.get("status") != "failed" else error.splitlines()[0]
+        self._abort_others(gang, reason, spare)
+        self._dispatch_waiting()
+
+    def _abort_others(self, gang: _Gang, reason: str, spare: Peer | None = None) -> None:
+        for rank, member in enumerate(gang.members):
+            if rank in gang.outcomes or member is spare or member.trial_id != gang.trial_id:
+                continue
+            gang.outcomes[rank] = {"status": "aborted"}
+            member.trial_id = None
+            member.aborted = True
+            self.aborting.add(member.peer_id)
+            if member in self.waiting:
+                self.waiting.remove(member)
+            self._send(member, {"t": "abort", "trial_id": gang.trial_id, "reason": reason})
+            self.backend.worker_aborted(member.info)
+
+    def _linger(self, server: Server) -> None:
+        """The experiment is over, but ranks of a failed trial may still be sending what they logged
+        (the failed rank's outcome, an aborted rank's files): take those for up to LINGER_S."""
+        deadline = time.monotonic() + LINGER_S
+        while (self.gangs or self.aborting) and time.monotonic() < deadline:
+            try:
+                event = server.events.get(timeout=TICK_S)
+            except queue.Empty:
+                continue
+            self._handle(event)
+
+    def _forget_if_done(self, gang: _Gang) -> None:
+        if gang.ended and len(gang.outcomes) == len(gang.members):
+            self.gangs.pop(gang.trial_id, None)
+
     def _dispatch(self, peer: Peer) -> None:
+        if self.k > 1:
+            if self.driver.finished:
+                self._send(peer, {"t": "shutdown"})
+            elif peer not in self.waiting:
+                self.waiting.append(peer)
+            return
         trial = self.driver.next_trial()
         if trial is not None:
             peer.trial_id = trial.trial_id
@@ -138,6 +339,9 @@ class RemoteLoop:
             self.waiting.append(peer)
 
     def _dispatch_waiting(self) -> None:
+        if self.k > 1:
+            self._dispatch_gangs()
+            return
         while self.waiting and self.driver.can_start() and not self.driver.finished:
             peer = self.waiting.popleft()
             self._dispatch(peer)

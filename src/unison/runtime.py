@@ -20,6 +20,7 @@ from typing import Any
 
 from unison.ablate import component_generators
 from unison.context import Context, _default_device
+from unison.dist import session_for
 from unison.errors import TrialStopped
 from unison.injection import build_arguments, once, takes_no_arguments
 
@@ -162,8 +163,12 @@ class TrialRunner:
         data: Any = None,
         capture_output: bool = True,
         variants: dict[str, Callable[..., Any]] | None = None,
+        require_metric: bool = True,
     ) -> None:
+        """``require_metric=False``: a returned dict without ``metric`` still completes (a distributed
+        run without ``metric=`` returns whatever it likes, as a single run does)."""
         self.fn, self.names = fn, names
+        self.require_metric = require_metric
         self.metrics = [metric] if isinstance(metric, str) else list(metric)
         self.model_fn = model_fn
         # A data generator that takes no hyperparameters gives the same data to every trial: load it
@@ -173,8 +178,14 @@ class TrialRunner:
         self.variants = variants or {}
         self.device = _default_device()
 
-    def run(self, trial: dict[str, Any], decide: Decide | None) -> dict[str, Any]:
-        """Run one trial described by ``trial`` (``trial_id``, ``hparams``, ``trial_dir``, ...)."""
+    def run(self, trial: dict[str, Any], decide: Decide | None,
+            notify: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Run one trial described by ``trial`` (``trial_id``, ``hparams``, ``trial_dir``, ...).
+
+        A rank of a distributed trial (``trial["dist"]``, see :mod:`unison.dist`) runs inside its
+        process group, logs into ``rank-<r>/`` unless it is rank 0, and calls ``notify(traceback)``
+        as soon as its function raises."""
+        session = session_for(trial, notify)
         trial_dir = Path(trial["trial_dir"])
         trial_dir.mkdir(parents=True, exist_ok=True)
         ctx = Context(
@@ -184,19 +195,25 @@ class TrialRunner:
             seed=trial.get("seed"),
             attempt=trial.get("attempt", 0),
         )
-        metrics_log = _LazyLog(trial_dir / "metrics.jsonl")
+        log_dir = trial_dir
+        if session is not None:
+            session.bind(ctx)
+            log_dir, decide = session.log_dir(trial_dir), session.decide(decide)
+        metrics_log = _LazyLog(log_dir / "metrics.jsonl")
         reporter = Reporter(decide, metrics_log)
         outcome: dict[str, Any] = {"trial_id": trial["trial_id"], "error": None}
         saved = sys.stdout, sys.stderr
         out = err = None
         if self.capture_output:
-            out, err = _LazyLog(trial_dir / "stdout.log"), _LazyLog(trial_dir / "stderr.log")
+            out, err = _LazyLog(log_dir / "stdout.log"), _LazyLog(log_dir / "stderr.log")
             sys.stdout, sys.stderr = out, err
         start = time.perf_counter()
         try:
             model_fn, data = component_generators(trial.get("component"), self.model_fn, self.data,
                                                   self.variants)
-            with _framework_scope():
+            with _framework_scope(), session or contextlib.nullcontext():
+                if session is not None:
+                    model_fn = session.wrap_model_fn(model_fn)
                 kwargs = build_arguments(self.names, trial["hparams"], reporter, ctx, model_fn, data)
                 returned = self.fn(**kwargs)
         except TrialStopped as stop:
@@ -217,8 +234,10 @@ class TrialRunner:
                 outcome["status"] = "stopped"
                 outcome["metrics"] = reporter.last_metrics
                 outcome["stop_reason"] = reporter.stop_reason
-            else:
+            elif ctx.is_chief:  # the chief's return value is the result; other ranks' are not judged
                 outcome.update(self._judge(returned))
+            else:
+                outcome["status"] = "completed"
         finally:
             outcome["duration"] = time.perf_counter() - start
             metrics_log.close()
@@ -237,7 +256,7 @@ class TrialRunner:
         if metrics is None:
             return {"status": "failed", "error": problem}
         missing = [m for m in self.metrics if m not in metrics]
-        if missing:
+        if missing and self.require_metric:
             return {
                 "status": "failed",
                 "error_kind": "missing_metric",

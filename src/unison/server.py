@@ -26,6 +26,8 @@ class Peer:
     last_seen: float = 0.0
     trial_id: int | None = None
     waiting: bool = False
+    endpoint: dict[str, Any] = field(default_factory=dict)  # distributed: address, port, gpus
+    aborted: bool = False  # told to end itself: its trial is no longer its own
 
     @property
     def name(self) -> str:

@@ -3,11 +3,18 @@
 The same loop runs in a local worker process and inside a Spark task. Run as a process with
 ``python -m unison.worker``; the driver passes its address, the secret and the payload location in
 the environment (never on the command line, which other users can read).
+
+One thread reads the driver's messages and queues them for the main thread, which runs trials: so
+the worker hears the driver while the function runs. The reader handles ``abort`` itself (another
+rank of this worker's distributed trial failed, and this rank may be stuck in a collective that
+would only time out): it flushes the trial's logs (ships them, without the driver's disk) and ends
+the process at once with :data:`ABORT_EXIT`; the backend starts a new worker in its place.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import socket
 import sys
@@ -25,6 +32,7 @@ ENV_SECRET = "UNISON_SECRET"
 ENV_PAYLOAD = "UNISON_PAYLOAD"
 ENV_WORKER = "UNISON_WORKER"
 ENV_HEARTBEAT = "UNISON_HEARTBEAT"
+ABORT_EXIT = 75  # the exit status of a worker the driver aborted (not a crash: backends replace it)
 
 
 def _heartbeat(conn: Connection, interval: float, stop: threading.Event, exit_process: bool) -> None:
@@ -36,6 +44,51 @@ def _heartbeat(conn: Connection, interval: float, stop: threading.Event, exit_pr
                 os._exit(3)  # the driver is gone: nobody will collect this worker's results
             conn.close()  # the serving loop ends when the trial under way returns
             return
+
+
+def _read(conn: Connection, inbox: queue.Queue[dict[str, Any]], current: dict[str, Any],
+          shared_filesystem: bool, ship_limit: int | None) -> None:
+    """The reader thread: queue the driver's messages; act on ``abort`` at once."""
+    try:
+        while True:
+            message = conn.recv()
+            if message.get("t") == "abort":
+                _abort(conn, message, current, shared_filesystem, ship_limit)
+            inbox.put(message)
+    except Exception:  # noqa: BLE001 - any broken stream: the main thread sees the driver is gone
+        inbox.put({"t": "_closed"})
+
+
+def _abort(conn: Connection, message: dict[str, Any], current: dict[str, Any], shared_filesystem: bool,
+           ship_limit: int | None) -> None:
+    """End this process now, after saving what the trial under way logged."""
+    try:
+        trial_id = current.get("trial_id")
+        if trial_id is not None:
+            print(f"\nunison: this rank was aborted by the driver: {message.get('reason', '')}",
+                  file=sys.stderr)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        local_dir = current.get("local_dir")
+        if trial_id is not None and not shared_filesystem and local_dir:
+            from unison import trialfiles
+
+            files, _ = trialfiles.collect(
+                Path(local_dir), trialfiles.SHIP_LIMIT_BYTES if ship_limit is None else ship_limit)
+            conn.send({"t": "files", "trial_id": trial_id, "files": files})
+            shutil.rmtree(local_dir, ignore_errors=True)
+    finally:
+        os._exit(ABORT_EXIT)
+
+
+def _next(inbox: queue.Queue[dict[str, Any]]) -> dict[str, Any]:
+    message = inbox.get()
+    if message.get("t") == "_closed":
+        raise ConnectionError("the driver closed the connection")
+    return message
 
 
 def serve(
@@ -64,12 +117,17 @@ def serve(
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(conn, heartbeat_interval, stop, exit_when_driver_gone),
                      daemon=True).start()
+    inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+    current: dict[str, Any] = {}
+    threading.Thread(target=_read, args=(conn, inbox, current, shared_filesystem, ship_limit),
+                     name="unison-reader", daemon=True).start()
     try:
         parts = loads_payload(payload)
         runner = TrialRunner(
             parts["fn"], parts["names"], parts["metric"], parts.get("model_fn"), parts.get("data"),
-            variants=parts.get("variants"),
+            variants=parts.get("variants"), require_metric=parts.get("require_metric", True),
         )
+        endpoint = _Endpoint(conn) if parts.get("distributed") else None
     except Exception:  # noqa: BLE001 - the driver must learn why this worker cannot work
         conn.send({"t": "fatal", "error": traceback.format_exc()})
         conn.close()
@@ -78,28 +136,40 @@ def serve(
     message: dict[str, Any] = {"t": "ready"}
     try:
         while True:
+            if endpoint is not None:  # where this worker would host a process group as rank 0
+                message.update(endpoint.describe())
             conn.send(message)
-            request = conn.recv()
+            request = _next(inbox)
             if request["t"] != "trial":
                 break
             trial_id = request["trial_id"]
 
             def decide(step: int, metrics: dict[str, float], _id: int = trial_id) -> str | None:
                 conn.send({"t": "report", "trial_id": _id, "step": step, "metrics": metrics})
-                return conn.recv()["stop"]
+                reply = _next(inbox)
+                if reply.get("t") != "decision":
+                    raise ConnectionError(f"expected the driver's decision, got a {reply.get('t')!r} message")
+                return reply["stop"]
 
+            def notify(error: str, _id: int = trial_id) -> None:
+                conn.send({"t": "rank_failed", "trial_id": _id, "error": error})
+
+            current.update(trial_id=trial_id, local_dir=None)
             if shared_filesystem:
-                result = runner.run(request, decide)
+                result = runner.run(request, decide, notify)
             else:
                 local_dir = tempfile.mkdtemp(prefix=f"unison-trial-{trial_id}-")
+                current["local_dir"] = local_dir
                 try:
-                    result = runner.run({**request, "trial_dir": local_dir}, decide)
+                    result = runner.run({**request, "trial_dir": local_dir}, decide, notify)
                     result["files"], skipped = trialfiles.collect(
                         Path(local_dir), trialfiles.SHIP_LIMIT_BYTES if ship_limit is None else ship_limit)
                     if skipped:
                         result["files_skipped"] = skipped
                 finally:
+                    current["local_dir"] = None
                     shutil.rmtree(local_dir, ignore_errors=True)
+            current["trial_id"] = None
             message = {"t": "ready", "result": result}
             done += 1
     except (ConnectionError, OSError):
@@ -108,6 +178,23 @@ def serve(
         stop.set()
         conn.close()
     return done
+
+
+class _Endpoint:
+    """What a worker of a distributed experiment tells the driver in each ``ready``: the address its
+    peers reach it at (the one its connection to the driver uses: 127.0.0.1 for local workers, the
+    executor's interface on Spark), a port free right now for a rendezvous it may host, and its GPUs."""
+
+    def __init__(self, conn: Connection) -> None:
+        from unison.dist import gpu_count
+
+        self.address = str(conn.sock.getsockname()[0])
+        self.gpus = gpu_count()
+
+    def describe(self) -> dict[str, Any]:
+        from unison.dist import free_port
+
+        return {"address": self.address, "port": free_port(self.address), "gpus": self.gpus}
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class Backend:
@@ -27,10 +28,23 @@ class Backend:
         """How many trials can run at once."""
         raise NotImplementedError
 
+    def gang_slots(self, k: int) -> int:
+        """How many worker slots exist for trials of ``k`` ranks each (a backend may wait, up to a
+        limit, until ``k`` exist, or offer ``k`` where its default would be fewer)."""
+        return self.slots()
+
     def start(self, address: tuple[str, int], secret: bytes, payload_path: Path, log_dir: Path,
-              workers: int) -> None:
-        """Start ``workers`` workers that connect to ``address`` and load ``payload_path``."""
+              workers: int, barrier: bool = False) -> None:
+        """Start ``workers`` workers that connect to ``address`` and load ``payload_path``.
+
+        ``barrier``: the workers are the ranks of one distributed run and must all run at once
+        (Spark starts them as one barrier stage); a backend whose workers all start anyway ignores it.
+        """
         raise NotImplementedError
+
+    def worker_aborted(self, info: dict[str, Any]) -> None:
+        """The driver told the worker described by ``info`` (its hello) to end its process: its exit
+        is expected, not a sign that workers cannot start."""
 
     def poll(self) -> None:
         """Called regularly while the experiment runs: replace lost workers, raise if none can start."""

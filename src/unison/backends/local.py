@@ -14,7 +14,7 @@ from typing import IO
 
 from unison.backends.base import Backend
 from unison.errors import WorkerError
-from unison.worker import ENV_ADDRESS, ENV_HEARTBEAT, ENV_PAYLOAD, ENV_SECRET, ENV_WORKER
+from unison.worker import ABORT_EXIT, ENV_ADDRESS, ENV_HEARTBEAT, ENV_PAYLOAD, ENV_SECRET, ENV_WORKER
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 _LIVE: weakref.WeakSet[Local] = weakref.WeakSet()
@@ -30,7 +30,9 @@ class Local(Backend):
     """Worker processes on this machine.
 
     Args:
-        workers: how many worker processes (trials at once). Default: one per CPU core.
+        workers: how many worker processes (trials at once; a distributed trial takes
+            ``workers_per_trial`` of them). Default: one per CPU core, and at least the ranks of one
+            distributed trial.
         heartbeat_interval: seconds between a worker's heartbeats.
         heartbeat_timeout: a worker silent this long loses its trial, which is retried elsewhere.
             Default: 10 heartbeat intervals.
@@ -62,8 +64,12 @@ class Local(Backend):
     def slots(self) -> int:
         return self.workers or os.cpu_count() or 1
 
+    def gang_slots(self, k: int) -> int:
+        # Without workers= a distributed trial gets its k processes even on fewer cores.
+        return self.workers or max(os.cpu_count() or 1, k)
+
     def start(self, address: tuple[str, int], secret: bytes, payload_path: Path, log_dir: Path,
-              workers: int) -> None:
+              workers: int, barrier: bool = False) -> None:
         self._env = dict(os.environ)
         self._env.update({
             ENV_ADDRESS: f"{address[0]}:{address[1]}",
@@ -109,7 +115,8 @@ class Local(Backend):
             del self._procs[name]
             self._logs.pop(name).close()
             lived = time.monotonic() - proc.started_at  # type: ignore[attr-defined]
-            self._early_deaths = self._early_deaths + 1 if lived < 5.0 and code != 0 else 0
+            # An aborted worker (another rank of its trial failed) did not fail to start.
+            self._early_deaths = self._early_deaths + 1 if lived < 5.0 and code not in (0, ABORT_EXIT) else 0
             if self._early_deaths >= 3:
                 log = (self._log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
                 raise WorkerError(

@@ -7,6 +7,11 @@ relaunches (a retry, a lost executor) is simply a new worker and never re-runs a
 trial whose worker died is retried by the driver on another slot. The training function travels
 once, as a Spark broadcast; the experiment secret travels in the task closure; neither crosses the
 driver's socket. pyspark is imported only when a Spark backend is used.
+
+A distributed run (``unison.Distributed``) is one barrier stage instead: its ``workers`` tasks are
+scheduled together or not at all (Spark's gang scheduling), each running the same worker loop; the
+driver makes them the ranks of its one trial. A search with ``workers_per_trial=k`` keeps the
+per-slot jobs and the driver groups k idle slots into each trial (see the README).
 """
 
 from __future__ import annotations
@@ -35,18 +40,21 @@ _LOCAL_MASTER = re.compile(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?$")
 _LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]$")
 
 
-def _serve_slot(address: tuple[str, int], secret: bytes, payload: Any, slot: int, generation: int,
+def _serve_slot(address: tuple[str, int], secret: bytes, payload: Any, slot: int | None, generation: int,
                 heartbeat_interval: float, shared_filesystem: bool, ship_limit: int, _partition: Any) -> Any:
     """The body of a slot's Spark task (runs on an executor): serve trials, then report how it went.
 
     It returns normally when the driver says shut down, hangs up or cannot be reached, so that Spark
     never retries it; an exception here is a broken executor, which Spark retries as usual.
+    ``slot=None``: a task of a barrier stage, named after its partition.
     """
     from pyspark import TaskContext
 
     from unison.worker import serve
 
     task = TaskContext.get()
+    if slot is None:
+        slot = task.partitionId() if task is not None else 0
     attempt = task.attemptNumber() if task is not None else 0
     name = f"spark-{slot}" if (generation, attempt) == (0, 0) else f"spark-{slot}.{generation}.{attempt}"
     info: dict[str, Any] = {"slot": slot, "worker": name, "host": socket.gethostname(), "pid": os.getpid(),
@@ -147,6 +155,8 @@ class Spark(Backend):
         self._log: IO[str] | None = None
         self._payload: Any = None
         self.job_group: str | None = None
+        self._barrier_tasks = 0  # > 0: the workers are one barrier stage of that many tasks
+        self._aborted: set[int] = set()
 
     # ------------------------------------------------------------------ the cluster
     @property
@@ -207,6 +217,23 @@ class Spark(Backend):
         executors = max(0, sc._jsc.sc().getExecutorMemoryStatus().size() - 1)  # minus the driver
         return executors * int(conf.get("spark.executor.cores", "1")) // task_cpus
 
+    def gang_slots(self, k: int) -> int:
+        """The slots for trials of ``k`` ranks: waits up to ``executor_wait_s`` until ``k`` task slots
+        exist (executors register over time) and fails saying how many there are if they do not."""
+        if self.requested_slots is not None:
+            return self.requested_slots
+        deadline = time.monotonic() + self.executor_wait_s
+        while (n := self._concurrent_tasks()) < k and time.monotonic() < deadline:
+            time.sleep(0.25)
+        if n < k:
+            raise WorkerError(
+                f"a distributed trial of {k} ranks needs {k} Spark task slots at once, but {self.master} "
+                f"offers {n} (executors × cores ÷ spark.task.cpus) after waiting "
+                f"{self.executor_wait_s:.0f} s for executors to register: add executors or cores, use "
+                f"fewer workers, or raise unison.Spark(executor_wait_s=...)"
+            )
+        return n
+
     def slots(self) -> int:
         if self.requested_slots is not None:
             return self.requested_slots
@@ -239,7 +266,7 @@ class Spark(Backend):
 
     # ------------------------------------------------------------------ the workers
     def start(self, address: tuple[str, int], secret: bytes, payload_path: Path, log_dir: Path,
-              workers: int) -> None:
+              workers: int, barrier: bool = False) -> None:
         sc = self.spark_context
         self._address = (self._connect_host(address[0]), address[1])
         self._secret = secret
@@ -253,9 +280,11 @@ class Spark(Backend):
         self._early.clear()  # a backend instance may serve one search after another
         # One copy per executor, fetched through Spark: never over the driver's socket.
         self._payload = sc.broadcast(payload_path.read_bytes())
-        self._note(f"master {sc.master}, {workers} slot(s), workers connect to "
-                   f"{self._address[0]}:{self._address[1]}, job group {self.job_group}")
-        for slot in range(workers):
+        self._barrier_tasks = workers if barrier else 0
+        self._aborted.clear()
+        self._note(f"master {sc.master}, {workers} slot(s){' in one barrier stage' if barrier else ''}, "
+                   f"workers connect to {self._address[0]}:{self._address[1]}, job group {self.job_group}")
+        for slot in range(1 if barrier else workers):
             self._launch(slot, 0)
 
     def _note(self, text: str) -> None:
@@ -275,17 +304,21 @@ class Spark(Backend):
 
     def _run_job(self, job: _SlotJob) -> None:
         sc = self.spark_context
-        task = functools.partial(_serve_slot, self._address, self._secret, self._payload, job.slot,
-                                 job.generation, self.heartbeat_interval, self.shared_filesystem,
-                                 self.max_trial_files_bytes)
+        barrier = self._barrier_tasks
+        task = functools.partial(_serve_slot, self._address, self._secret, self._payload,
+                                 None if barrier else job.slot, job.generation, self.heartbeat_interval,
+                                 self.shared_filesystem, self.max_trial_files_bytes)
         try:
             with self._lock:
                 if self._stopping:
                     return
-                sc.setJobGroup(self.job_group, f"{self._description}: worker slot {job.slot}",
-                               interruptOnCancel=True)
-            infos = sc.parallelize([job.slot], 1).mapPartitions(task).collect()
-            job.info = infos[0] if infos else None
+                what = f"{barrier} ranks (barrier stage)" if barrier else f"worker slot {job.slot}"
+                sc.setJobGroup(self.job_group, f"{self._description}: {what}", interruptOnCancel=True)
+            if barrier:
+                infos = sc.parallelize(range(barrier), barrier).barrier().mapPartitions(task).collect()
+            else:
+                infos = sc.parallelize([job.slot], 1).mapPartitions(task).collect()
+            job.info = next((i for i in infos if i.get("error")), infos[0]) if infos else None
         except BaseException as exc:  # noqa: BLE001 - reported by poll()
             job.error = _spark_error(exc) if not self._stopping else "cancelled"
 
@@ -303,13 +336,21 @@ class Spark(Backend):
             self._note(f"slot {slot} job {job.generation} ended after {now - job.started:.1f} s: "
                        + (f"failed: {error}" if error else f"{job.info}"))
             unreachable = bool((job.info or {}).get("error"))  # the driver is listening: a real problem
-            if unreachable or (error and now - job.started < EARLY_DEATH_S):
+            aborted = slot in self._aborted  # the driver ended its worker: expected, not a failed start
+            self._aborted.discard(slot)
+            if unreachable or (error and not aborted and now - job.started < EARLY_DEATH_S):
                 self._early[slot] = self._early.get(slot, 0) + 1
                 if self._early[slot] >= MAX_EARLY_DEATHS:
                     raise WorkerError(self._explain(error))
             # The slot's worker is gone while the search goes on (its task failed more often than
             # Spark retries, or its connection was dropped): start a new one in its place.
             self._launch(slot, job.generation + 1)
+
+    def worker_aborted(self, info: dict[str, Any]) -> None:
+        if self._barrier_tasks:
+            self._aborted.add(0)
+        elif m := re.match(r"spark-(\d+)", str(info.get("worker", ""))):
+            self._aborted.add(int(m.group(1)))
 
     def _explain(self, error: str) -> str:
         if "PythonException" not in error and ("onnection" in error or "timed out" in error):

@@ -51,6 +51,9 @@ class Search:
             abort; every failure is recorded and the search goes on).
         max_retries: how often a trial whose worker died (not one whose function raised) is run
             again on another worker before it counts as failed. Default 2.
+        workers_per_trial: run every trial as this many data-parallel processes (PyTorch DDP, as
+            :class:`unison.Distributed` does for one run). A trial starts once that many workers are
+            idle; ``floor(slots / workers_per_trial)`` trials run at once. Default 1.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class Search:
         max_concurrent: int | None = None,
         max_failures: int | None = None,
         max_retries: int = 2,
+        workers_per_trial: int = 1,
     ) -> None:
         self.space = validate_space(space)
         metrics = _as_list(metric, 1)
@@ -101,6 +105,8 @@ class Search:
         if isinstance(max_retries, bool) or not isinstance(max_retries, numbers.Integral) or max_retries < 0:
             raise ValueError(f"Search(max_retries=...) must be a whole number >= 0, got {max_retries!r}")
         self.max_retries = int(max_retries)
+        self.workers_per_trial = _positive_int(workers_per_trial, "Search(workers_per_trial=...)",
+                                               allow_none=False)
         if optimizer == "grid" or isinstance(optimizer, GridSearch):
             size = self.build_optimizer().size()
             if self.trials is not None and self.trials > size:
@@ -165,6 +171,8 @@ class Search:
             "max_concurrent": self.max_concurrent,
             "max_failures": self.max_failures,
             "max_retries": self.max_retries,
+            # Only when set: searches stored before the option existed resume unchanged.
+            **({"workers_per_trial": self.workers_per_trial} if self.workers_per_trial != 1 else {}),
         }
 
     @classmethod

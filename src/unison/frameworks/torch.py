@@ -1,4 +1,5 @@
-"""PyTorch integration: module ablation (and, with distributed training, ``prepare``)."""
+"""PyTorch integration: module ablation, and distributed training (process groups, DDP/FSDP wrapping,
+``ctx.prepare`` of models and DataLoaders, the ranks' agreement on a scheduler decision)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,175 @@ def replace_with_identity(model: torch.nn.Module, path: str) -> None:
 def module_names(model: torch.nn.Module) -> list[str]:
     """Every submodule's dotted path."""
     return [name for name, _ in model.named_modules() if name]
+
+
+# ------------------------------------------------------------------------------ distributed training
+def init_process_group(backend: str, rank: int, world_size: int, local_rank: int, timeout_s: float) -> str:
+    """Join the default process group (``MASTER_ADDR``/``MASTER_PORT`` are set); return this rank's
+    device: ``cuda:<i>`` when it sees a GPU (``i`` = ``local_rank`` modulo the GPUs it sees), else
+    ``cpu``."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed: distributed training needs it")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if backend == "nccl" and not gpus:
+        raise RuntimeError(f"process_group='nccl' needs a GPU on every rank, but rank {rank} sees none: use "
+                           f"process_group='gloo' (or leave it None: gloo unless every rank has a GPU)")
+    device = "cpu"
+    if gpus:
+        index = local_rank % gpus
+        torch.cuda.set_device(index)
+        device = f"cuda:{index}"
+    if dist.is_initialized():  # left over from a call that did not clean up: start afresh
+        destroy_process_group()
+    release_retired()
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return device
+
+
+# Process groups of ended trials, kept alive until the next trial of this process starts (see
+# destroy_process_group).
+_RETIRED: list[Any] = []
+
+
+def destroy_process_group() -> None:
+    """Tear down every process group, without freeing them yet.
+
+    Freeing a gloo process group right after its last collective can deadlock: its destructor joins
+    the group's threads while holding the GIL, and a thread that is still releasing the last
+    collective's tensors needs the GIL to free their Python objects. That happens when the last
+    reference goes with the training function's locals (a DDP model holds the group). So the groups
+    are unregistered now and referenced here until :func:`release_retired` frees them, when their
+    threads have long been idle.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        from torch.distributed.distributed_c10d import _world
+
+        _RETIRED.extend(_world.pg_map.keys())
+    except (ImportError, AttributeError):
+        _RETIRED.append(dist.group.WORLD)
+    dist.destroy_process_group()
+
+
+def release_retired() -> None:
+    """Free the process groups of earlier trials (their threads are idle by now)."""
+    _RETIRED.clear()
+
+
+def broadcast_object(value: Any, device: str) -> Any:
+    """``value`` of rank 0, on every rank (a small picklable object, such as a stop decision)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=torch.device(device) if device.startswith("cuda") else None)
+    return box[0]
+
+
+def prepare(obj: Any, device: str, rank: int, world_size: int, strategy: str | None, seed: int) -> Any:
+    """``ctx.prepare`` in a distributed trial: a model is moved to ``device`` and wrapped in DDP (or
+    sharded with FSDP), a DataLoader is re-created with a :class:`DistributedSampler`, an optimizer
+    is returned unchanged (DDP averages the gradients in ``backward``; FSDP needs the optimizer
+    created from the sharded model's parameters, which the injected ``model`` already is)."""
+    from torch.utils.data import DataLoader
+
+    from unison.frameworks.keras import is_keras_model
+
+    if is_keras_model(obj):
+        raise NotImplementedError("distributed training of Keras models (MultiWorkerMirroredStrategy) is not "
+                                  "supported yet: unison.Distributed wraps PyTorch models")
+    if isinstance(obj, torch.nn.Module):
+        return wrap_model(obj, device, strategy)
+    if isinstance(obj, DataLoader):
+        return distributed_loader(obj, rank, world_size, seed)
+    if isinstance(obj, torch.optim.Optimizer):
+        return obj
+    raise TypeError(f"ctx.prepare does not know how to distribute a {type(obj).__name__}: it takes a "
+                    f"torch.nn.Module, a DataLoader or an optimizer; for a dataset use ctx.shard(data)")
+
+
+def wrap_model(model: torch.nn.Module, device: str, strategy: str | None) -> torch.nn.Module:
+    """``model`` on ``device``, wrapped for data-parallel training (unchanged if already wrapped)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) or _is_fsdp(model):
+        return model
+    model = model.to(device)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for child in model.children():
+            if any(p.requires_grad for p in child.parameters()):
+                fully_shard(child)
+        fully_shard(model)
+        return model
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"the model ({type(model).__name__}) has no trainable parameters: there is nothing "
+                         f"for DistributedDataParallel to synchronize")
+    return DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda")
+                                   else None)
+
+
+def _is_fsdp(model: Any) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def distributed_loader(loader: Any, rank: int, world_size: int, seed: int) -> Any:
+    """``loader`` re-created over this rank's part of its dataset (a :class:`DistributedSampler`
+    that shuffles if ``loader`` did), as a :class:`DistributedLoader` that advances the sampler's
+    epoch each time it is iterated again."""
+    import inspect
+
+    from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    if isinstance(loader, DistributedLoader):
+        return loader
+    if isinstance(loader.dataset, IterableDataset):
+        raise TypeError("ctx.prepare cannot shard a DataLoader over an IterableDataset (it has no index for "
+                        "a sampler): split the stream by ctx.rank and ctx.world_size in its __iter__")
+    if loader.batch_size is None:
+        raise TypeError("ctx.prepare cannot shard a DataLoader built with a batch_sampler: build it with "
+                        "batch_size= (and shuffle=) instead, or shard its dataset with ctx.shard(dataset)")
+    sampler = loader.sampler
+    if not isinstance(sampler, DistributedSampler):
+        if not isinstance(sampler, (RandomSampler, SequentialSampler)):
+            raise TypeError(f"ctx.prepare cannot shard a DataLoader with a {type(sampler).__name__}: it "
+                            f"replaces a sequential or shuffling sampler by a DistributedSampler; shard the "
+                            f"dataset with ctx.shard(dataset) and build the loader on that instead")
+        sampler = DistributedSampler(loader.dataset, num_replicas=world_size, rank=rank,
+                                     shuffle=isinstance(sampler, RandomSampler), seed=seed)
+    accepted = inspect.signature(DataLoader.__init__).parameters
+    kwargs = {name: getattr(loader, name) for name in (
+        "batch_size", "num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
+        "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers", "pin_memory_device",
+        "in_order") if name in accepted and hasattr(loader, name)}
+    if not kwargs.get("num_workers"):
+        kwargs.pop("prefetch_factor", None)  # only valid with worker processes
+    return DistributedLoader(loader.dataset, sampler=sampler, **kwargs)
+
+
+class DistributedLoader(torch.utils.data.DataLoader):
+    """A DataLoader over a :class:`DistributedSampler` whose epoch advances on every new iteration:
+    the first pass uses epoch 0, the next epoch 1, ..., so the shuffling differs per epoch without
+    the training function calling ``set_epoch``. ``epochs`` counts the passes begun."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.epochs = 0
+
+    def __iter__(self) -> Any:
+        self.sampler.set_epoch(self.epochs)
+        self.epochs += 1
+        return super().__iter__()
