@@ -1,7 +1,7 @@
 """The worker runtime: connect, ask for work, run trials, report, repeat.
 
-The same loop runs in a local worker process and inside a Spark task. Run as a process with
-``python -m unison.worker``; the driver passes its address, the secret and the payload location in
+The same loop runs in a local worker process and inside a Spark task. A local worker process runs
+``unison.worker.main()``; the driver passes its address, the secret and the payload location in
 the environment (never on the command line, which other users can read).
 
 One thread reads the driver's messages and queues them for the main thread, which runs trials: so

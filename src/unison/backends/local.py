@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -139,13 +140,16 @@ class Local(Backend):
             for proc in procs:
                 if proc.poll() is None:
                     proc.kill()
-        deadline = time.monotonic() + 3.0
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        # Block in waitpid (Popen.wait with a timeout polls with sleeps that add up to tens of ms per
+        # search) and let a timer kill whatever is still running after a grace period.
+        killer = threading.Timer(3.0, lambda: [p.kill() for p in procs if p.poll() is None])
+        killer.daemon = True
+        killer.start()
+        try:
+            for proc in procs:
                 proc.wait()
+        finally:
+            killer.cancel()
         for log in self._logs.values():
             log.close()
         self._procs.clear()
