@@ -1,31 +1,70 @@
 """unison: one training function, run as a single run, a hyperparameter search, an ablation or a
-distributed job, on this machine or a cluster. Importing unison loads no ML framework."""
+distributed job, on this machine or a cluster. Importing unison loads no ML framework.
 
-from unison.api import resume, run
-from unison.backends.base import Backend
-from unison.backends.inline import Inline
-from unison.backends.local import Local
-from unison.backends.spark import Spark
-from unison.context import Context
-from unison.contexts.ablation import Ablation, Ablator, Component, LeaveOneOut
-from unison.contexts.distributed import Distributed
-from unison.contexts.search import Search
-from unison.errors import RunFailed, SearchAborted, TrialStopped, WorkerError
-from unison.optimizers import GridSearch, Optimizer, OptunaOptimizer, RandomSearch
-from unison.result import AblationResult, Best, RunResult, SearchResult
-from unison.runtime import Reporter
-from unison.schedulers import ASHA, Hyperband, MedianStopping, Scheduler, Stop
-from unison.space import choice, integer, loguniform, uniform
+The public names load on first use (PEP 562), so a worker process, which imports only
+``unison.worker``, does not pay for the driver's modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "run", "resume", "Search", "Ablation", "Distributed", "RunFailed", "Ablator", "LeaveOneOut", "Component",
-    "AblationResult",
-    "uniform", "loguniform", "integer", "choice",
-    "Backend", "Inline", "Local", "Spark", "Context", "Reporter",
-    "Optimizer", "RandomSearch", "GridSearch", "OptunaOptimizer",
-    "Scheduler", "Stop", "MedianStopping", "ASHA", "Hyperband",
-    "TrialStopped", "SearchAborted", "WorkerError",
-    "Best", "RunResult", "SearchResult", "__version__",
-]
+_PUBLIC = {
+    "unison.api": ("run", "resume"),
+    "unison.backends.base": ("Backend",),
+    "unison.backends.inline": ("Inline",),
+    "unison.backends.local": ("Local",),
+    "unison.backends.spark": ("Spark",),
+    "unison.context": ("Context",),
+    "unison.contexts.ablation": ("Ablation", "Ablator", "Component", "LeaveOneOut"),
+    "unison.contexts.distributed": ("Distributed",),
+    "unison.contexts.search": ("Search",),
+    "unison.errors": ("RunFailed", "SearchAborted", "TrialStopped", "WorkerError"),
+    "unison.optimizers": ("GridSearch", "Optimizer", "OptunaOptimizer", "RandomSearch"),
+    "unison.result": ("AblationResult", "Best", "RunResult", "SearchResult"),
+    "unison.runtime": ("Reporter",),
+    "unison.schedulers": ("ASHA", "Hyperband", "MedianStopping", "Scheduler", "Stop"),
+    "unison.space": ("choice", "integer", "loguniform", "uniform"),
+}
+_HOME = {name: module for module, names in _PUBLIC.items() for name in names}
+
+__all__ = [*_HOME, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:  # a submodule, as ``import unison`` then ``unison.space`` would give
+        try:
+            return importlib.import_module(f"unison.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"unison.{name}":
+                raise
+            raise AttributeError(f"module 'unison' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from unison.api import resume, run  # noqa: F401
+    from unison.backends.base import Backend  # noqa: F401
+    from unison.backends.inline import Inline  # noqa: F401
+    from unison.backends.local import Local  # noqa: F401
+    from unison.backends.spark import Spark  # noqa: F401
+    from unison.context import Context  # noqa: F401
+    from unison.contexts.ablation import Ablation, Ablator, Component, LeaveOneOut  # noqa: F401
+    from unison.contexts.distributed import Distributed  # noqa: F401
+    from unison.contexts.search import Search  # noqa: F401
+    from unison.errors import RunFailed, SearchAborted, TrialStopped, WorkerError  # noqa: F401
+    from unison.optimizers import GridSearch, Optimizer, OptunaOptimizer, RandomSearch  # noqa: F401
+    from unison.result import AblationResult, Best, RunResult, SearchResult  # noqa: F401
+    from unison.runtime import Reporter  # noqa: F401
+    from unison.schedulers import ASHA, Hyperband, MedianStopping, Scheduler, Stop  # noqa: F401
+    from unison.space import choice, integer, loguniform, uniform  # noqa: F401
