@@ -29,6 +29,7 @@ if str(TESTS) not in sys.path:  # helpers_ddp must be importable by name, here a
     sys.path.insert(0, str(TESTS))
 
 from helpers_ddp import ROWS, data_fn, model_fn, train, train_failing_on_rank_1  # noqa: E402
+from processes import alive  # noqa: E402
 
 HPARAMS = {"lr": 0.05, "epochs": 3}
 
@@ -41,12 +42,6 @@ def journal(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (path / "journal.jsonl").read_text().splitlines()]
 
 
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def check_two_rank_run(trial_dir: Path, epochs: int = HPARAMS["epochs"]) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ if str(TESTS) not in sys.path:  # helpers_train must be importable by name, here
     sys.path.insert(0, str(TESTS))
 
 from helpers_train import make_search, train  # noqa: E402
+from processes import alive  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +45,6 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.02) 
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a running process (a zombie nobody reaped yet counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def children(ppid: int) -> set[int]:
