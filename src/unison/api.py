@@ -160,7 +160,6 @@ def _run_single(fn: Callable[..., Any], hparams: dict[str, Any], model: Any, dat
     store.write_experiment({"kind": "single", "name": name or fn.__name__, "status": "running",
                             "hparams": hparams, "created": time.time(), "versions": _versions()})
     trial_dir = store.trial_dir(0)
-    trial_dir.mkdir(parents=True)
     metrics_log = _LazyLog(trial_dir / "metrics.jsonl")
     reporter = Reporter(None, metrics_log)
     ctx = Context(trial_id=0, trial_dir=trial_dir, device=_default_device())

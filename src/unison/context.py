@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,13 @@ def _default_device() -> str:
     return "cpu"
 
 
-@dataclass
 class Context:
     """What the training function gets as ``ctx``.
 
     Attributes:
         trial_id: the trial's number in its experiment (0 for a single run).
-        trial_dir: a private folder for this trial's files; they are kept in the experiment.
+        trial_dir: a private folder for this trial's files; they are kept in the experiment. It is
+            created when first asked for (a trial that writes nothing costs no folder).
         rank, world_size, local_rank: the process's place in a distributed run (0, 1, 0 otherwise);
             ``local_rank`` counts the ranks on the same host.
         device: ``"cuda"`` when torch is loaded and sees a GPU, else ``"cpu"``; in a distributed run
@@ -30,15 +29,24 @@ class Context:
         attempt: 0 the first time a trial runs, 1.. when it is re-run after its worker died.
     """
 
-    trial_id: int
-    trial_dir: Path
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: str = "cpu"
-    seed: int | None = None
-    attempt: int = 0
-    _session: Any = field(default=None, repr=False, compare=False)
+    def __init__(self, trial_id: int, trial_dir: str | Path, rank: int = 0, world_size: int = 1,
+                 local_rank: int = 0, device: str = "cpu", seed: int | None = None, attempt: int = 0) -> None:
+        self.trial_id, self._trial_dir, self._trial_dir_made = trial_id, Path(trial_dir), False
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.device, self.seed, self.attempt = device, seed, attempt
+        self._session: Any = None
+
+    @property
+    def trial_dir(self) -> Path:
+        if not self._trial_dir_made:
+            self._trial_dir.mkdir(parents=True, exist_ok=True)
+            self._trial_dir_made = True
+        return self._trial_dir
+
+    def __repr__(self) -> str:
+        return (f"Context(trial_id={self.trial_id}, trial_dir={str(self._trial_dir)!r}, rank={self.rank}, "
+                f"world_size={self.world_size}, local_rank={self.local_rank}, device={self.device!r}, "
+                f"seed={self.seed}, attempt={self.attempt})")
 
     @property
     def is_chief(self) -> bool:

@@ -27,7 +27,7 @@ class TrialState:
 
     trial_id: int
     hparams: dict[str, Any]
-    status: str = "pending"  # pending | running | completed | failed | stopped
+    status: str = "pending"  # pending | reserved | running | completed | failed | stopped
     attempt: int = 0
     worker: str | None = None
     host: str | None = None
@@ -80,6 +80,7 @@ class SearchDriver:
         self.next_number = 0
         self.exhausted = False
         self.running = 0
+        self.reserved: set[int] = set()  # handed to a busy worker as its next trial, not started yet
         self.failures = 0
         self.first_failure: TrialState | None = None
         self.abort_error: BaseException | None = None
@@ -115,6 +116,11 @@ class SearchDriver:
             elif kind == "lost":
                 self.trials[tid].attempt = ev.get("attempt", 0) + 1
                 self.trials[tid].status = "pending"
+        for number in range(self.next_number):  # handed to a worker as its next trial, never started
+            hparams = None if number in self.trials else self.optimizer.suggest(number)
+            if hparams is not None:
+                spec = self.trial_spec(number) if self.trial_spec is not None else {}
+                self.trials[number] = TrialState(number, hparams, spec=spec)
         for tid in sorted(self.trials):  # unfinished when the driver stopped: run them again
             if self.trials[tid].status not in FINAL:
                 self.trials[tid].status = "pending"
@@ -125,9 +131,23 @@ class SearchDriver:
         """Whether another trial may start now (``concurrency`` bounds the trials in flight)."""
         return self.concurrency is None or self.running < self.concurrency
 
-    def next_trial(self) -> TrialState | None:
-        """The next trial to run, or ``None`` when there is nothing to start now."""
-        if self.abort_error is not None or not self.can_start():
+    @property
+    def prefetch(self) -> bool:
+        """Whether a busy worker may be handed its next trial: only when suggestions do not depend
+        on results (a learning optimizer would propose it knowing less)."""
+        return not getattr(self.optimizer, "adaptive", True)
+
+    def unstarted(self) -> int:
+        """How many trials are still to start (queued again or not yet suggested)."""
+        more = 0 if self.exhausted else max(self.planned - self.next_number, 0)
+        return len(self.pending) + more
+
+    def next_trial(self, reserve: bool = False) -> TrialState | None:
+        """The next trial to run, or ``None`` when there is nothing to start now.
+
+        ``reserve``: the trial is for a busy worker, which starts it when its current trial ends (so
+        ``max_concurrent`` does not apply now); record it with :meth:`reserve`."""
+        if self.abort_error is not None or not (reserve or self.can_start()):
             return None
         if self.pending:
             return self.trials[self.pending.popleft()]
@@ -148,13 +168,28 @@ class SearchDriver:
         if self.abort_error is not None:
             return True
         more = not self.exhausted and self.next_number < self.planned
-        return not more and not self.pending and self.running == 0
+        return not more and not self.pending and self.running == 0 and not self.reserved
+
+    def reserve(self, trial: TrialState) -> dict[str, Any]:
+        """Hand ``trial`` to a busy worker as its next one; return the message that describes it.
+        It is journaled when it starts (:meth:`start`), or queued again (:meth:`unreserve`)."""
+        trial.status = "reserved"
+        self.reserved.add(trial.trial_id)
+        return self.message(trial)
+
+    def unreserve(self, trial_id: int) -> None:
+        """The worker holding reserved ``trial_id`` went away before starting it: queue it again,
+        first, without counting an attempt."""
+        self.reserved.discard(trial_id)
+        self.trials[trial_id].status = "pending"
+        self.pending.appendleft(trial_id)
 
     def start(self, trial: TrialState, worker: str, host: str | None = None,
               pid: int | None = None, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Record that ``trial`` starts on ``worker`` (process ``pid`` on ``host``); return the
         message that describes it. A distributed trial names its ranks' workers, hosts and pids in
         ``ranks`` (``worker``, ``host``, ``pid`` are then rank 0's, the workers joined by commas)."""
+        self.reserved.discard(trial.trial_id)
         trial.status, trial.worker, trial.host, trial.pid = "running", worker, host, pid
         self.running += 1
         self.store.append(
@@ -162,6 +197,10 @@ class SearchDriver:
              "worker": worker, "host": host, "pid": pid, "t": time.time(),
              **({"spec": trial.spec} if trial.spec else {}), **({"ranks": ranks} if ranks else {})}
         )
+        return self.message(trial)
+
+    def message(self, trial: TrialState) -> dict[str, Any]:
+        """What a worker needs to run ``trial``."""
         return {
             "trial_id": trial.trial_id,
             "hparams": trial.hparams,

@@ -136,6 +136,9 @@ class RemoteLoop:
             self.peers.pop(peer.peer_id, None)
             if peer in self.waiting:
                 self.waiting.remove(peer)
+            if peer.reserved_id is not None:
+                driver.unreserve(peer.reserved_id)
+                peer.reserved_id = None
             gang = self.gangs.get(peer.trial_id) if peer.trial_id is not None else None
             if gang is not None:
                 self._rank_lost(gang, peer)
@@ -158,6 +161,9 @@ class RemoteLoop:
                     self._rank_finished(gang, peer, message["result"])
                 else:
                     self._finish(peer, message["result"])
+            if peer.reserved_id is not None:  # the worker has gone on to the trial it held
+                self._start(peer, self.driver.trials[peer.reserved_id])
+                peer.reserved_id = None
             self._dispatch(peer)
             self._dispatch_waiting()
         elif kind == "report":
@@ -228,6 +234,7 @@ class RemoteLoop:
         backend = self.dist_options.get("process_group") or (
             "nccl" if all(m.endpoint.get("gpus") for m in members) else "gloo")
         hosts = [m.info.get("host") for m in members]
+        peers = [f"{m.endpoint.get('address')}:{m.endpoint.get('port')}" for m in members]
         for rank, member in enumerate(members):
             member.trial_id = trial.trial_id
             dist = {
@@ -236,7 +243,7 @@ class RemoteLoop:
                 "master_addr": chief.endpoint.get("address"), "master_port": chief.endpoint.get("port"),
                 "address": member.endpoint.get("address"), "backend": backend,
                 "timeout_s": self.dist_options.get("timeout_s"),
-                "strategy": self.dist_options.get("strategy"),
+                "strategy": self.dist_options.get("strategy"), "peers": peers,
             }
             self._send(member, {"t": "trial", **message, "dist": dist})
 
@@ -327,16 +334,30 @@ class RemoteLoop:
             elif peer not in self.waiting:
                 self.waiting.append(peer)
             return
-        trial = self.driver.next_trial()
-        if trial is not None:
-            peer.trial_id = trial.trial_id
-            info = peer.info
-            self._send(peer, {"t": "trial", **self.driver.start(trial, peer.name, info.get("host"),
-                                                                info.get("pid"))})
-        elif self.driver.finished:
-            self._send(peer, {"t": "shutdown"})
-        elif peer not in self.waiting:
-            self.waiting.append(peer)
+        if peer.trial_id is None:
+            trial = self.driver.next_trial()
+            if trial is not None:
+                self._send(peer, {"t": "trial", **self._start(peer, trial)})
+            elif self.driver.finished:
+                self._send(peer, {"t": "shutdown"})
+            elif peer not in self.waiting:
+                self.waiting.append(peer)
+        if peer.trial_id is not None and self._may_reserve(peer):
+            trial = self.driver.next_trial(reserve=True)
+            if trial is not None:
+                peer.reserved_id = trial.trial_id
+                self._send(peer, {"t": "trial", **self.driver.reserve(trial)})
+
+    def _start(self, peer: Peer, trial: Any) -> dict[str, Any]:
+        peer.trial_id = trial.trial_id
+        return self.driver.start(trial, peer.name, peer.info.get("host"), peer.info.get("pid"))
+
+    def _may_reserve(self, peer: Peer) -> bool:
+        """Whether to hand busy ``peer`` its next trial now, so it starts without a round trip to the
+        driver. Not when the optimizer learns from results, nor while another worker is idle, nor near
+        the end (the last trials go to whichever worker frees up first)."""
+        return (peer.reserved_id is None and self.driver.prefetch and not self.waiting
+                and self.driver.unstarted() > len(self.peers))
 
     def _dispatch_waiting(self) -> None:
         if self.k > 1:

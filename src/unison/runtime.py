@@ -135,6 +135,7 @@ class _LazyLog(io.TextIOBase):
 
     def write(self, text: str) -> int:
         if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         return self._file.write(text)
 
@@ -187,7 +188,6 @@ class TrialRunner:
         as soon as its function raises."""
         session = session_for(trial, notify)
         trial_dir = Path(trial["trial_dir"])
-        trial_dir.mkdir(parents=True, exist_ok=True)
         ctx = Context(
             trial_id=trial["trial_id"],
             trial_dir=trial_dir,

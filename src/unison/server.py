@@ -25,6 +25,7 @@ class Peer:
     info: dict[str, Any] = field(default_factory=dict)
     last_seen: float = 0.0
     trial_id: int | None = None
+    reserved_id: int | None = None  # the trial it was handed to start after this one (not started)
     waiting: bool = False
     endpoint: dict[str, Any] = field(default_factory=dict)  # distributed: address, port, gpus
     aborted: bool = False  # told to end itself: its trial is no longer its own

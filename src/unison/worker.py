@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import traceback
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -134,12 +135,15 @@ def serve(
         return 0
     done = 0
     message: dict[str, Any] = {"t": "ready"}
+    # The driver may hand this worker its next trial while one runs: it waits here, and the worker
+    # starts it right after sending the result (the driver counts it started when that arrives).
+    held: deque[dict[str, Any]] = deque()
     try:
         while True:
             if endpoint is not None:  # where this worker would host a process group as rank 0
                 message.update(endpoint.describe())
             conn.send(message)
-            request = _next(inbox)
+            request = held.popleft() if held else _next(inbox)
             if request["t"] != "trial":
                 break
             trial_id = request["trial_id"]
@@ -147,6 +151,9 @@ def serve(
             def decide(step: int, metrics: dict[str, float], _id: int = trial_id) -> str | None:
                 conn.send({"t": "report", "trial_id": _id, "step": step, "metrics": metrics})
                 reply = _next(inbox)
+                while reply.get("t") == "trial":
+                    held.append(reply)
+                    reply = _next(inbox)
                 if reply.get("t") != "decision":
                     raise ConnectionError(f"expected the driver's decision, got a {reply.get('t')!r} message")
                 return reply["stop"]

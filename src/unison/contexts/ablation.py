@@ -247,6 +247,7 @@ class Ablation:
 class _AblationPlan(Optimizer):
     """Suggests the study's configurations in order: the base hyperparameters plus the seed."""
 
+    adaptive = False
     study: Ablation
     space: dict[str, Any] = field(default_factory=dict)
 

@@ -12,7 +12,15 @@ class Optimizer:
     :meth:`observe` when a trial ends. ``suggest`` may be called again before earlier trials were
     observed: that is how asynchronous search keeps every worker busy. Return ``None`` from
     ``suggest`` when there is nothing left to propose (a finished grid).
+
+    Set ``adaptive = False`` on an optimizer whose suggestions do not depend on observed results
+    (random, grid, quasi-random): the remote backends then hand each worker its next trial while
+    the current one runs, which hides the round trip between trials. A trial handed out that way
+    is journaled when it starts; a resumed search calls ``suggest`` again for the numbers that were
+    handed out but never started.
     """
+
+    adaptive: bool = True
 
     def setup(self, space: dict[str, Any], mode: str, seed: int | None) -> None:
         """Called once before the first suggestion with the search's space, mode and seed."""

@@ -17,6 +17,8 @@ class GridSearch(Optimizer):
     that leaves are dropped. Continuous ranges cannot be enumerated and are rejected.
     """
 
+    adaptive = False
+
     def setup(self, space: dict[str, Any], mode: str, seed: int | None) -> None:
         super().setup(space, mode, seed)
         axes = [

@@ -386,6 +386,7 @@ class QMCSearch(_Named):
     to random search (needs ``scipy``)."""
 
     _sampler = "qmc"
+    adaptive = False
 
 
 class NSGA2Search(_Named):

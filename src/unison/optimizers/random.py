@@ -15,6 +15,8 @@ class RandomSearch(Optimizer):
     trials on every backend, in any completion order, and a resumed search continues the sequence.
     """
 
+    adaptive = False
+
     def setup(self, space: dict[str, Any], mode: str, seed: int | None) -> None:
         import secrets
 
