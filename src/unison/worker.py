@@ -13,6 +13,7 @@ the process at once with :data:`ABORT_EXIT`; the backend starts a new worker in 
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import shutil
@@ -216,7 +217,16 @@ def main() -> None:
         os.environ.get(ENV_WORKER, f"{socket.gethostname()}:{os.getpid()}"),
         float(os.environ.get(ENV_HEARTBEAT, "1.0")),
     )
-    sys.stdout.flush()
+    # End as multiprocessing's children do, without the interpreter's teardown (tens of ms with large
+    # libraries loaded, while the driver waits for the exit), but after the atexit handlers (loggers,
+    # trackers the function started) and with the standard streams flushed.
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 if __name__ == "__main__":
