@@ -9,7 +9,8 @@ once per backend::
 which runs the unchanged ``train`` as a single run, as a search with ASHA on ``Local(workers=2)`` and
 as ablations of a Sequential and a Functional model, and writes the experiment paths to
 ``OUTDIR/summary.json`` for the test to check. Its worker processes get the Keras backend only
-through the payload (see the end of this file).
+through the payload (see the end of this file). With ``--spark`` it runs the same search and the
+Sequential ablation on Spark (``local[2]``) instead.
 """
 
 from __future__ import annotations
@@ -122,11 +123,32 @@ def run_all(out: Path) -> dict[str, Any]:
             "functional": str(functional.path)}
 
 
+def run_spark(out: Path) -> dict[str, Any]:
+    """The search and the Sequential ablation on Spark ``local[2]``; returns the experiment paths."""
+    from pyspark.sql import SparkSession
+
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    spark = (SparkSession.builder.master("local[2]").appName("unison-keras-tests")
+             .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+             .config("spark.local.dir", str(out / "spark-local")).getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    try:
+        storage = out / "runs"
+        search = unison.run(train, asha_search(), model=sequential_fn, data=make_data,
+                            backend=unison.Spark(spark), storage=storage, progress=False)
+        sequential = unison.run(train, ablation(["dropout", "hidden2"]), model=sequential_fn,
+                                data=make_data, backend=unison.Spark(spark), storage=storage, progress=False)
+    finally:
+        spark.stop()
+    return {"backend": keras.backend.backend(), "search": str(search.path),
+            "sequential": str(sequential.path)}
+
+
 if __name__ == "__main__":
     # Keras has its backend now. The worker processes must learn it from the payload, as Spark
     # executors (which do not inherit the driver's environment) do: with torch, a worker that did not
     # would run Keras on its default, tensorflow, and the test sees it in after_fit.json.
     os.environ.pop("KERAS_BACKEND", None)
     target = Path(sys.argv[1])
-    summary = run_all(target)
+    summary = run_spark(target) if "--spark" in sys.argv[2:] else run_all(target)
     (target / "summary.json").write_text(json.dumps(summary))

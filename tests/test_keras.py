@@ -336,31 +336,52 @@ BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(importlib.util.find_spec
             for name, module in (("torch", "torch"), ("tensorflow", "tensorflow"))]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_the_same_keras_function_as_single_run_search_and_ablation(backend, tmp_path):
+def run_scenarios(backend: str, tmp_path: Path, *args: str) -> dict[str, Any]:
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    out = subprocess.run([sys.executable, str(TESTS / "keras_scenarios.py"), str(tmp_path)], env=env,
-                         capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    out = subprocess.run([sys.executable, str(TESTS / "keras_scenarios.py"), str(tmp_path), *args], env=env,
+                         capture_output=True, text=True, timeout=280, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["backend"] == backend
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_same_keras_function_as_single_run_search_and_ablation(backend, tmp_path):
+    summary = run_scenarios(backend, tmp_path)
 
     # single run: one report per epoch
     single = Path(summary["single"])
     assert [r["step"] for r in read_jsonl(trial_dir(single, 0) / "metrics.jsonl")] == [0, 1, 2]
     assert summary["single_value"] > 0.8
 
-    # search on two worker processes: every stopped trial stopped at the epoch ASHA chose
-    search = unison.SearchResult.load(summary["search"])
+    # search on two worker processes (one may have run them all while the other was still importing)
+    check_asha_search(summary["search"], backend, worker_prefix="worker-")
+    check_ablation(summary["sequential"], ["hidden", "dropout", "hidden2", "out"])
+    check_ablation(summary["functional"], ["features", "proj", "block", "add", "act", "out"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_same_keras_function_as_search_and_ablation_on_spark(backend, tmp_path):
+    pytest.importorskip("pyspark")
+    summary = run_scenarios(backend, tmp_path, "--spark")
+    # Executors do not share the driver's disk: the trials' files came back in their results.
+    check_asha_search(summary["search"], backend, worker_prefix="spark-")
+    check_ablation(summary["sequential"], ["hidden", "dropout", "hidden2", "out"])
+
+
+def check_asha_search(path: str, backend: str, worker_prefix: str) -> None:
+    """Every trial ran on a worker with ``backend``; every stopped trial stopped at the epoch ASHA chose."""
+    search = unison.SearchResult.load(path)
     trials = search.trials.set_index("trial_id")
     table = trials[["lr", "status", "worker", "last_step", "stop_reason", "error"]].to_string()
-    # worker processes ran them (one may have run them all while the other was still importing Keras)
-    assert all(str(w).startswith("worker-") for w in trials["worker"]), table
+    assert all(str(w).startswith(worker_prefix) for w in trials["worker"]), table
     assert set(trials["status"]) == {"completed", "stopped"}, table
-    events = read_jsonl(Path(summary["search"]) / "journal.jsonl")
+    events = read_jsonl(Path(path) / "journal.jsonl")
     for tid, row in trials.iterrows():
-        folder = trial_dir(summary["search"], tid)
+        folder = trial_dir(path, tid)
         steps = [r["step"] for r in read_jsonl(folder / "metrics.jsonl")]
         after = json.loads((folder / "after_fit.json").read_text())
         assert after["backend"] == backend  # the workers' environment lacks KERAS_BACKEND: the payload
@@ -375,11 +396,11 @@ def test_the_same_keras_function_as_single_run_search_and_ablation(backend, tmp_
     poor = trials[trials["lr"] == 1e-6]
     assert (poor["status"] == "stopped").sum() >= 1, table
 
-    # ablations: the layer is gone from the model the trial trained
-    for key, expected in (("sequential", ["hidden", "dropout", "hidden2", "out"]),
-                          ("functional", ["features", "proj", "block", "add", "act", "out"])):
-        result = unison.SearchResult.load(summary[key])
-        assert set(result.trials["status"]) == {"completed"}
-        for _, row in result.trials.iterrows():
-            layers = json.loads((trial_dir(summary[key], row["trial_id"]) / "after_fit.json").read_text())
-            assert layers["layers"] == [n for n in expected if n != row["component"]]
+
+def check_ablation(path: str, expected: list[str]) -> None:
+    """Every trial completed, and the layer it removed is gone from the model it trained."""
+    result = unison.SearchResult.load(path)
+    assert set(result.trials["status"]) == {"completed"}
+    for _, row in result.trials.iterrows():
+        layers = json.loads((trial_dir(path, row["trial_id"]) / "after_fit.json").read_text())
+        assert layers["layers"] == [n for n in expected if n != row["component"]]
