@@ -240,6 +240,10 @@ class _DistributedRecord(SearchResult):
 
 
 def _distributed_plan(run: Distributed) -> _Plan:
+    if run.framework == "tensorflow":  # fail here, not in every rank
+        from unison.frameworks.tensorflow import check_keras_backend
+
+        check_keras_backend()
     search = run.to_search()
     def make_result(path: Path, rows: list[dict[str, Any]], status: str) -> SearchResult:
         return _DistributedRecord(path, search.metrics, search.modes, rows, status)

@@ -75,9 +75,14 @@ class Context:
         contiguous blocks whose union is ``data`` and whose sizes differ by at most one. With
         ``even=True`` every rank gets ``len(data) // world_size`` rows (the remainder is left out),
         so that loops over batches take the same number of steps on every rank, as DDP requires.
+
+        In a TensorFlow multi-worker trial a ``tf.data.Dataset`` becomes a per-worker dataset (see
+        :mod:`unison.frameworks.tensorflow`); ``model.fit`` shards NumPy input by itself.
         """
         if self.world_size == 1:
             return data
+        if self._session is not None:
+            return self._session.shard(data, even)
         from unison.dist import shard
 
         return shard(data, self.rank, self.world_size, even)

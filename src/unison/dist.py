@@ -13,6 +13,10 @@ for the duration of the call, and what the function gets injected:
 - ``ctx.prepare``/``ctx.shard`` shard DataLoaders and datasets.
 
 :func:`shard` is framework-neutral and also serves ``ctx.shard`` outside torch.
+
+A TensorFlow trial (``dist["framework"] == "tensorflow"``, with every rank's ``address:port`` in
+``peers``) gets a :class:`unison.frameworks.tensorflow.TensorFlowRankSession` instead, which
+overrides the framework hooks (``_environment``, ``_start``, ``_stop``) and what is injected.
 """
 
 from __future__ import annotations
@@ -164,6 +168,9 @@ def interface_of(address: str) -> str | None:
 class RankSession:
     """One rank of one distributed trial. ``with session:`` holds the process group for the call.
 
+    The framework lives in three hooks a subclass overrides: ``_environment()`` (the variables set
+    during the call), ``_start()`` (join the group, return the device) and ``_stop()``.
+
     ``notify(error)`` tells the driver at once that this rank failed (before the process group is
     torn down, which makes the other ranks' collectives fail too: the driver then knows which rank
     failed first).
@@ -204,21 +211,14 @@ class RankSession:
         return path
 
     def __enter__(self) -> RankSession:
-        env = {
-            "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port), "RANK": str(self.rank),
-            "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
-            "LOCAL_WORLD_SIZE": str(self.local_world_size),
-        }
-        if self.backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ and self.address:
-            interface = interface_of(self.address)
-            if interface is not None:
-                env["GLOO_SOCKET_IFNAME"] = interface
-        self._saved_env = {key: os.environ.get(key) for key in ENV_KEYS}
+        env = self._environment()
+        self._saved_env = {key: os.environ.get(key) for key in dict.fromkeys((*ENV_KEYS, *env))}
         os.environ.update(env)
-        from unison.frameworks import torch as torch_support
-
-        self.device = torch_support.init_process_group(self.backend, self.rank, self.world_size,
-                                                       self.local_rank, self.timeout_s)
+        try:
+            self.device = self._start()
+        except BaseException:
+            self._restore_env()
+            raise
         self.active = True
         if getattr(self, "ctx", None) is not None:
             self.ctx.device = self.device
@@ -234,14 +234,42 @@ class RankSession:
         finally:
             if self.active:
                 self.active = False
-                from unison.frameworks import torch as torch_support
+                self._stop()
+            self._restore_env()
 
-                torch_support.destroy_process_group()
-            for key, value in self._saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    def _restore_env(self) -> None:
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    # ------------------------------------------------- the framework (here PyTorch's process group)
+    def _environment(self) -> dict[str, str]:
+        """The environment variables of this rank during the call."""
+        env = {
+            "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port), "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+        }
+        if self.backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ and self.address:
+            interface = interface_of(self.address)
+            if interface is not None:
+                env["GLOO_SOCKET_IFNAME"] = interface
+        return env
+
+    def _start(self) -> str:
+        """Join the group (the environment is set); return this rank's device."""
+        from unison.frameworks import torch as torch_support
+
+        return torch_support.init_process_group(self.backend, self.rank, self.world_size, self.local_rank,
+                                                self.timeout_s)
+
+    def _stop(self) -> None:
+        """Leave the group (also after a failure)."""
+        from unison.frameworks import torch as torch_support
+
+        torch_support.destroy_process_group()
 
     # ---------------------------------------------------------------- what is injected
     def decide(self, chief_decide: Callable[[int, dict[str, float]], str | None] | None
@@ -280,6 +308,10 @@ class RankSession:
 
         return distributed_model_fn
 
+    def shard(self, data: Any, even: bool = False) -> Any:
+        """``ctx.shard`` in this rank: see :func:`shard`."""
+        return shard(data, self.rank, self.world_size, even)
+
     def prepare(self, obj: Any) -> Any:
         from unison.frameworks import torch as torch_support
 
@@ -290,4 +322,10 @@ class RankSession:
 def session_for(trial: Mapping[str, Any], notify: Callable[[str], None] | None = None) -> RankSession | None:
     """The session of a distributed trial's message, ``None`` for an ordinary trial."""
     dist = trial.get("dist")
-    return RankSession(dist, trial.get("seed"), notify) if dist else None
+    if not dist:
+        return None
+    if dist.get("framework") == "tensorflow":
+        from unison.frameworks.tensorflow import TensorFlowRankSession
+
+        return TensorFlowRankSession(dist, trial.get("seed"), notify)
+    return RankSession(dist, trial.get("seed"), notify)

@@ -244,6 +244,7 @@ class RemoteLoop:
                 "address": member.endpoint.get("address"), "backend": backend,
                 "timeout_s": self.dist_options.get("timeout_s"),
                 "strategy": self.dist_options.get("strategy"), "peers": peers,
+                "framework": self.dist_options.get("framework", "torch"),
             }
             self._send(member, {"t": "trial", **message, "dist": dist})
 

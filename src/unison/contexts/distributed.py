@@ -3,17 +3,20 @@
 A distributed run is a search-like experiment with a single trial that spans ``workers`` worker
 slots (see ``Search(workers_per_trial=...)``): the same driver, journal, backends and worker loop
 run it. Each rank calls the unchanged training function; what differs is injected (``ctx.rank``,
-a DDP-wrapped ``model``, ``ctx.prepare``, ``ctx.shard``).
+a DDP-wrapped ``model``, ``ctx.prepare``, ``ctx.shard``; with ``framework="tensorflow"`` a Keras
+model built in a ``MultiWorkerMirroredStrategy`` scope).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import numbers
 from collections.abc import Mapping
 from typing import Any
 
 PROCESS_GROUPS = (None, "gloo", "nccl")
 STRATEGIES = (None, "ddp", "fsdp")
+FRAMEWORKS = ("torch", "tensorflow")
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -31,7 +34,8 @@ def check_dist_options(process_group: Any, timeout_s: Any, strategy: Any, owner:
 
 
 class Distributed:
-    """Run the training function once, as ``workers`` data-parallel processes (PyTorch DDP).
+    """Run the training function once, as ``workers`` data-parallel processes (PyTorch DDP, or
+    TensorFlow's ``MultiWorkerMirroredStrategy`` for Keras models).
 
     Args:
         workers: how many processes (ranks). The local backend starts that many worker processes
@@ -49,6 +53,17 @@ class Distributed:
             (every direct child with parameters, then the whole model).
         metric: which entry of the returned dict is ``result.value`` (default: the only entry, or
             the number returned). Naming a metric the function does not return fails the run.
+        framework: ``"torch"`` (default): every rank joins a torch process group; the injected
+            ``model`` is wrapped for DDP (or FSDP). ``"tensorflow"``: every rank is a worker of a
+            TensorFlow cluster (``TF_CONFIG`` set for the call, rank 0 the chief) and the whole call
+            runs in the scope of a ``tf.distribute.MultiWorkerMirroredStrategy``: the Keras
+            ``model`` from ``model_fn(hparams)``, the function's ``model.compile`` and
+            ``model.fit(..., callbacks=callbacks)`` are distributed without the function mentioning
+            the strategy, and ``fit`` shards its input across the workers (``ctx.shard`` of a
+            ``tf.data.Dataset`` gives a per-worker dataset instead). Needs ``KERAS_BACKEND=tensorflow``
+            and TensorFlow (``pip install 'unison[tensorflow]'``); a worker process runs one such
+            trial (on Spark set ``spark.python.worker.reuse=false`` to run several in one session);
+            ``process_group``, ``strategy`` and ``timeout_s`` are PyTorch's and stay unset.
     """
 
     def __init__(
@@ -59,6 +74,7 @@ class Distributed:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         strategy: str | None = None,
         metric: str | None = None,
+        framework: str = "torch",
     ) -> None:
         from unison.space import Distribution, validate_space
 
@@ -75,6 +91,25 @@ class Distributed:
                             f"hparams=search_result.best.hparams")
         self.timeout_s = check_dist_options(process_group, timeout_s, strategy, "Distributed")
         self.process_group, self.strategy = process_group, strategy
+        if framework not in FRAMEWORKS:
+            raise ValueError(f"Distributed(framework=...) must be 'torch' (PyTorch DDP/FSDP, the default) or "
+                             f"'tensorflow' (Keras on TensorFlow, MultiWorkerMirroredStrategy); "
+                             f"got {framework!r}")
+        if framework == "tensorflow":
+            torch_only = {"process_group": process_group, "strategy": strategy}
+            torch_only = {name: value for name, value in torch_only.items() if value is not None}
+            if self.timeout_s != DEFAULT_TIMEOUT_S:
+                torch_only["timeout_s"] = timeout_s
+            if torch_only:
+                given = ", ".join(f"{name}={value!r}" for name, value in torch_only.items())
+                raise ValueError(f"Distributed({given}) configures PyTorch's process group, which "
+                                 f"framework='tensorflow' does not use (MultiWorkerMirroredStrategy brings "
+                                 f"its own collectives; a failed rank ends the others at once): "
+                                 f"leave it unset")
+            if importlib.util.find_spec("tensorflow") is None:
+                raise ImportError("Distributed(framework='tensorflow') needs TensorFlow: "
+                                  "pip install 'unison[tensorflow]'")
+        self.framework = framework
         if metric is not None and (not isinstance(metric, str) or not metric):
             raise ValueError(f"Distributed(metric=...) must name a returned metric, got {metric!r}")
         self.metric = metric
@@ -82,7 +117,8 @@ class Distributed:
     @property
     def dist_options(self) -> dict[str, Any]:
         """What every rank's trial message carries besides its place in the group."""
-        return {"process_group": self.process_group, "timeout_s": self.timeout_s, "strategy": self.strategy}
+        return {"process_group": self.process_group, "timeout_s": self.timeout_s, "strategy": self.strategy,
+                "framework": self.framework}
 
     def to_search(self) -> Any:
         """The one-trial search that runs this: its hyperparameters fixed, ``workers`` slots per trial.
@@ -95,8 +131,13 @@ class Distributed:
                       optimizer="random", max_retries=0, workers_per_trial=self.workers)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"workers": self.workers, "hparams": self.hparams, "metric": self.metric, **self.dist_options}
+        described = {"workers": self.workers, "hparams": self.hparams, "metric": self.metric,
+                     **self.dist_options}
+        if self.framework == "torch":  # only when set: runs stored before the option existed compare equal
+            del described["framework"]
+        return described
 
     def __repr__(self) -> str:
+        framework = f", framework={self.framework!r}" if self.framework != "torch" else ""
         return (f"Distributed(workers={self.workers}, hparams={self.hparams}, "
-                f"process_group={self.process_group!r}, strategy={self.strategy!r})")
+                f"process_group={self.process_group!r}, strategy={self.strategy!r}{framework})")

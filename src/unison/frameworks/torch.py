@@ -155,8 +155,10 @@ def prepare(obj: Any, device: str, rank: int, world_size: int, strategy: str | N
     from unison.frameworks.keras import is_keras_model
 
     if is_keras_model(obj):
-        raise NotImplementedError("distributed training of Keras models (MultiWorkerMirroredStrategy) is not "
-                                  "supported yet: unison.Distributed wraps PyTorch models")
+        raise TypeError("this distributed trial runs PyTorch DDP, which cannot train a Keras model: run "
+                        "Keras models data-parallel with unison.Distributed(workers=N, "
+                        "framework='tensorflow') and KERAS_BACKEND=tensorflow (a Search with "
+                        "workers_per_trial > 1 runs PyTorch trials only)")
     if isinstance(obj, torch.nn.Module):
         return wrap_model(obj, device, strategy)
     if isinstance(obj, DataLoader):
