@@ -508,7 +508,9 @@ def _closing_message(status: str, result: SearchResult, path: Path, driver: Any,
         return (f"interrupted: the experiment is resumable with unison.resume({str(path)!r}, train) "
                 f"(or `unison.run(train, search, resume=...)`)")
     if status == "aborted":
-        return f"aborted: {str(driver.abort_error).splitlines()[0]}"
+        lines = [line for line in str(driver.abort_error).splitlines() if line.strip()] or [""]
+        cause = f" {lines[-1].strip()}" if len(lines) > 1 else ""  # a traceback's last line: the error
+        return f"aborted: {lines[0]}{cause}"
     if len(result.metrics) > 1 and result.pareto:
         return f"{len(result.pareto)} trial(s) on the Pareto front of {result.metrics}: see result.pareto"
     if result.best is None:

@@ -1,9 +1,12 @@
-"""Live progress of a search: a bar in a terminal, an updating line in Jupyter, plain lines in logs."""
+"""Live progress of a search: a bar in a terminal, an output updated in place in Jupyter, plain lines
+in logs and pipes."""
 
 from __future__ import annotations
 
+import html
 import sys
 import time
+import warnings
 from typing import Any, TextIO
 
 
@@ -98,45 +101,96 @@ class TerminalProgress(NoProgress):
 
 
 class NotebookProgress(NoProgress):
-    """An HTML line in a Jupyter output cell, updated in place."""
+    """One output in a Jupyter cell (title, bar, counts, best, elapsed, then the closing message),
+    updated in place through its display id rather than printed line after line.
 
-    def __init__(self, metric: str) -> None:
-        from IPython.display import HTML, display
+    The bundle carries ``text/plain`` next to ``text/html`` for front ends that do not render HTML.
+    Updates are sent only when what they show changed, and at most every ``min_interval`` seconds;
+    :meth:`close` always sends the final state.
+    """
 
-        self.metric, self._html = metric, HTML
-        self._handle = display(HTML("starting…"), display_id=True)
+    min_interval = 0.2
+
+    def __init__(self, metric: Any, display: Any = None) -> None:
+        if display is None:
+            from IPython.display import display
+        self.metric, self._display = metric, display
+        self._handle: Any = None
+        self._title = ""
+        self._sent = ""
         self._last = 0.0
 
-    def _render(self, summary: dict[str, Any]) -> Any:
-        finished = summary["completed"] + summary["failed"] + summary["stopped"]
-        import html
+    def _bundle(self, summary: dict[str, Any] | None, message: str = "") -> dict[str, str]:
+        title = html.escape(self._title)
+        lines = [self._title]
+        body = [f"<div style='font-family:monospace'>{title}</div>"] if title else []
+        if summary is None:
+            lines.append("starting…")
+            body.append("<progress style='width:30em'></progress> <code>starting…</code>")
+        else:
+            finished = summary["completed"] + summary["failed"] + summary["stopped"]
+            line = describe(summary, self.metric)
+            lines.append(line)
+            body.append(f"<progress value='{finished}' max='{summary['planned']}' style='width:30em'>"
+                        f"</progress> <code>{html.escape(line)}</code>")
+        if message:
+            lines.append(message)
+            body.append(f"<div style='font-family:monospace'>{html.escape(message)}</div>")
+        return {"text/plain": "\n".join(x for x in lines if x),
+                "text/html": "<div class='unison-progress'>" + "".join(body) + "</div>"}
 
-        return self._html(
-            f"<progress value='{finished}' max='{summary['planned']}' style='width:30em'></progress> "
-            f"<code>{html.escape(describe(summary, self.metric))}</code>"
-        )
+    def _show(self, bundle: dict[str, str]) -> None:
+        if self._handle is None:
+            self._handle = self._display(bundle, raw=True, display_id=True)
+        else:
+            self._handle.update(bundle, raw=True)
+        self._sent, self._last = bundle["text/html"], time.monotonic()
 
     def start(self, title: str) -> None:
-        print(title)
+        self._title = title
+        self._show(self._bundle(None))
 
     def update(self, summary: dict[str, Any]) -> None:
-        now = time.monotonic()
-        if now - self._last >= 0.25:
-            self._last = now
-            self._handle.update(self._render(summary))
+        if time.monotonic() - self._last < self.min_interval:
+            return
+        bundle = self._bundle(summary)
+        if bundle["text/html"] != self._sent:
+            self._show(bundle)
 
     def close(self, summary: dict[str, Any], message: str = "") -> None:
-        self._handle.update(self._render(summary))
-        if message:
-            print(message)
+        self._show(self._bundle(summary, message))
+
+
+def _quiet_tqdm_auto() -> None:
+    """Import ``tqdm.auto`` without its "IProgress not found" warning.
+
+    optuna imports ``tqdm.auto`` (for its own progress bar, which unison never shows); in a kernel
+    without ipywidgets that import warns on stderr, in the cell of the user's first search. Called
+    when this module is imported (before a search builds its optimizer), in a kernel only.
+    """
+    if "tqdm.auto" in sys.modules:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="IProgress not found")
+            import tqdm.auto  # noqa: F401
+    except Exception:  # tqdm missing or broken: optuna will say so itself
+        pass
 
 
 def _in_notebook() -> bool:
-    shell = sys.modules.get("IPython")
-    if shell is None:
+    """Whether this process is a Jupyter kernel (ipykernel's shell or a subclass such as Colab's),
+    not a terminal IPython. Imports nothing: outside a kernel IPython is never loaded here."""
+    zmqshell = sys.modules.get("ipykernel.zmqshell")
+    ipython = sys.modules.get("IPython")
+    if zmqshell is None or ipython is None:
         return False
-    ip = shell.get_ipython()
-    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+    shell = ipython.get_ipython()
+    return shell is not None and isinstance(shell, zmqshell.ZMQInteractiveShell)
+
+
+if _in_notebook():
+    _quiet_tqdm_auto()
 
 
 def make_progress(enabled: bool | None, metric: str) -> NoProgress:

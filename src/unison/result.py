@@ -56,6 +56,15 @@ class RunResult:
     path: Path
     duration: float
 
+    def _repr_html_(self) -> str:
+        """In Jupyter: the value, the metrics as a table, the duration and the experiment directory."""
+        value = f"{self.value:.6g}" if isinstance(self.value, float) else str(self.value)
+        value = "" if self.value is None else f": value <b>{_esc(value)}</b>"
+        rows = [*self.metrics.items(), ("duration (s)", self.duration)]
+        return (f"<div class='unison-result'><p><b>RunResult</b>{value}<br>"
+                f"<small><code>{_esc(self.path)}</code></small></p>{_html_table(['metric', 'value'], rows)}"
+                f"</div>")
+
 
 def trials_frame(rows: list[dict[str, Any]]) -> Any:
     """A pandas DataFrame with one row per trial: id, status, hparams, final metrics, the rest."""
@@ -177,6 +186,48 @@ class SearchResult:
         else:
             best = f"{self.metric}={self.best.metric:.6g} {self.best.hparams}"
         return f"SearchResult({len(self._rows)} trials, status={self.status}, best: {best}, path={self.path})"
+
+    def _html_header(self) -> str:
+        counts: dict[str, int] = {}
+        for row in self._rows:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        return (f"<p><b>{type(self).__name__}</b>: {len(self._rows)} trials ({_esc(tally) or 'none'}), "
+                f"status <b>{_esc(self.status)}</b>, {_esc(self.metric)} ({_esc(self.mode)})<br>"
+                f"<small><code>{_esc(self.path)}</code></small></p>")
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the counts, then the best trial (or the Pareto front) as a table."""
+        if self.best is not None:
+            best = self.best
+            rows = [("trial", best.trial_id), (self.metric, best.metric)]
+            rows += [(f"hparam {k}", v) for k, v in best.hparams.items()]
+            rows += [(f"metric {k}", v) for k, v in best.metrics.items() if k != self.metric]
+            body = "<p>best trial</p>" + _html_table(["", "value"], rows)
+        elif self.pareto:
+            names = list(dict.fromkeys(k for b in self.pareto for k in b.hparams))
+            rows = [(b.trial_id, *b.metric, *(b.hparams.get(k, "") for k in names)) for b in self.pareto]
+            body = (f"<p>{len(self.pareto)} trial(s) on the Pareto front</p>"
+                    + _html_table(["trial", *self.metrics, *names], rows))
+        else:
+            body = "<p>no trial completed</p>"
+        return f"<div class='unison-result'>{self._html_header()}{body}</div>"
+
+
+def _esc(value: Any) -> str:
+    import html
+
+    return html.escape(str(value))
+
+
+def _html_table(header: list[Any], rows: list[tuple[Any, ...]]) -> str:
+    def cell(value: Any, tag: str) -> str:
+        text = f"{value:.6g}" if isinstance(value, float) else str(value)
+        return f"<{tag}>{_esc(text)}</{tag}>"
+
+    head = "".join(cell(h, "th") for h in header)
+    body = "".join("<tr>" + "".join(cell(v, "td") for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 # ------------------------------------------------------------------------------------------ ablation
@@ -318,6 +369,12 @@ class AblationResult(SearchResult):
         target = Path(path) if path is not None else self.path / "ablation.png"
         fig.savefig(target, dpi=120)
         return target
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the counts, the headline, then the ablation table."""
+        table = self.ablation.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")
+        return (f"<div class='unison-result'>{self._html_header()}<p>{_esc(self.headline())}</p>"
+                f"{table}</div>")
 
     def __repr__(self) -> str:
         return (f"AblationResult({len(self._rows)} trials, status={self.status}, {self.headline()}, "
