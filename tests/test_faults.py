@@ -295,14 +295,16 @@ def test_raising_trial_fails_with_its_traceback_and_the_others_complete(tmp_path
     assert "ValueError: boom in trial 2" in (r.path / "trials" / "0002" / "stderr.log").read_text()
 
 
-def test_max_failures_aborts_naming_the_first_failure(tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["tpe", "random"])
+def test_max_failures_aborts_naming_the_first_failure(tmp_path: Path, optimizer: str) -> None:
     def fn(x: float, ctx: Any) -> float:
         if ctx.trial_id in (1, 3, 5):
             raise RuntimeError(f"broken trial {ctx.trial_id}")
         time.sleep(0.05)
         return x
 
-    search = unison.Search({"x": unison.uniform(0, 1)}, trials=12, seed=6, max_failures=2)
+    search = unison.Search({"x": unison.uniform(0, 1)}, trials=12, seed=6, max_failures=2,
+                           optimizer=optimizer)
     with pytest.raises(unison.SearchAborted) as info:
         unison.run(fn, search, backend=local(), storage=tmp_path, progress=False)
     message = str(info.value)
@@ -315,6 +317,12 @@ def test_max_failures_aborts_naming_the_first_failure(tmp_path: Path) -> None:
     meta = json.loads((path / "experiment.json").read_text())
     assert meta["status"] == "aborted"
     assert len(ended(path)) < 12  # it stopped early
+    # The record holds the trials that started (random search also hands busy workers their next
+    # trial ahead: those never started and are not in it).
+    started = {ev["id"] for ev in journal(path) if ev["e"] == "start"}
+    rows = unison.SearchResult.load(path).rows
+    assert {row["trial_id"] for row in rows} == started
+    assert {row["status"] for row in rows} <= {"completed", "failed", "running"}
 
 
 def test_nan_and_non_numeric_metrics_fail_their_trials(tmp_path: Path) -> None:

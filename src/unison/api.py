@@ -473,7 +473,9 @@ def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
         raise
     finally:
         store.append({"e": "status", "status": status, "t": time.time()})
-        rows = [t.row() for t in sorted(driver.trials.values(), key=lambda t: t.trial_id)]
+        # A trial handed to a busy worker but never started is not part of the record (resume runs it).
+        rows = [t.row() for t in sorted(driver.trials.values(), key=lambda t: t.trial_id)
+                if t.status != "reserved"]
         result = plan.make_result(store.path, rows, status)
         store.update_experiment(status=status)
         store.write_result({
