@@ -52,6 +52,7 @@ def check_two_workers(path: str | Path) -> list[dict[str, Any]]:
     assert (c0["task"], c1["task"]) == ({"type": "worker", "index": 0}, {"type": "worker", "index": 1})
     # the model lives in the strategy: built in its scope by the unchanged model_fn, compiled in train
     assert r0["strategy"] == r1["strategy"] == "MultiWorkerStrategy" and r0["replicas"] == 2
+    assert not r0["torch_loaded"] and not r1["torch_loaded"]  # a TensorFlow rank does not pay for torch
     # model_fn seeds each rank differently: the chief's initial weights reached every worker
     assert r0["before"] == r1["before"]
     # the same weights on both workers after training, and they changed

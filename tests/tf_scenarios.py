@@ -87,7 +87,7 @@ def train(model: keras.Model, dataset: Any, callbacks: list, hparams: dict[str, 
         "pid": os.getpid(), "tf_config": os.environ.get("TF_CONFIG"),
         "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
         "before": before, "after": digest(model), "steps": counter.steps, "losses": history.history["loss"],
-        "shard_rows": shard_rows, "evaluated": [loss, accuracy],
+        "shard_rows": shard_rows, "evaluated": [loss, accuracy], "torch_loaded": "torch" in sys.modules,
     }))
     return {"accuracy": accuracy, "loss": loss, "rank": ctx.rank}
 

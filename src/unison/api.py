@@ -411,7 +411,8 @@ def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
 
         payload = dumps_payload({"fn": fn, "names": names, "metric": search.metrics,
                                  "model_fn": model, "data": data, "variants": plan.variants,
-                                 "distributed": k > 1, "require_metric": plan.require_metric})
+                                 "distributed": k > 1, "require_metric": plan.require_metric,
+                                 "framework": plan.dist_options.get("framework", "torch")})
 
     if resume_path is not None:
         store = ExperimentStore(resume_path)

@@ -129,7 +129,7 @@ def serve(
             parts["fn"], parts["names"], parts["metric"], parts.get("model_fn"), parts.get("data"),
             variants=parts.get("variants"), require_metric=parts.get("require_metric", True),
         )
-        endpoint = _Endpoint(conn) if parts.get("distributed") else None
+        endpoint = _Endpoint(conn, parts.get("framework", "torch")) if parts.get("distributed") else None
     except Exception:  # noqa: BLE001 - the driver must learn why this worker cannot work
         conn.send({"t": "fatal", "error": traceback.format_exc()})
         conn.close()
@@ -191,13 +191,14 @@ def serve(
 class _Endpoint:
     """What a worker of a distributed experiment tells the driver in each ``ready``: the address its
     peers reach it at (the one its connection to the driver uses: 127.0.0.1 for local workers, the
-    executor's interface on Spark), a port free right now for a rendezvous it may host, and its GPUs."""
+    executor's interface on Spark), a port free right now for a rendezvous it may host, and its GPUs
+    (counted by torch, to choose nccl or gloo; not for TensorFlow ranks, which need not load torch)."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, framework: str = "torch") -> None:
         from unison.dist import gpu_count
 
         self.address = str(conn.sock.getsockname()[0])
-        self.gpus = gpu_count()
+        self.gpus = gpu_count() if framework == "torch" else 0
 
     def describe(self) -> dict[str, Any]:
         from unison.dist import free_port
