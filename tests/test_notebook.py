@@ -68,8 +68,10 @@ def _execute_notebook(tmp_path: Path, cells: list[str]) -> tuple[Any, list[list[
 
     class RecordingClient(nbclient.NotebookClient):
         def process_message(self, msg: dict[str, Any], cell: Any, cell_index: int) -> Any:
-            messages[cell_index].append({"msg_type": msg["msg_type"], "content": msg["content"],
-                                         "t": time.monotonic()})
+            # The kernel's send time, not ours: a loaded machine may hand us messages in bursts.
+            sent = msg.get("header", {}).get("date")
+            t = sent.timestamp() if hasattr(sent, "timestamp") else time.time()
+            messages[cell_index].append({"msg_type": msg["msg_type"], "content": msg["content"], "t": t})
             return super().process_message(msg, cell, cell_index)
 
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
