@@ -245,6 +245,7 @@ def _distributed_plan(run: Distributed) -> _Plan:
 
         check_keras_backend()
     search = run.to_search()
+
     def make_result(path: Path, rows: list[dict[str, Any]], status: str) -> SearchResult:
         return _DistributedRecord(path, search.metrics, search.modes, rows, status)
 

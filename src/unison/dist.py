@@ -204,11 +204,7 @@ class RankSession:
     def log_dir(self, trial_dir: Path) -> Path:
         """Where this rank's ``stdout.log``, ``stderr.log`` and ``metrics.jsonl`` go: the trial's
         folder for rank 0, ``rank-<r>/`` in it for the others."""
-        if self.rank == 0:
-            return trial_dir
-        path = trial_dir / f"rank-{self.rank}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return trial_dir if self.rank == 0 else trial_dir / f"rank-{self.rank}"
 
     def __enter__(self) -> RankSession:
         env = self._environment()

@@ -90,11 +90,8 @@ class RemoteLoop:
         server = Server(new_secret(), host=self.backend.listen_host, port=self.backend.listen_port)
         self.server = server
         try:
-            if self.barrier:
-                self.backend.start(server.address, server.secret, self.payload_path, self.log_dir, workers,
-                                   barrier=True)
-            else:
-                self.backend.start(server.address, server.secret, self.payload_path, self.log_dir, workers)
+            self.backend.start(server.address, server.secret, self.payload_path, self.log_dir, workers,
+                               barrier=self.barrier)
             next_tick = 0.0
             while not self.driver.finished:
                 try:

@@ -49,7 +49,7 @@ def _heartbeat(conn: Connection, interval: float, stop: threading.Event, exit_pr
 
 
 def _read(conn: Connection, inbox: queue.Queue[dict[str, Any]], current: dict[str, Any],
-          shared_filesystem: bool, ship_limit: int | None) -> None:
+          shared_filesystem: bool, ship_limit: int) -> None:
     """The reader thread: queue the driver's messages; act on ``abort`` at once."""
     try:
         while True:
@@ -62,28 +62,31 @@ def _read(conn: Connection, inbox: queue.Queue[dict[str, Any]], current: dict[st
 
 
 def _abort(conn: Connection, message: dict[str, Any], current: dict[str, Any], shared_filesystem: bool,
-           ship_limit: int | None) -> None:
+           ship_limit: int) -> None:
     """End this process now, after saving what the trial under way logged."""
     try:
         trial_id = current.get("trial_id")
         if trial_id is not None:
             print(f"\nunison: this rank was aborted by the driver: {message.get('reason', '')}",
                   file=sys.stderr)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+        _flush_std_streams()
         local_dir = current.get("local_dir")
         if trial_id is not None and not shared_filesystem and local_dir:
             from unison import trialfiles
 
-            files, _ = trialfiles.collect(
-                Path(local_dir), trialfiles.SHIP_LIMIT_BYTES if ship_limit is None else ship_limit)
+            files, _ = trialfiles.collect(Path(local_dir), ship_limit)
             conn.send({"t": "files", "trial_id": trial_id, "files": files})
             shutil.rmtree(local_dir, ignore_errors=True)
     finally:
         os._exit(ABORT_EXIT)
+
+
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _next(inbox: queue.Queue[dict[str, Any]]) -> dict[str, Any]:
@@ -114,6 +117,7 @@ def serve(
     from unison import trialfiles
     from unison.payload import loads_payload
 
+    ship_limit = trialfiles.SHIP_LIMIT_BYTES if ship_limit is None else ship_limit
     conn = client_connect(address, secret)
     conn.send({"t": "hello", "worker": worker, "host": socket.gethostname(), "pid": os.getpid()})
     stop = threading.Event()
@@ -170,8 +174,7 @@ def serve(
                 current["local_dir"] = local_dir
                 try:
                     result = runner.run({**request, "trial_dir": local_dir}, decide, notify)
-                    result["files"], skipped = trialfiles.collect(
-                        Path(local_dir), trialfiles.SHIP_LIMIT_BYTES if ship_limit is None else ship_limit)
+                    result["files"], skipped = trialfiles.collect(Path(local_dir), ship_limit)
                     if skipped:
                         result["files_skipped"] = skipped
                 finally:
@@ -222,11 +225,7 @@ def main() -> None:
     # libraries loaded, while the driver waits for the exit), but after the atexit handlers (loggers,
     # trackers the function started) and with the standard streams flushed.
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    _flush_std_streams()
     os._exit(0)
 
 
