@@ -22,7 +22,10 @@ _PUBLIC = {
     "unison.contexts.ablation": ("Ablation", "Ablator", "Component", "LeaveOneOut"),
     "unison.contexts.distributed": ("Distributed",),
     "unison.contexts.search": ("Search",),
-    "unison.errors": ("RunFailed", "SearchAborted", "TrialStopped", "WorkerError"),
+    "unison.errors": (
+        "ExperimentLocked", "MetricNotReported", "RunFailed", "SearchAborted", "StorageFull", "TrialStopped",
+        "WorkerError",
+    ),
     "unison.optimizers": ("GridSearch", "Optimizer", "OptunaOptimizer", "RandomSearch"),
     "unison.result": ("AblationResult", "Best", "RunResult", "SearchResult"),
     "unison.runtime": ("Reporter",),
@@ -62,7 +65,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from unison.contexts.ablation import Ablation, Ablator, Component, LeaveOneOut  # noqa: F401
     from unison.contexts.distributed import Distributed  # noqa: F401
     from unison.contexts.search import Search  # noqa: F401
-    from unison.errors import RunFailed, SearchAborted, TrialStopped, WorkerError  # noqa: F401
+    from unison.errors import (  # noqa: F401
+        ExperimentLocked,
+        MetricNotReported,
+        RunFailed,
+        SearchAborted,
+        StorageFull,
+        TrialStopped,
+        WorkerError,
+    )
     from unison.optimizers import GridSearch, Optimizer, OptunaOptimizer, RandomSearch  # noqa: F401
     from unison.result import AblationResult, Best, RunResult, SearchResult  # noqa: F401
     from unison.runtime import Reporter  # noqa: F401

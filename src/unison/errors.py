@@ -27,3 +27,29 @@ class RunFailed(RuntimeError):
     def __init__(self, message: str, path: object = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class ExperimentLocked(RuntimeError):
+    """Another driver is running this experiment (it holds the experiment directory's lock).
+
+    ``holder`` describes it (``host``, ``pid``, ``since``) as far as the lock file says."""
+
+    def __init__(self, message: str, holder: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder or {}
+
+
+class StorageFull(OSError):
+    """The experiment's storage ran out of space (or quota). Nothing recorded before is lost:
+    free space and ``unison.resume(path, fn)`` continues the experiment. ``path`` is the
+    experiment directory."""
+
+    def __init__(self, message: str, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class MetricNotReported(ValueError):
+    """Raised by ``reporter.report`` when the experiment's first report lacks the metric the search
+    optimizes (a misspelled ``metric=``): the trial fails at once and the search aborts, instead of
+    every trial running to its end for nothing. The message names what was reported."""
