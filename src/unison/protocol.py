@@ -4,9 +4,15 @@ Handshake (fixed sizes, nothing parsed before it succeeds):
     driver -> worker: MAGIC (8 bytes) + nonce (32 random bytes)
     worker -> driver: HMAC-SHA256(secret, b"worker" + nonce)   (32 bytes)
     driver -> worker: HMAC-SHA256(secret, b"driver" + nonce)   (32 bytes)
-A peer that sends anything else, or nothing within the timeout, is disconnected. After the
-handshake every message is a 4-byte big-endian length and a msgpack map; pickled bytes never
-cross the socket.
+A peer that sends anything else, or does not finish within :data:`HANDSHAKE_TIMEOUT_S` (one deadline
+for the whole handshake, however slowly the bytes trickle in), is disconnected. After the handshake
+every message is a 4-byte big-endian length and a msgpack map; pickled bytes never cross the socket.
+
+Every message received is checked against the schema of its kind (:func:`validate`): the kinds the
+driver receives are in :data:`TO_DRIVER`, those a worker receives in :data:`TO_WORKER`. A message of
+an unknown kind, without a required key, with a value of the wrong type or beyond a bound
+(:data:`MAX_METRICS`, :data:`MAX_NAME_CHARS`, :data:`MAX_TEXT_CHARS`, ...) raises
+:class:`MalformedMessage`; keys a schema does not name are ignored (newer peers may send more).
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import socket
 import struct
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -25,12 +34,43 @@ MAGIC = b"UNISON01"
 NONCE_BYTES = 32
 SECRET_BYTES = 32  # 256 bits, per experiment
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-HANDSHAKE_TIMEOUT_S = 5.0
+HANDSHAKE_TIMEOUT_S = 3.0  # the whole handshake, not each read
+HANDSHAKE_ATTEMPTS = 3  # a worker's tries when the driver hangs up during the handshake
+_RECV_CHUNK = 1024 * 1024  # a frame's buffer grows with the bytes that arrive, not with its announced length
 _LENGTH = struct.Struct(">I")
+
+# ----------------------------------------------------------------------------- message kinds
+# What workers send the driver.
+HELLO = "hello"              # worker, host, pid: who it is
+READY = "ready"              # asks for a trial; carries the previous trial's result and, in distributed
+                             # experiments, the endpoint it would host a process group at
+REPORT = "report"            # an intermediate report: trial_id, step, metrics; answered by DECISION
+RANK_FAILED = "rank_failed"  # a rank's function raised: trial_id, error (its outcome follows)
+FILES = "files"              # an aborted rank's shipped files: trial_id, files
+FATAL = "fatal"              # the worker cannot load the training function: error
+HEARTBEAT = "hb"             # still alive
+# What the driver sends workers.
+TRIAL = "trial"              # run (or hold, to run next) this trial
+DECISION = "decision"        # the answer to a REPORT: stop (None to go on, else the reason)
+ABORT = "abort"              # end the process now: another rank of this trial failed, or it timed out
+SHUTDOWN = "shutdown"        # no more trials
+
+MAX_METRICS = 1_000            # metrics in one report or result
+MAX_NAME_CHARS = 1_000         # a metric, host, address, file name, status, ...
+MAX_TEXT_CHARS = 16 * 1024 * 1024  # a traceback, a stop reason (the frame limit bounds the total anyway)
+MAX_FILES = 100_000            # files shipped in one message
+MAX_HPARAMS = 10_000
+TRIAL_STATUSES = ("completed", "failed", "stopped")
+_WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]*")  # it names the worker's log file
 
 
 class ProtocolError(ConnectionError):
     """The peer is not a unison peer with the experiment's secret, or broke the framing."""
+
+
+class MalformedMessage(ProtocolError):
+    """An authenticated peer sent a message that does not match its kind's schema (or no message at all:
+    bytes that are not msgpack, a frame over :data:`MAX_MESSAGE_BYTES`)."""
 
 
 def new_secret() -> bytes:
@@ -38,26 +78,236 @@ def new_secret() -> bytes:
     return os.urandom(SECRET_BYTES)
 
 
+# ---------------------------------------------------------------------------------- schemas
+class _Invalid(Exception):
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path} {problem}")
+
+
+_Check = Callable[[Any, str], None]
+
+
+def _type_name(value: Any) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _integer(lo: int | None = None, hi: int | None = None) -> _Check:
+    def check(value: Any, path: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(path, f"must be an int, got {_type_name(value)}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+            raise _Invalid(path, f"must be {bounds}, got {value}")
+    return check
+
+
+def _number(value: Any, path: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid(path, f"must be a number, got {_type_name(value)}")
+
+
+def _text(max_chars: int, pattern: re.Pattern[str] | None = None) -> _Check:
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, str):
+            raise _Invalid(path, f"must be a str, got {_type_name(value)}")
+        if len(value) > max_chars:
+            raise _Invalid(path, f"has {len(value)} characters, at most {max_chars} are allowed")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise _Invalid(path, f"must match {pattern.pattern!r}, got {value[:80]!r}")
+    return check
+
+
+def _one_of(*choices: str) -> _Check:
+    def check(value: Any, path: str) -> None:
+        if value not in choices or not isinstance(value, str):
+            raise _Invalid(path, f"must be one of {', '.join(map(repr, choices))}, got {value!r:.80}")
+    return check
+
+
+def _optional(inner: _Check) -> _Check:
+    def check(value: Any, path: str) -> None:
+        if value is not None:
+            inner(value, path)
+    return check
+
+
+def _blob(value: Any, path: str) -> None:
+    if not isinstance(value, bytes):
+        raise _Invalid(path, f"must be bytes, got {_type_name(value)}")
+
+
+def _anything(value: Any, path: str) -> None:
+    pass
+
+
+def _mapping(values: _Check, max_items: int, keys: _Check | None = None) -> _Check:
+    key_check = keys or _text(MAX_NAME_CHARS)
+
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, dict):
+            raise _Invalid(path, f"must be a map, got {_type_name(value)}")
+        if len(value) > max_items:
+            raise _Invalid(path, f"has {len(value)} entries, at most {max_items} are allowed")
+        for key, item in value.items():
+            key_check(key, f"{path} key {key!r:.80}")
+            values(item, f"{path}[{key!r}]")
+    return check
+
+
+def _sequence(items: _Check, max_items: int) -> _Check:
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, list):
+            raise _Invalid(path, f"must be a list, got {_type_name(value)}")
+        if len(value) > max_items:
+            raise _Invalid(path, f"has {len(value)} items, at most {max_items} are allowed")
+        for i, item in enumerate(value):
+            items(item, f"{path}[{i}]")
+    return check
+
+
+class _Field:
+    __slots__ = ("check", "required")
+
+    def __init__(self, check: _Check, required: bool = True) -> None:
+        self.check, self.required = check, required
+
+
+def _opt(check: _Check) -> _Field:
+    return _Field(check, required=False)
+
+
+_Schema = dict[str, _Field]
+
+
+def _check_fields(message: dict[str, Any], schema: _Schema, prefix: str) -> None:
+    for key, spec in schema.items():
+        path = f"{prefix}[{key!r}]" if prefix else repr(key)
+        if key not in message:
+            if spec.required:
+                raise _Invalid(path, "is missing")
+            continue
+        spec.check(message[key], path)
+
+
+def _record(schema: _Schema) -> _Check:
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, dict):
+            raise _Invalid(path, f"must be a map, got {_type_name(value)}")
+        _check_fields(value, schema, path)
+    return check
+
+
+_TRIAL_ID = _integer(0)
+_METRICS = _mapping(_number, MAX_METRICS)
+_FILES = _mapping(_blob, MAX_FILES, keys=_text(4096))
+_NAME = _text(MAX_NAME_CHARS)
+_TEXT = _text(MAX_TEXT_CHARS)
+
+#: A trial's outcome as :meth:`unison.runtime.TrialRunner.run` returns it (the ``result`` of ``ready``).
+RESULT_SCHEMA: _Schema = {
+    "trial_id": _Field(_TRIAL_ID),
+    "status": _Field(_one_of(*TRIAL_STATUSES)),
+    "metrics": _opt(_optional(_METRICS)),
+    "error": _opt(_optional(_TEXT)),
+    "error_kind": _opt(_optional(_NAME)),
+    "duration": _opt(_optional(_number)),
+    "steps": _opt(_integer(0)),
+    "last_step": _opt(_optional(_integer())),
+    "stop_reason": _opt(_optional(_TEXT)),
+    "files": _opt(_FILES),
+    "files_skipped": _opt(_sequence(_TEXT, MAX_FILES)),
+}
+
+#: One schema per kind of message the driver receives.
+TO_DRIVER: dict[str, _Schema] = {
+    HELLO: {
+        "worker": _Field(_text(200, _WORKER_NAME)),
+        "host": _Field(_NAME),
+        "pid": _Field(_integer(0)),
+    },
+    READY: {
+        "result": _opt(_record(RESULT_SCHEMA)),
+        "address": _opt(_NAME),
+        "port": _opt(_integer(0, 65535)),
+        "gpus": _opt(_integer(0)),
+    },
+    REPORT: {"trial_id": _Field(_TRIAL_ID), "step": _Field(_integer()), "metrics": _Field(_METRICS)},
+    RANK_FAILED: {"trial_id": _Field(_TRIAL_ID), "error": _Field(_TEXT)},
+    FILES: {"trial_id": _Field(_TRIAL_ID), "files": _Field(_FILES)},
+    FATAL: {"error": _Field(_TEXT)},
+    HEARTBEAT: {},
+}
+
+#: One schema per kind of message a worker receives.
+TO_WORKER: dict[str, _Schema] = {
+    TRIAL: {
+        "trial_id": _Field(_TRIAL_ID),
+        "hparams": _Field(_mapping(_anything, MAX_HPARAMS)),
+        "trial_dir": _Field(_text(4096)),
+        "attempt": _opt(_integer(0)),
+        "seed": _opt(_optional(_integer())),
+        "dist": _opt(_mapping(_anything, 1000)),
+    },
+    DECISION: {"stop": _Field(_optional(_TEXT)), "error": _opt(_optional(_TEXT))},
+    ABORT: {"trial_id": _opt(_optional(_TRIAL_ID)), "reason": _opt(_optional(_TEXT))},
+    SHUTDOWN: {},
+}
+
+DRIVER = "driver"  # ``receiver`` of :func:`validate`: a message a worker sent the driver
+WORKER = "worker"  # a message the driver sent a worker
+_SCHEMAS = {DRIVER: TO_DRIVER, WORKER: TO_WORKER}
+
+
+def validate(message: Any, receiver: str) -> dict[str, Any]:
+    """Return ``message`` if it is a well-formed message for ``receiver`` (:data:`DRIVER` or
+    :data:`WORKER`); otherwise raise :class:`MalformedMessage` saying what is wrong, e.g.
+    ``report message: 'trial_id' is missing``, or
+    ``ready message: 'result'['steps'] must be an int, got str``."""
+    schemas = _SCHEMAS[receiver]
+    if not isinstance(message, dict):
+        raise MalformedMessage(f"message must be a map, got {_type_name(message)}")
+    kind = message.get("t")
+    if not isinstance(kind, str) or kind not in schemas:
+        what = "has no kind ('t' is missing)" if "t" not in message else f"has an unknown kind {kind!r:.80}"
+        raise MalformedMessage(f"message {what}: a {receiver} accepts {', '.join(map(repr, schemas))}")
+    try:
+        _check_fields(message, schemas[kind], "")
+    except _Invalid as exc:
+        raise MalformedMessage(f"{kind} message: {exc}") from None
+    return message
+
+
+# ------------------------------------------------------------------------------- transport
 def _mac(secret: bytes, role: bytes, nonce: bytes) -> bytes:
     return hmac.new(secret, role + nonce, hashlib.sha256).digest()
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    chunks, remaining = [], n
-    while remaining:
-        chunk = sock.recv(remaining)
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """``n`` bytes from ``sock``; with ``deadline`` (a :func:`time.monotonic` time), all of them by then
+    (``TimeoutError`` otherwise), however they trickle in. The buffer grows as bytes arrive."""
+    buffer = bytearray()
+    while len(buffer) < n:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"timed out with {len(buffer)} of {n} bytes received")
+            sock.settimeout(remaining)
+        chunk = sock.recv(min(n - len(buffer), _RECV_CHUNK))
         if not chunk:
             raise ConnectionError("connection closed by peer")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+        buffer += chunk
+    return bytes(buffer)
 
 
 class Connection:
-    """A framed, authenticated message stream. ``send`` is thread-safe; one thread receives."""
+    """A framed, authenticated message stream. ``send`` is thread-safe; one thread receives.
 
-    def __init__(self, sock: socket.socket) -> None:
+    ``receiver`` (:data:`DRIVER` or :data:`WORKER`): :meth:`recv` validates each message against the
+    schemas of what that side receives; ``None``: no validation."""
+
+    def __init__(self, sock: socket.socket, receiver: str | None = None) -> None:
         self.sock = sock
+        self.receiver = receiver
         self._send_lock = threading.Lock()
 
     def send(self, message: dict[str, Any]) -> None:
@@ -66,12 +316,21 @@ class Connection:
             self.sock.sendall(_LENGTH.pack(len(data)) + data)
 
     def recv(self) -> dict[str, Any]:
+        """The next message. Raises ``ConnectionError`` when the stream ends, :class:`MalformedMessage`
+        on a frame over the limit, bytes that are not a msgpack map, or a message that fails
+        :func:`validate`."""
         (length,) = _LENGTH.unpack(_recv_exact(self.sock, _LENGTH.size))
-        if length > MAX_MESSAGE_BYTES:
-            raise ProtocolError(f"message of {length} bytes exceeds the {MAX_MESSAGE_BYTES} byte limit")
-        message = msgpack.unpackb(_recv_exact(self.sock, length), raw=False, strict_map_key=True)
+        if length > MAX_MESSAGE_BYTES:  # refused before reading (or allocating) any of it
+            raise MalformedMessage(f"message of {length} bytes exceeds the {MAX_MESSAGE_BYTES} byte limit")
+        data = _recv_exact(self.sock, length)
+        try:
+            message = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as exc:  # noqa: BLE001 - msgpack raises several types for broken input
+            raise MalformedMessage(f"message is not valid msgpack: {type(exc).__name__}: {exc}") from None
+        if self.receiver is not None:
+            return validate(message, self.receiver)
         if not isinstance(message, dict):
-            raise ProtocolError("message is not a map")
+            raise MalformedMessage(f"message must be a map, got {_type_name(message)}")
         return message
 
     def close(self) -> None:
@@ -82,36 +341,66 @@ class Connection:
         self.sock.close()
 
 
-def server_handshake(sock: socket.socket, secret: bytes) -> Connection:
-    """Authenticate a worker that connected to the driver; raises :class:`ProtocolError`."""
-    sock.settimeout(HANDSHAKE_TIMEOUT_S)
+def server_handshake(sock: socket.socket, secret: bytes, timeout: float | None = None) -> Connection:
+    """Authenticate a worker that connected to the driver within ``timeout`` seconds in all (default
+    :data:`HANDSHAKE_TIMEOUT_S`); raises :class:`ProtocolError`. The connection validates what it
+    receives as the driver."""
+    deadline = time.monotonic() + (HANDSHAKE_TIMEOUT_S if timeout is None else timeout)
     nonce = os.urandom(NONCE_BYTES)
     try:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
         sock.sendall(MAGIC + nonce)
-        answer = _recv_exact(sock, 32)
+        answer = _recv_exact(sock, 32, deadline)
     except (OSError, ConnectionError) as exc:
         raise ProtocolError(f"handshake failed: {exc}") from None
     if not hmac.compare_digest(answer, _mac(secret, b"worker", nonce)):
         raise ProtocolError("peer did not prove it holds the experiment secret")
-    sock.sendall(_mac(secret, b"driver", nonce))
+    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+    try:
+        sock.sendall(_mac(secret, b"driver", nonce))
+    except OSError as exc:
+        raise ProtocolError(f"handshake failed: {exc}") from None
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return Connection(sock)
+    return Connection(sock, receiver=DRIVER)
 
 
 def client_connect(address: tuple[str, int], secret: bytes, timeout: float = 30.0) -> Connection:
-    """Connect to the driver and run the worker side of the handshake."""
-    sock = socket.create_connection(address, timeout=timeout)
-    sock.settimeout(HANDSHAKE_TIMEOUT_S)
-    header = _recv_exact(sock, len(MAGIC) + NONCE_BYTES)
-    if header[: len(MAGIC)] != MAGIC:
+    """Connect to the driver and run the worker side of the handshake, each within ``timeout`` seconds
+    (the driver is not hurried: it greets a connection as soon as it accepts it). A driver that hangs
+    up during the handshake (it drops the oldest waiting connection when too many arrive at once, e.g.
+    a hundred workers starting together) is tried again, up to :data:`HANDSHAKE_ATTEMPTS` times in all.
+    The connection validates what it receives as a worker."""
+    for attempt in range(1, HANDSHAKE_ATTEMPTS + 1):
+        sock = socket.create_connection(address, timeout=timeout)
+        deadline = time.monotonic() + max(timeout, HANDSHAKE_TIMEOUT_S)
+        try:
+            return _client_handshake(sock, address, secret, deadline)
+        except ProtocolError:
+            raise
+        except ConnectionError as exc:  # closed or reset by the driver, not a wrong answer
+            if attempt == HANDSHAKE_ATTEMPTS:
+                raise ProtocolError(
+                    f"the driver at {address[0]}:{address[1]} hung up during the handshake {attempt} times "
+                    f"({exc}): this worker's secret is not the experiment's, or the driver is flooded with "
+                    f"connections") from None
+            time.sleep(0.1 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _client_handshake(sock: socket.socket, address: tuple[str, int], secret: bytes,
+                      deadline: float) -> Connection:
+    try:
+        header = _recv_exact(sock, len(MAGIC) + NONCE_BYTES, deadline)
+        if header[: len(MAGIC)] != MAGIC:
+            raise ProtocolError(f"{address} is not a unison driver")
+        nonce = header[len(MAGIC) :]
+        sock.sendall(_mac(secret, b"worker", nonce))
+        if not hmac.compare_digest(_recv_exact(sock, 32, deadline), _mac(secret, b"driver", nonce)):
+            raise ProtocolError("driver did not prove it holds the experiment secret")
+    except BaseException:
         sock.close()
-        raise ProtocolError(f"{address} is not a unison driver")
-    nonce = header[len(MAGIC) :]
-    sock.sendall(_mac(secret, b"worker", nonce))
-    if not hmac.compare_digest(_recv_exact(sock, 32), _mac(secret, b"driver", nonce)):
-        sock.close()
-        raise ProtocolError("driver did not prove it holds the experiment secret")
+        raise
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return Connection(sock)
+    return Connection(sock, receiver=WORKER)

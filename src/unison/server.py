@@ -1,7 +1,12 @@
 """The driver's listening socket: accepts workers, authenticates them, queues their messages.
 
-Every connection gets a reader thread that turns frames into events on one queue; the driver's
-loop is the only consumer, so driver state is touched by one thread only.
+Every connection gets a thread. Until it has authenticated (within the handshake deadline, see
+:mod:`unison.protocol`) it is *pending*; at most ``max_pending`` connections are pending at once: a
+connection beyond that makes room by dropping the oldest pending one (counted in ``rejected``), so
+idle or trickling strangers hold neither many threads nor the door: a worker, which answers the
+challenge in one round trip, gets in even while hundreds of them keep connecting. An authenticated
+connection's thread turns frames into events on one queue; the driver's loop is the only consumer,
+so driver state is touched by one thread only.
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ import itertools
 import queue
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from unison.protocol import Connection, ProtocolError, server_handshake
+from unison.protocol import Connection, MalformedMessage, ProtocolError, server_handshake
+
+MAX_PENDING_HANDSHAKES = 64
 
 
 @dataclass
@@ -37,7 +45,9 @@ class Peer:
 
 @dataclass
 class Event:
-    """``kind`` is ``message`` (``message`` set) or ``closed`` (the peer went away)."""
+    """``kind`` is ``message`` (``message`` set: a validated message), ``malformed`` (``message`` is
+    ``{"error": what was wrong}``; the connection is closed next, and a ``closed`` event follows) or
+    ``closed`` (the peer went away)."""
 
     kind: str
     peer: Peer
@@ -45,53 +55,92 @@ class Event:
 
 
 class Server:
-    """Listens on ``host`` (loopback by default) and feeds authenticated messages to ``events``."""
+    """Listens on ``host`` (loopback by default) and feeds authenticated messages to ``events``.
 
-    def __init__(self, secret: bytes, host: str = "127.0.0.1", port: int = 0) -> None:
+    ``rejected`` counts connections that did not authenticate (a wrong answer, the deadline passed,
+    or dropped to make room beyond ``max_pending``); ``handshake_timeout_s`` defaults to
+    :data:`unison.protocol.HANDSHAKE_TIMEOUT_S`."""
+
+    def __init__(self, secret: bytes, host: str = "127.0.0.1", port: int = 0,
+                 max_pending: int = MAX_PENDING_HANDSHAKES, handshake_timeout_s: float | None = None) -> None:
+        if max_pending < 1:
+            raise ValueError(f"Server(max_pending={max_pending}): must be at least 1, e.g. 64")
         self.secret = secret
         self.events: queue.Queue[Event] = queue.Queue()
         self.rejected = 0
+        self.max_pending = max_pending
+        self.handshake_timeout_s = handshake_timeout_s
         self._ids = itertools.count(1)
         self._sock = socket.create_server((host, port), backlog=128)
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
         self._closed = threading.Event()
         self._peers: dict[int, Peer] = {}
+        self._pending: dict[int, socket.socket] = {}  # connection number -> socket, oldest first
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept_loop, name="unison-accept", daemon=True)
         self._thread.start()
 
+    @property
+    def pending(self) -> int:
+        """How many connections are awaiting authentication now."""
+        with self._lock:
+            return len(self._pending)
+
     def _accept_loop(self) -> None:
+        numbers = itertools.count()
         while not self._closed.is_set():
             try:
                 sock, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(sock,), name="unison-peer", daemon=True).start()
+            number = next(numbers)
+            with self._lock:
+                while len(self._pending) >= self.max_pending:
+                    # Drop the oldest: it has had the longest to answer a challenge a worker answers at once.
+                    oldest = self._pending.pop(next(iter(self._pending)))
+                    try:
+                        oldest.shutdown(socket.SHUT_RDWR)  # wakes its thread, which closes it and counts it
+                    except OSError:
+                        pass
+                self._pending[number] = sock
+            try:
+                threading.Thread(target=self._serve, args=(sock, number), name="unison-peer",
+                                 daemon=True).start()
+            except RuntimeError:  # no thread to spare now: refuse this one, keep accepting
+                with self._lock:
+                    self._pending.pop(number, None)
+                    self.rejected += 1
+                sock.close()
 
-    def _serve(self, sock: socket.socket) -> None:
-        import time
-
+    def _serve(self, sock: socket.socket, number: int) -> None:
         try:
-            conn = server_handshake(sock, self.secret)
+            conn = server_handshake(sock, self.secret, self.handshake_timeout_s)
         except (ProtocolError, OSError):
-            self.rejected += 1
+            conn = None
+        with self._lock:
+            evicted = self._pending.pop(number, None) is None  # dropped to make room, or the server closed
+            closed = self._closed.is_set()
+            peer = None
+            if conn is not None and not evicted and not closed:
+                peer = Peer(next(self._ids), conn, last_seen=time.monotonic())
+                self._peers[peer.peer_id] = peer
+            elif not closed:
+                self.rejected += 1
+        if peer is None:
             try:
                 sock.close()
             except OSError:
                 pass
             return
-        peer = Peer(next(self._ids), conn, last_seen=time.monotonic())
-        with self._lock:
-            if self._closed.is_set():  # authenticated just as the driver closed: nothing to serve
-                conn.close()
-                return
-            self._peers[peer.peer_id] = peer
+        conn = peer.conn
         try:
             while True:
                 message = conn.recv()
                 peer.last_seen = time.monotonic()
                 self.events.put(Event("message", peer, message))
-        except (ConnectionError, OSError, ValueError, Exception):  # noqa: BLE001 - any broken stream ends the peer
+        except MalformedMessage as exc:
+            self.events.put(Event("malformed", peer, {"error": str(exc)}))
+        except Exception:  # noqa: BLE001 - any broken stream ends the peer
             pass
         finally:
             with self._lock:
@@ -112,5 +161,12 @@ class Server:
             pass
         with self._lock:
             peers = list(self._peers.values())
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for sock in pending:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         for peer in peers:
             peer.conn.close()
