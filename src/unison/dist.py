@@ -222,7 +222,8 @@ class RankSession:
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         try:
-            if exc is not None and not isinstance(exc, (TrialStopped, KeyboardInterrupt)) and self.notify:
+            # Ranks run only on workers, where a KeyboardInterrupt is the function's own: a failure too.
+            if exc is not None and not isinstance(exc, TrialStopped) and self.notify:
                 try:
                     self.notify("".join(traceback.format_exception(kind, exc, tb)))
                 except OSError:

@@ -46,6 +46,26 @@ class Backend:
         """The driver told the worker described by ``info`` (its hello) to end its process: its exit
         is expected, not a sign that workers cannot start."""
 
+    def worker_connected(self, info: dict[str, Any]) -> None:
+        """The worker described by ``info`` (its hello: ``worker``, ``host``, ``pid``) authenticated:
+        it started fine, so its exit, however soon, is not a sign that workers cannot start."""
+
+    def worker_alive(self, info: dict[str, Any]) -> bool | None:
+        """Whether the worker's process is known to be running (``None``: this backend cannot tell).
+        A silent worker whose process is alive (a function holding the GIL starves its heartbeat
+        thread) is not dropped for a missed heartbeat."""
+        return None
+
+    def worker_exit(self, info: dict[str, Any], wait_s: float = 0.0) -> str | None:
+        """How the worker's process ended (``"exit code 3"``, ``"killed by signal 9 (SIGKILL)"``),
+        waiting up to ``wait_s`` for it to end; ``None`` if it is still running or unknown."""
+        return None
+
+    def kill_worker(self, info: dict[str, Any]) -> bool:
+        """End the worker's process (and whatever it started) now; ``False`` if this backend cannot
+        (the driver then asks the worker to end itself)."""
+        return False
+
     def poll(self) -> None:
         """Called regularly while the experiment runs: replace lost workers, raise if none can start."""
 

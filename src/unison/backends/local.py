@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from unison.backends.base import Backend
 from unison.errors import WorkerError
@@ -19,6 +20,45 @@ from unison.worker import ABORT_EXIT, ENV_ADDRESS, ENV_HEARTBEAT, ENV_PAYLOAD, E
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 _LIVE: weakref.WeakSet[Local] = weakref.WeakSet()
+
+
+def describe_exit(code: int) -> str:
+    """How a process ended, from its ``Popen.returncode``: ``"exit code 3"`` or
+    ``"killed by signal 11 (SIGSEGV)"``."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {-code} ({name})"
+    return f"exit code {code}"
+
+
+def _seconds(name: str, value: Any, example: str, also: str = "") -> float:
+    """``value`` as a positive, finite number of seconds, or a ValueError naming ``Local(name=...)``."""
+    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError(f"Local({name}=...) must be > 0 seconds, e.g. {example}{also}; got {value!r}")
+    return number
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the worker has ended, without reaping it (its pid, and so its group, stay reserved)."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped elsewhere
+        return proc.poll() is not None
+
+
+def _wait_exited(proc: subprocess.Popen[bytes]) -> None:
+    """Block until the worker has ended, without reaping it."""
+    if proc.returncode is None:
+        try:
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            pass
 
 
 @atexit.register
@@ -35,8 +75,16 @@ class Local(Backend):
             ``workers_per_trial`` of them). Default: one per CPU core, and at least the ranks of one
             distributed trial.
         heartbeat_interval: seconds between a worker's heartbeats.
-        heartbeat_timeout: a worker silent this long loses its trial, which is retried elsewhere.
-            Default: 10 heartbeat intervals.
+        heartbeat_timeout: a worker silent this long whose process is no longer running loses its
+            trial, which is retried elsewhere (a worker whose process died is usually noticed at once,
+            by its closed connection). A silent worker whose process still runs keeps its trial: a
+            function holding the GIL in one long C call starves the heartbeat thread (a trial stuck
+            for good is what ``Search(trial_timeout_s=...)`` ends). Seconds, larger than
+            ``heartbeat_interval``; default: 10 heartbeat intervals.
+
+    Each worker runs in a session (and process group) of its own: Ctrl-C in the terminal reaches the
+    driver only, and ending a worker (when it exits, is killed or the search stops) SIGKILLs its group,
+    so the processes its trials started end with it (unless they moved to a session of their own).
     """
 
     name = "local"
@@ -49,17 +97,27 @@ class Local(Backend):
     ) -> None:
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ValueError(f"Local(workers=...) must be a whole number >= 1, got {workers!r}")
-        if not heartbeat_interval > 0:
-            raise ValueError(f"Local(heartbeat_interval=...) must be > 0, got {heartbeat_interval!r}")
         self.workers = workers
-        self.heartbeat_interval = float(heartbeat_interval)
-        self.heartbeat_timeout = (
-            float(heartbeat_timeout) if heartbeat_timeout is not None else 10 * self.heartbeat_interval
-        )
+        self.heartbeat_interval = _seconds("heartbeat_interval", heartbeat_interval, "1")
+        if heartbeat_timeout is None:
+            self.heartbeat_timeout = 10 * self.heartbeat_interval
+        else:
+            self.heartbeat_timeout = _seconds("heartbeat_timeout", heartbeat_timeout, "10",
+                                              ", and larger than heartbeat_interval")
+            if self.heartbeat_timeout <= self.heartbeat_interval:
+                raise ValueError(
+                    f"Local(heartbeat_timeout={heartbeat_timeout!r}) must be larger than heartbeat_interval "
+                    f"({self.heartbeat_interval} s), or every worker is dropped between two heartbeats: "
+                    f"e.g. {10 * self.heartbeat_interval:g} (10 intervals, the default)"
+                )
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: dict[str, IO[bytes]] = {}
         self._spawned = 0
-        self._early_deaths = 0
+        self._early_deaths = 0  # workers in a row that ended before they said hello
+        self._connected: set[str] = set()  # workers that authenticated: they started fine
+        self._killed: set[str] = set()  # workers ended on purpose (kill_worker)
+        self._exits: dict[str, str] = {}  # how each reaped worker ended, by name
+        self._reap_lock = threading.Lock()  # a group is killed only while its leader's pid is held
         self._stopping = False
 
     def slots(self) -> int:
@@ -87,6 +145,7 @@ class Local(Backend):
         self._log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self._stopping = False
+        self._early_deaths = 0
         _LIVE.add(self)
         for _ in range(workers):
             self._spawn()
@@ -96,13 +155,13 @@ class Local(Backend):
         self._spawned += 1
         log = open(self._log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
         env = dict(self._env, **{ENV_WORKER: name})
-        # A new session: Ctrl-C in the terminal reaches the driver only, which stops the workers.
+        # A new session: Ctrl-C in the terminal reaches the driver only, which stops the workers; and
+        # a process group of its own, ended with the worker, so what its trials start ends with it.
         proc = subprocess.Popen(
             [sys.executable, "-c", "from unison.worker import main; main()"],
             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        proc.started_at = time.monotonic()  # type: ignore[attr-defined]
         self._procs[name] = proc
         self._logs[name] = log
 
@@ -110,44 +169,116 @@ class Local(Backend):
         if self._stopping:
             return
         for name, proc in list(self._procs.items()):
-            code = proc.poll()
+            code = self._reap(proc)
             if code is None:
                 continue
             del self._procs[name]
             self._logs.pop(name).close()
-            lived = time.monotonic() - proc.started_at  # type: ignore[attr-defined]
-            # An aborted worker (another rank of its trial failed) did not fail to start.
-            self._early_deaths = self._early_deaths + 1 if lived < 5.0 and code not in (0, ABORT_EXIT) else 0
-            if self._early_deaths >= 3:
-                log = (self._log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise WorkerError(
-                    f"local worker processes keep exiting right after start (exit code {code}); the last "
-                    f"one's output ({self._log_dir / (name + '.log')}):\n{log}"
-                )
+            self._exits[name] = describe_exit(code)
+            started = name in self._connected or name in self._killed
+            self._connected.discard(name)
+            self._killed.discard(name)
+            # Only a worker that ended before it ever said hello failed to start; one that
+            # authenticated (however soon it died after) or was aborted (another rank of its trial
+            # failed) did not.
+            if not started and code not in (0, ABORT_EXIT):
+                self._early_deaths += 1
+                if self._early_deaths >= 3:
+                    log = (self._log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+                    raise WorkerError(
+                        f"local worker processes keep exiting before they connect to the driver "
+                        f"({self._early_deaths} in a row, the last with {describe_exit(code)}); the last "
+                        f"one's output ({self._log_dir / (name + '.log')}):\n{log}"
+                    )
             self._spawn()  # keep every slot filled; the driver retries the trial it was running
 
-    def kill_worker(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to one worker process (used by fault-injection tests)."""
-        self._procs[name].send_signal(sig)
+    def worker_connected(self, info: dict[str, Any]) -> None:
+        name = self._own(info)
+        if name is not None:
+            self._connected.add(name)
+            self._early_deaths = 0
+
+    def worker_alive(self, info: dict[str, Any]) -> bool | None:
+        name = self._own(info)
+        if name is None:
+            return False if str(info.get("worker")) in self._exits else None
+        return not _exited(self._procs[name])
+
+    def worker_exit(self, info: dict[str, Any], wait_s: float = 0.0) -> str | None:
+        name = self._own(info)
+        if name is None:
+            return self._exits.get(str(info.get("worker")))
+        proc = self._procs[name]
+        deadline = time.monotonic() + wait_s
+        while not _exited(proc):
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.005)
+        code = self._reap(proc)
+        return None if code is None else describe_exit(code)
+
+    def kill_worker(self, info: dict[str, Any]) -> bool:
+        """End the worker's process group now (the worker and whatever its trials started); the next
+        :meth:`poll` starts a worker in its place."""
+        name = self._own(info)
+        if name is None:
+            return False
+        self._killed.add(name)
+        self._kill_group(self._procs[name])
+        return True
 
     def pids(self) -> list[int]:
+        """The pids of the worker processes running now."""
         return [p.pid for p in self._procs.values()]
+
+    def _own(self, info: dict[str, Any]) -> str | None:
+        """The name of the running worker process ``info`` (a hello) describes, if it is one of ours."""
+        name = info.get("worker")
+        proc = self._procs.get(name) if isinstance(name, str) else None
+        if proc is None or (info.get("pid") is not None and info.get("pid") != proc.pid):
+            return None
+        return name
+
+    def _kill_group(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the worker's process group (its session: the worker and what its trials started)."""
+        with self._reap_lock:
+            if proc.returncode is not None:  # reaped: its pid may belong to someone else by now
+                return
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _reap(self, proc: subprocess.Popen[bytes]) -> int | None:
+        """The worker's exit status once it has ended, else ``None``. What the worker started dies
+        with it: its group is killed while the worker's unreaped pid still names it."""
+        if proc.returncode is not None:
+            return proc.returncode
+        if not _exited(proc):
+            return None
+        with self._reap_lock:
+            if proc.returncode is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return proc.wait()
 
     def stop(self, force: bool = False) -> None:
         self._stopping = True
         procs = list(self._procs.values())
         if force:
             for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-        # Block in waitpid (Popen.wait with a timeout polls with sleeps that add up to tens of ms per
+                self._kill_group(proc)
+        # Block in waitid (Popen.wait with a timeout polls with sleeps that add up to tens of ms per
         # search) and let a timer kill whatever is still running after a grace period.
-        killer = threading.Timer(3.0, lambda: [p.kill() for p in procs if p.poll() is None])
+        killer = threading.Timer(3.0, lambda: [self._kill_group(p) for p in procs])
         killer.daemon = True
         killer.start()
         try:
             for proc in procs:
-                proc.wait()
+                _wait_exited(proc)
+                self._reap(proc)
         finally:
             killer.cancel()
         for log in self._logs.values():
