@@ -40,6 +40,7 @@ class TrialState:
     duration: float | None = None
     stop_reason: str | None = None
     spec: dict[str, Any] = field(default_factory=dict)
+    started_at: float | None = None  # time.monotonic() when this attempt started (for trial_timeout_s)
 
     def row(self) -> dict[str, Any]:
         """The trial as one flat record (for the trial table and result.json)."""
@@ -88,6 +89,10 @@ class SearchDriver:
         self.counts = {"completed": 0, "failed": 0, "stopped": 0}
         self.started_at = time.monotonic()
         self.concurrency: int | None = search.max_concurrent
+        # The first report of the experiment must hold the optimized metric(s) (Ray Tune's rule): a
+        # misspelled metric= then fails at once, not after whole trials. Off for a run without metric=.
+        self.require_metric = True
+        self.metric_checked = False
 
     # ----------------------------------------------------------------- resume
     def replay(self, events: list[dict[str, Any]]) -> None:
@@ -191,6 +196,7 @@ class SearchDriver:
         ``ranks`` (``worker``, ``host``, ``pid`` are then rank 0's, the workers joined by commas)."""
         self.reserved.discard(trial.trial_id)
         trial.status, trial.worker, trial.host, trial.pid = "running", worker, host, pid
+        trial.started_at = time.monotonic()
         self.running += 1
         self.store.append(
             {"e": "start", "id": trial.trial_id, "hparams": trial.hparams, "attempt": trial.attempt,
@@ -211,8 +217,21 @@ class SearchDriver:
         }
 
     def report(self, trial_id: int, step: int, metrics: dict[str, float]) -> str | None:
-        """Record an intermediate report; return ``None`` to continue or the reason to stop."""
+        """Record an intermediate report; return ``None`` to continue or the reason to stop.
+
+        Raises :class:`unison.MetricNotReported` if this is the experiment's first report and it lacks
+        a metric the search optimizes (the trial then fails with ``error_kind: missing_metric``)."""
         self.store.append({"e": "report", "id": trial_id, "step": step, "metrics": metrics})
+        if not self.metric_checked and self.require_metric:
+            missing = [m for m in self.search.metrics if m not in metrics]
+            if missing:
+                from unison._validate import missing_metric_message
+                from unison.errors import MetricNotReported
+
+                raise MetricNotReported(missing_metric_message(
+                    f"the experiment's first report (trial {trial_id}, step {step}) has the metrics",
+                    metrics, missing, f"report {missing[0]!r} in it too"))
+            self.metric_checked = True
         value = metrics.get(self.search.metrics[0])
         if self.scheduler is None or value is None or not math.isfinite(value):
             return None
@@ -239,6 +258,8 @@ class SearchDriver:
         }
         if outcome.get("files_skipped"):
             event["files_skipped"] = outcome["files_skipped"]
+        if outcome.get("logs_cut"):
+            event["logs_cut"] = outcome["logs_cut"]
         self.store.append(event)
         self._apply_end(trial, event)
         if self.scheduler is not None:
@@ -266,6 +287,29 @@ class SearchDriver:
             "error": f"{reason}; gave up after {trial.attempt + 1} attempts (max_retries="
                      f"{self.search.max_retries})",
         })
+
+    def overdue(self, now: float) -> list[TrialState]:
+        """The running trials that started more than ``trial_timeout_s`` before ``now``
+        (``time.monotonic()``); none when the search sets no limit."""
+        limit = self.search.trial_timeout_s
+        if limit is None:
+            return []
+        return [t for t in self.trials.values()
+                if t.status == "running" and t.started_at is not None and now - t.started_at > limit]
+
+    def time_out(self, trial_id: int) -> None:
+        """``trial_id`` ran past ``trial_timeout_s`` (its process is being ended): fail it, or with
+        ``retry_on_timeout`` run it again while attempts remain."""
+        trial = self.trials[trial_id]
+        if trial.status != "running":
+            return
+        reason = f"timeout: the trial ran longer than trial_timeout_s={self.search.trial_timeout_s}"
+        if self.search.retry_on_timeout:
+            self.lose(trial_id, reason)
+            return
+        self.running -= 1
+        elapsed = None if trial.started_at is None else time.monotonic() - trial.started_at
+        self._end(trial, {"trial_id": trial_id, "status": "failed", "duration": elapsed, "error": reason})
 
     def abort(self, error: BaseException) -> None:
         if self.abort_error is None:

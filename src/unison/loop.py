@@ -11,11 +11,17 @@ them).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import signal
 import socket
+import sys
+import threading
 import time
+import warnings
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,7 @@ from typing import Any
 from unison import trialfiles
 from unison.backends.base import Backend
 from unison.driver import SearchDriver
-from unison.errors import WorkerError
+from unison.errors import MetricNotReported, WorkerError
 from unison.protocol import new_secret
 from unison.runtime import TrialRunner
 from unison.server import Event, Peer, Server
@@ -47,11 +53,81 @@ def run_inline(driver: SearchDriver, runner: TrialRunner, progress: Any) -> None
             break
         trial, message = window.popleft()
 
-        def decide(step: int, metrics: dict[str, float], _id: int = trial.trial_id) -> str | None:
-            return driver.report(_id, step, metrics)
+        timer = _InlineTimer(driver.search.trial_timeout_s)
 
-        driver.finish(runner.run(message, decide))
+        def decide(step: int, metrics: dict[str, float], _id: int = trial.trial_id,
+                   _timer: _InlineTimer = timer) -> str | None:
+            with _timer.paused():  # never interrupt the driver's own journal writes
+                return driver.report(_id, step, metrics)
+
+        saved, outcome = (sys.stdout, sys.stderr), None
+        trial.started_at = time.monotonic()
+        try:
+            with timer:
+                outcome = runner.run(message, decide)
+        except TrialTimeout:  # the alarm came during the runner's own setup or cleanup
+            sys.stdout, sys.stderr = saved
+        if timer.fired:  # where it was interrupted is in its stderr.log
+            driver.time_out(trial.trial_id)
+        else:
+            driver.finish(outcome)
         progress.update(driver.summary())
+
+
+class TrialTimeout(BaseException):
+    """Raised inside an inline trial that ran past ``trial_timeout_s`` (a ``BaseException``, so an
+    ``except Exception`` in the function does not swallow it)."""
+
+
+class _InlineTimer:
+    """``trial_timeout_s`` for a trial run in this thread: ``SIGALRM`` raises :class:`TrialTimeout`
+    in the function (again every second if the function swallows it). Only the main thread receives
+    signals, so elsewhere (and without ``signal.setitimer``) the limit is not enforced, with a warning."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.fired = False
+        self._armed = self._due = False
+        self._old: Any = None
+        self._usable = (seconds is not None and hasattr(signal, "setitimer")
+                        and threading.current_thread() is threading.main_thread())
+        if seconds is not None and not self._usable:
+            warnings.warn(f"trial_timeout_s={seconds} is not enforced by the inline backend outside the "
+                          f"main thread: use backend='local' to bound each trial", stacklevel=3)
+
+    def __enter__(self) -> _InlineTimer:
+        if self._usable:
+            self._old = signal.signal(signal.SIGALRM, self._on_alarm)
+            self._armed = True
+            signal.setitimer(signal.ITIMER_REAL, self.seconds, 1.0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._usable:
+            self._armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._old if self._old is not None else signal.SIG_DFL)
+
+    def _on_alarm(self, signum: int, frame: Any) -> None:
+        if self._armed:
+            self._fire()
+        else:
+            self._due = True
+
+    def _fire(self) -> None:
+        self.fired, self._due = True, False
+        raise TrialTimeout(f"the trial ran longer than trial_timeout_s={self.seconds}")
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No alarm inside this block; one that came meanwhile is raised when it ends."""
+        armed, self._armed = self._armed, False
+        try:
+            yield
+        finally:
+            self._armed = armed
+            if armed and self._due:
+                self._fire()
 
 
 @dataclass
@@ -104,6 +180,7 @@ class RemoteLoop:
                 if now >= next_tick:
                     next_tick = now + TICK_S
                     self._check_heartbeats(now)
+                    self._check_timeouts(now)
                     self.backend.poll()
                     self.progress.update(self.driver.summary())
             self._linger(server)
@@ -121,6 +198,16 @@ class RemoteLoop:
     # ------------------------------------------------------------------ events
     def _handle(self, event: Event) -> None:
         peer, driver = event.peer, self.driver
+        if event.kind == "malformed":  # the server drops the peer next; its "closed" event handles its trial
+            error = (event.message or {}).get("error")
+            try:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.log_dir / f"{peer.name}.log", "a", encoding="utf-8") as log:
+                    log.write(f"\nunison driver: dropped the connection of {peer.name} (peer {peer.peer_id}, "
+                              f"pid {peer.info.get('pid')}) after a malformed message: {error}\n")
+            except (OSError, ValueError):
+                pass
+            return
         if peer.aborted:  # told to end itself: only the files it saves still matter
             if event.kind == "closed":
                 self.peers.pop(peer.peer_id, None)
@@ -141,8 +228,7 @@ class RemoteLoop:
                 self._rank_lost(gang, peer)
                 self._dispatch_waiting()
             elif peer.trial_id is not None:
-                driver.lose(peer.trial_id,
-                            f"worker {peer.name} died or lost its connection while running the trial")
+                driver.lose(peer.trial_id, self._death(peer))
                 peer.trial_id = None
                 self._dispatch_waiting()
             return
@@ -152,6 +238,12 @@ class RemoteLoop:
             if "port" in message:
                 peer.endpoint = {"address": message.get("address"), "port": message["port"],
                                  "gpus": message.get("gpus", 0)}
+            if "result" in message and peer.trial_id not in (None, message["result"]["trial_id"]):
+                self._handle(Event("malformed", peer, {
+                    "error": f"ready message: 'result'['trial_id'] is {message['result']['trial_id']}, but "
+                             f"the worker is running trial {peer.trial_id}"}))
+                peer.conn.close()  # its "closed" event then treats the trial it runs as lost
+                return
             if "result" in message and peer.trial_id is not None:
                 gang = self.gangs.get(peer.trial_id)
                 if gang is not None:
@@ -168,7 +260,11 @@ class RemoteLoop:
             if trial is None or trial.status != "running":  # e.g. another rank failed meanwhile
                 stop = "the trial already ended"
             else:
-                stop = driver.report(message["trial_id"], message["step"], message["metrics"])
+                try:
+                    stop = driver.report(message["trial_id"], message["step"], message["metrics"])
+                except MetricNotReported as exc:  # the worker's reporter raises it in the function
+                    self._send(peer, {"t": "decision", "stop": None, "error": str(exc)})
+                    return
             self._send(peer, {"t": "decision", "stop": stop})
         elif kind == "rank_failed":
             gang = self.gangs.get(peer.trial_id) if peer.trial_id is not None else None
@@ -182,6 +278,7 @@ class RemoteLoop:
         elif kind == "hello":
             peer.info = message
             self.peers[peer.peer_id] = peer
+            self.backend.worker_connected(message)
         elif kind == "fatal":
             driver.abort(WorkerError(f"worker {peer.name} could not load the training function:\n"
                                      f"{message.get('error')}"))
@@ -376,8 +473,56 @@ class RemoteLoop:
         except OSError:
             peer.conn.close()  # its reader thread reports it closed; the trial is retried then
 
+    def _check_timeouts(self, now: float) -> None:
+        """End the trials running past ``trial_timeout_s``: record each (failed, or queued again with
+        ``retry_on_timeout``) and end the processes of its workers, every rank of a distributed trial
+        (the backend replaces them)."""
+        overdue, trial_limit = self.driver.overdue(now), self.driver.search.trial_timeout_s
+        for trial in overdue:
+            gang = self.gangs.get(trial.trial_id)
+            if gang is not None:
+                gang.ended = True
+                for rank in range(len(gang.members)):
+                    gang.outcomes.setdefault(rank, {"status": "aborted"})
+            self.driver.time_out(trial.trial_id)
+            reason = f"timeout: the trial ran longer than trial_timeout_s={trial_limit}"
+            for peer in [p for p in self.peers.values() if p.trial_id == trial.trial_id and not p.aborted]:
+                self._end_worker(peer, trial.trial_id, reason)
+            if gang is not None:
+                self._forget_if_done(gang)
+        if overdue:
+            self._dispatch_waiting()
+
+    def _end_worker(self, peer: Peer, trial_id: int, reason: str) -> None:
+        """End ``peer``'s process, which runs ``trial_id``: killed by the backend where it can, else told
+        to end itself (``abort``, as the other ranks of a failed distributed trial are)."""
+        peer.trial_id = None
+        if peer.reserved_id is not None:  # the trial it held for later goes to another worker
+            self.driver.unreserve(peer.reserved_id)
+            peer.reserved_id = None
+        peer.aborted = True
+        self.aborting.add(peer.peer_id)
+        if peer in self.waiting:
+            self.waiting.remove(peer)
+        self.backend.worker_aborted(peer.info)
+        if not self.backend.kill_worker(peer.info):
+            self._send(peer, {"t": "abort", "trial_id": trial_id, "reason": reason})
+
+    def _death(self, peer: Peer) -> str:
+        """Why ``peer``'s trial was lost, with how its process ended where the backend can tell (it
+        waits a moment for the process to be reaped: the connection closes as the process dies)."""
+        ended = self.backend.worker_exit(peer.info, wait_s=0.5)
+        if ended is None:
+            return f"worker {peer.name} died or lost its connection while running the trial"
+        how = f"was {ended}" if ended.startswith("killed") else f"exited with {ended}"
+        return f"worker {peer.name} died while running the trial: its process {how}"
+
     def _check_heartbeats(self, now: float) -> None:
+        """Drop the peers silent past ``heartbeat_timeout``, except those whose backend vouches that
+        their process runs: a function holding the GIL in one long C call starves the heartbeat thread
+        (one stuck for good is ended by ``trial_timeout_s``). Where the backend cannot tell (Spark),
+        a trial that holds the GIL longer than ``heartbeat_timeout`` is lost and retried."""
         limit = self.backend.heartbeat_timeout
         for peer in list(self.peers.values()):
-            if now - peer.last_seen > limit:
+            if now - peer.last_seen > limit and self.backend.worker_alive(peer.info) is not True:
                 peer.conn.close()

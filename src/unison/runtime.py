@@ -11,6 +11,9 @@ import io
 import json
 import math
 import numbers
+import os
+import re
+import reprlib
 import sys
 import time
 import traceback
@@ -18,14 +21,43 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from unison import trialfiles
 from unison.ablate import component_generators
 from unison.context import Context, _default_device
 from unison.dist import session_for
-from unison.errors import TrialStopped
+from unison.errors import MetricNotReported, TrialStopped
 from unison.injection import build_arguments, once, takes_no_arguments
 
 Decide = Callable[[int, dict[str, float]], "str | None"]
 """``decide(step, metrics)``: how a reporter asks the scheduler; ``None`` to go on, else why to stop."""
+
+MAX_METRICS = 1000
+"""The most metrics a trial may return, or report in one ``reporter.report`` call."""
+MAX_METRICS_BYTES = 1024 * 1024
+"""The most bytes (as JSON) the metrics a trial returns, or reports in one call, may take."""
+MAX_ERROR_CHARS = 64 * 1024  # a failed trial's error (traceback) keeps its first and last part
+
+
+def _short(value: Any) -> str:
+    """A bounded ``repr`` for messages (a huge list must not become a huge error)."""
+    return reprlib.repr(value)
+
+
+def _oversize(what: str, metrics: dict[Any, Any], measure: bool = False) -> str | None:
+    """Why ``metrics`` (returned, or reported in one call) are over the caps, or ``None``: their count,
+    and with ``measure`` (numbers by then) their size as JSON."""
+    size = None
+    if len(metrics) <= MAX_METRICS:
+        if not measure:
+            return None
+        size = len(json.dumps(metrics))
+        if size <= MAX_METRICS_BYTES:
+            return None
+    found = f"{len(metrics)} metrics" if size is None else f"{size} bytes of metrics"
+    return (f"{what} {found}: at most {MAX_METRICS} metrics and {MAX_METRICS_BYTES // 1024 // 1024} MiB "
+            f"may be sent to the driver at once. Return or report a few summary numbers, and write big "
+            f"things (predictions, arrays, per-example scores) to files in ctx.trial_dir, which the "
+            f"experiment keeps")
 
 
 def to_number(value: Any) -> float | None:
@@ -51,6 +83,11 @@ class Reporter:
     later ``report`` raises :class:`unison.TrialStopped` at once, without recording anything, and the
     trial is recorded as ``stopped`` even if the function caught the exception and returned (the Keras
     callback does exactly that, to end ``fit`` cleanly).
+
+    The experiment's first report must hold the metric(s) the search optimizes: if it does not, this
+    report raises :class:`unison.MetricNotReported`, ``metric_error`` says why, every later ``report``
+    raises it again, and the trial fails (with ``error_kind: missing_metric``: the search aborts)
+    even if the function caught it.
     """
 
     def __init__(self, decide: Decide | None = None, log: io.TextIOBase | None = None) -> None:
@@ -60,32 +97,47 @@ class Reporter:
         self.last_step: int | None = None
         self.count = 0
         self.stop_reason: str | None = None
+        self.metric_error: str | None = None
 
     def report(self, step: int | None = None, **metrics: Any) -> None:
         """Record metrics at ``step`` (default: 0, 1, 2, ... per call).
 
         Raises :class:`unison.TrialStopped` when the scheduler stops the trial; let it propagate.
+        Raises :class:`unison.MetricNotReported` when the experiment's first report lacks the metric
+        the search optimizes.
         """
         if self.stop_reason is not None:
             raise TrialStopped(self.stop_reason)
+        if self.metric_error is not None:
+            raise MetricNotReported(self.metric_error)
         if step is None:
             step = self.count
         elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise TypeError(f"reporter.report(step=...) must be an int, got {step!r}")
+        problem = _oversize("reporter.report() got", metrics)
+        if problem is not None:
+            raise ValueError(problem)
         clean: dict[str, float] = {}
         for name, value in metrics.items():
             number = to_number(value)
             if number is None:
                 raise TypeError(
-                    f"reporter.report({name}={value!r}): metrics must be numbers "
+                    f"reporter.report({name}={_short(value)}): metrics must be numbers "
                     f"(got {type(value).__name__})"
                 )
             clean[name] = number
+        problem = _oversize("reporter.report() got", clean, measure=True)
+        if problem is not None:
+            raise ValueError(problem)
         self.count += 1
         self.last_step, self.last_metrics = int(step), clean
         if self._log is not None:
             self._log.write(json.dumps({"step": int(step), **clean}) + "\n")
-        reason = None if self._decide is None else self._decide(int(step), clean)
+        try:
+            reason = None if self._decide is None else self._decide(int(step), clean)
+        except MetricNotReported as exc:
+            self.metric_error = str(exc)
+            raise
         if reason is not None:
             self.stop_reason = str(reason) or f"stopped at step {int(step)}"
             raise TrialStopped(self.stop_reason)
@@ -98,6 +150,10 @@ def normalize_metrics(returned: Any, metric: str | list[str]) -> tuple[dict[str,
     needs a dict.
     """
     names = [metric] if isinstance(metric, str) else list(metric)
+    if isinstance(returned, dict):
+        problem = _oversize("the function returned", returned)
+        if problem is not None:
+            return None, problem
     number = to_number(returned)
     if number is not None and len(names) == 1:
         metrics = {names[0]: number}
@@ -107,37 +163,99 @@ def normalize_metrics(returned: Any, metric: str | list[str]) -> tuple[dict[str,
             number = to_number(value)
             if number is None:
                 return None, (
-                    f"metric {name!r} is {value!r} ({type(value).__name__}); the function must return a "
-                    f"number or a dict of numbers"
+                    f"metric {_short(name)} is {_short(value)} ({type(value).__name__}); the function "
+                    f"must return a number or a dict of numbers"
                 )
             metrics[str(name)] = number
     else:
         return None, (
-            f"the function returned {returned!r} ({type(returned).__name__}); return "
+            f"the function returned {_short(returned)} ({type(returned).__name__}); return "
             + (f"a number (the metric {names[0]!r}) or " if len(names) == 1 else "")
             + f"a dict of numbers that includes {', '.join(map(repr, names))}"
         )
     for name, value in metrics.items():
         if not math.isfinite(value):
             return None, f"metric {name!r} is {value} (not finite): the trial diverged or divided by zero"
+    problem = _oversize("the function returned", metrics, measure=True)
+    if problem is not None:
+        return None, problem
     return metrics, None
 
 
-class _LazyLog(io.TextIOBase):
-    """A line-buffered log file opened on first write, so quiet trials cost no file."""
+_CUT_NOTE = re.compile(rb"^(?:\[unison: |\{\"unison\": \")(\d+) bytes of earlier ")
 
-    def __init__(self, path: Path) -> None:
+
+def _limit_text(limit: int) -> str:
+    return f"{limit // (1024 * 1024)} MiB" if limit % (1024 * 1024) == 0 else f"{limit} bytes"
+
+
+class _LazyLog(io.TextIOBase):
+    """A line-buffered log file opened on first write, so quiet trials cost no file.
+
+    It never holds more than ``limit`` bytes (default :data:`unison.trialfiles.LOG_LIMIT_BYTES`): a
+    write that would pass the limit rewrites the file to its last ``limit / 2`` bytes (from a line
+    start) under a first line ``[unison: N bytes of earlier output were cut (log limit 8 MiB)]``, so
+    the file is rewritten once per ``limit / 2`` bytes written, never once per line. ``json_note``
+    writes that line as a JSON object instead (for ``metrics.jsonl``). ``cut``: how many bytes this
+    log dropped.
+    """
+
+    def __init__(self, path: Path, limit: int | None = None, json_note: bool = False) -> None:
         self.path = path
-        self._file: io.TextIOWrapper | None = None
+        self.limit = trialfiles.LOG_LIMIT_BYTES if limit is None else int(limit)
+        self.json_note = json_note
+        self.cut = 0
+        self._file: io.BufferedWriter | None = None
+        self._size = 0
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
+        self.write_bytes(text.encode("utf-8", "backslashreplace"))
+        return len(text)
+
+    def write_bytes(self, data: bytes) -> None:
+        """Append ``data`` (already encoded), within the limit."""
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-        return self._file.write(text)
+            self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
+            self._size = os.fstat(self._file.fileno()).st_size  # a retried trial's log goes on
+        if self._size + len(data) > self.limit:
+            self._keep_last(data)
+        else:
+            self._file.write(data)
+            self._size += len(data)
+        if b"\n" in data:
+            self._file.flush()
+
+    def _keep_last(self, data: bytes) -> None:
+        """Rewrite the log as its last part (ending with ``data``) under a note of what was cut."""
+        assert self._file is not None
+        self._file.flush()
+        keep = self.limit // 2
+        with open(self.path, "rb") as f:
+            head = f.read(200)
+            if len(data) < keep:
+                f.seek(max(0, self._size - (keep - len(data))))
+                tail = f.read() + data
+            else:
+                tail = data[-keep:]
+        newline = tail.find(b"\n")
+        if 0 <= newline < len(tail) - 1:
+            tail = tail[newline + 1:]
+        match = _CUT_NOTE.match(head)
+        old_note = head.find(b"\n") + 1 if match else 0
+        earlier = int(match.group(1)) if match else 0
+        dropped = self._size - old_note + len(data) - len(tail)
+        self.cut += dropped
+        what = "reports" if self.json_note else "output"
+        note = f"{earlier + dropped} bytes of earlier {what} were cut (log limit {_limit_text(self.limit)})"
+        line = json.dumps({"unison": note}) if self.json_note else f"[unison: {note}]"
+        self._file.close()
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._file.write(line.encode() + b"\n" + tail)
+        self._size = len(line) + 1 + len(tail)
 
     def flush(self) -> None:
         if self._file is not None:
@@ -199,7 +317,7 @@ class TrialRunner:
         if session is not None:
             session.bind(ctx)
             log_dir, decide = session.log_dir(trial_dir), session.decide(decide)
-        metrics_log = _LazyLog(log_dir / "metrics.jsonl")
+        metrics_log = _LazyLog(log_dir / "metrics.jsonl", json_note=True)
         reporter = Reporter(decide, metrics_log)
         outcome: dict[str, Any] = {"trial_id": trial["trial_id"], "error": None}
         saved = sys.stdout, sys.stderr
@@ -221,7 +339,15 @@ class TrialRunner:
             outcome["metrics"] = reporter.last_metrics
             outcome["stop_reason"] = str(stop) or f"stopped at step {reporter.last_step}"
         except KeyboardInterrupt:
-            raise
+            # In the driver's own process (inline) it is the user's Ctrl-C: it propagates. A worker
+            # process never gets the terminal's Ctrl-C (its own session), so there the function raised
+            # it: a failed trial (serve() sets ``interrupt_propagates = False``).
+            if getattr(self, "interrupt_propagates", True):
+                raise
+            outcome["status"] = "failed"
+            outcome["error"] = traceback.format_exc()
+            if err is not None:
+                err.write(outcome["error"])
         except BaseException:  # SystemExit too: a trial calling sys.exit() fails, the worker lives on
             outcome["status"] = "failed"
             outcome["error"] = traceback.format_exc()
@@ -245,9 +371,19 @@ class TrialRunner:
                 sys.stdout, sys.stderr = saved
                 out.close()
                 err.close()
+        if reporter.metric_error is not None:  # failed at its first report, even if the function went on
+            outcome.update(status="failed", error_kind="missing_metric", error=reporter.metric_error)
         outcome.setdefault("metrics", reporter.last_metrics)
         outcome["steps"] = reporter.count
         outcome["last_step"] = reporter.last_step
+        cut = {log.path.name: log.cut for log in (metrics_log, out, err) if log is not None and log.cut}
+        if cut:
+            outcome["logs_cut"] = cut
+        error = outcome.get("error")
+        if isinstance(error, str) and len(error) > MAX_ERROR_CHARS:  # e.g. an exception with a huge message
+            half = MAX_ERROR_CHARS // 2
+            outcome["error"] = (f"{error[:half]}\n[unison: {len(error) - 2 * half} characters of this error "
+                                f"were cut]\n{error[-half:]}")
         return outcome
 
     def _judge(self, returned: Any) -> dict[str, Any]:
@@ -257,14 +393,13 @@ class TrialRunner:
             return {"status": "failed", "error": problem}
         missing = [m for m in self.metrics if m not in metrics]
         if missing and self.require_metric:
+            from unison._validate import missing_metric_message
+
             return {
                 "status": "failed",
                 "error_kind": "missing_metric",
-                "error": (
-                    f"the function returned the metrics {sorted(metrics)} but the search optimizes "
-                    f"{', '.join(map(repr, missing))}: return {missing[0]!r} too, or set "
-                    f"Search(metric=...) to one of {sorted(metrics)}"
-                ),
+                "error": missing_metric_message("the function returned the metrics", metrics, missing,
+                                                f"return {missing[0]!r} too"),
             }
         return {"status": "completed", "metrics": metrics}
 

@@ -7,6 +7,11 @@ within the per-trial limit (:data:`SHIP_LIMIT_BYTES`, 8 MiB by default). A log t
 keeps its last lines; any other file that does not fit stays behind, and the trial's ``stderr.log``
 and its ``end`` journal event (``files_skipped``) say which. The driver writes the files into
 ``trials/<id>/`` of the experiment directory.
+
+On every backend each of a trial's log files (``stdout.log``, ``stderr.log``, ``metrics.jsonl``) is
+capped at :data:`LOG_LIMIT_BYTES` (8 MiB) as it is written: past it the log keeps its last part, under
+a first line saying how many bytes of earlier output were cut, and the trial's ``end`` journal event
+says so too (``logs_cut``: ``{"stdout.log": bytes cut}``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 SHIP_LIMIT_BYTES = 8 * 1024 * 1024
+LOG_LIMIT_BYTES = 8 * 1024 * 1024  # per log file of a trial, on every backend (see unison.runtime._LazyLog)
 MAX_SHIP_LIMIT_BYTES = 48 * 1024 * 1024  # the protocol caps a message at 64 MiB
 LOGS = ("stdout.log", "stderr.log", "metrics.jsonl")
 
@@ -82,7 +88,13 @@ def write(trial_dir: Path, files: dict[str, bytes]) -> None:
         target = trial_dir.joinpath(*relative.parts)
         target.parent.mkdir(parents=True, exist_ok=True)
         if relative.name in LOGS and len(relative.parts) == 1:
-            with open(target, "ab") as f:  # a retried trial's logs follow the earlier attempt's
-                f.write(data)
+            from unison.runtime import _LazyLog
+
+            # A retried trial's logs follow the earlier attempt's, within LOG_LIMIT_BYTES in all.
+            log = _LazyLog(target, json_note=relative.name == "metrics.jsonl")
+            try:
+                log.write_bytes(data)
+            finally:
+                log.close()
         else:
             target.write_bytes(data)

@@ -161,6 +161,9 @@ class Ablation:
         seed: the first seed; repeat ``r`` uses ``seed + r``.
         ablator: a :class:`Ablator` (default :class:`LeaveOneOut`).
         max_concurrent, max_failures, max_retries: as for :class:`unison.Search`.
+        trial_timeout_s, retry_on_timeout: as for :class:`unison.Search`: a configuration's run that
+            takes longer than ``trial_timeout_s`` seconds is ended and recorded ``failed`` (reason
+            ``timeout``), and run again only with ``retry_on_timeout=True``.
     """
 
     def __init__(
@@ -178,8 +181,19 @@ class Ablation:
         max_concurrent: int | None = None,
         max_failures: int | None = None,
         max_retries: int = 2,
+        trial_timeout_s: float | None = None,
+        retry_on_timeout: bool = False,
     ) -> None:
+        from unison._validate import check_hparam_names
+        from unison.contexts.search import check_trial_timeout
+
+        self.trial_timeout_s = check_trial_timeout(trial_timeout_s, "Ablation")
+        if not isinstance(retry_on_timeout, bool):
+            raise ValueError(f"Ablation(retry_on_timeout=...) must be True or False, "
+                             f"got {retry_on_timeout!r}")
+        self.retry_on_timeout = retry_on_timeout
         self.base = _fixed_base(base)
+        check_hparam_names(self.base, "Ablation(base)")
         self.features = _feature_groups(features)
         self.modules = _names(modules, "modules")
         variants = dict(variants or {})
@@ -227,7 +241,8 @@ class Ablation:
 
         return Search(dict(self.base), metric=self.metric, mode=self.mode, trials=self.trials,
                       optimizer=_AblationPlan(self), max_concurrent=self.max_concurrent,
-                      max_failures=self.max_failures, max_retries=self.max_retries)
+                      max_failures=self.max_failures, max_retries=self.max_retries,
+                      trial_timeout_s=self.trial_timeout_s, retry_on_timeout=self.retry_on_timeout)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -236,6 +251,9 @@ class Ablation:
             "mode": self.mode, "repeats": self.repeats, "seed": self.seed,
             "ablator": type(self.ablator).__qualname__,
             "components": [c.to_dict() for c in self.components],
+            # Only when set: studies stored before the options existed resume unchanged.
+            **({"trial_timeout_s": self.trial_timeout_s} if self.trial_timeout_s is not None else {}),
+            **({"retry_on_timeout": True} if self.retry_on_timeout else {}),
         }
 
     def __repr__(self) -> str:

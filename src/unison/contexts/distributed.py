@@ -47,7 +47,9 @@ class Distributed:
             ``"gloo"`` or ``"nccl"``.
         timeout_s: the process group's timeout: a collective (all-reduce, the agreement on a
             ``reporter.report`` decision) that waits longer than this fails the run instead of
-            hanging (default 300 s).
+            hanging (default 300 s). It bounds one collective, not the run: a search's
+            ``Search(trial_timeout_s=...)`` bounds a whole trial's wall time (every rank's process
+            is ended past it).
         strategy: ``None``/``"ddp"``: the injected ``model`` is wrapped in
             ``DistributedDataParallel``; ``"fsdp"``: it is sharded with FSDP2's ``fully_shard``
             (every direct child with parameters, then the whole model).
@@ -76,6 +78,7 @@ class Distributed:
         metric: str | None = None,
         framework: str = "torch",
     ) -> None:
+        from unison._validate import check_hparam_names
         from unison.space import Distribution, validate_space
 
         if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
@@ -84,6 +87,7 @@ class Distributed:
         if hparams is not None and not isinstance(hparams, Mapping):
             raise TypeError(f"Distributed(hparams=...) must be a dict, got {type(hparams).__name__}")
         self.hparams = validate_space(dict(hparams or {}))
+        check_hparam_names(self.hparams, "Distributed(hparams)")
         sampled = [name for name, value in self.hparams.items() if isinstance(value, Distribution)]
         if sampled:
             raise TypeError(f"Distributed(hparams=...) takes fixed values, but {sampled} are distributions: "

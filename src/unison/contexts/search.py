@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
+from unison._validate import check_hparam_names
 from unison.optimizers import BUILTIN_OPTIMIZERS, GridSearch, Optimizer, make_optimizer
 from unison.schedulers import BUILTIN_SCHEDULERS, Scheduler, make_scheduler
 from unison.space import Conditional, space_from_dict, space_to_dict, validate_space
@@ -18,6 +20,17 @@ def _positive_int(value: Any, what: str, allow_none: bool = True) -> int | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
     return int(value)
+
+
+def check_trial_timeout(value: Any, owner: str) -> float | None:
+    """Validate ``trial_timeout_s``: ``None`` (no limit) or a number of seconds > 0, as a float."""
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or not value > 0):
+        raise ValueError(f"{owner}(trial_timeout_s=...) must be a number of seconds > 0, or None for no "
+                         f"limit; got {value!r}")
+    return float(value)
 
 
 def _as_list(value: Any, repeat: int) -> list[Any]:
@@ -54,6 +67,15 @@ class Search:
         workers_per_trial: run every trial as this many data-parallel processes (PyTorch DDP, as
             :class:`unison.Distributed` does for one run). A trial starts once that many workers are
             idle; ``floor(slots / workers_per_trial)`` trials run at once. Default 1.
+        trial_timeout_s: the longest a trial may run, in seconds of wall time from its start
+            (default ``None``: no limit). Past it the trial's process is ended (every rank of a
+            distributed trial), the trial is recorded ``failed`` with an error starting
+            ``"timeout"``, and its worker is replaced. This bounds the whole trial; the
+            ``timeout_s`` of :class:`unison.Distributed` only bounds one collective (torch's
+            process-group timeout). On the inline backend it is enforced with ``SIGALRM`` when the
+            search runs on the main thread (not enforced on other threads).
+        retry_on_timeout: run a trial that hit ``trial_timeout_s`` again, counting an attempt, up to
+            ``max_retries`` times (default ``False``: a timed-out trial fails at once).
     """
 
     def __init__(
@@ -69,8 +91,11 @@ class Search:
         max_failures: int | None = None,
         max_retries: int = 2,
         workers_per_trial: int = 1,
+        trial_timeout_s: float | None = None,
+        retry_on_timeout: bool = False,
     ) -> None:
         self.space = validate_space(space)
+        check_hparam_names(self.space, "Search(space)")
         metrics = _as_list(metric, 1)
         named = all(isinstance(m, str) and m for m in metrics)
         if not metrics or not named or len(set(metrics)) < len(metrics):
@@ -107,6 +132,10 @@ class Search:
         self.max_retries = int(max_retries)
         self.workers_per_trial = _positive_int(workers_per_trial, "Search(workers_per_trial=...)",
                                                allow_none=False)
+        self.trial_timeout_s = check_trial_timeout(trial_timeout_s, "Search")
+        if not isinstance(retry_on_timeout, bool):
+            raise ValueError(f"Search(retry_on_timeout=...) must be True or False, got {retry_on_timeout!r}")
+        self.retry_on_timeout = retry_on_timeout
         if optimizer == "grid" or isinstance(optimizer, GridSearch):
             size = self.build_optimizer().size()
             if self.trials is not None and self.trials > size:
@@ -173,6 +202,8 @@ class Search:
             "max_retries": self.max_retries,
             # Only when set: searches stored before the option existed resume unchanged.
             **({"workers_per_trial": self.workers_per_trial} if self.workers_per_trial != 1 else {}),
+            **({"trial_timeout_s": self.trial_timeout_s} if self.trial_timeout_s is not None else {}),
+            **({"retry_on_timeout": True} if self.retry_on_timeout else {}),
         }
 
     @classmethod
