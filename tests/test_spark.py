@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from spark_support import active_jobs, start_session  # also skips this module without pyspark
+from processes import journal
+
+# spark_support also skips this module without pyspark
+from spark_support import active_jobs, registered_executors, start_session
 
 import unison
 
@@ -32,10 +35,6 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> Any:
     session.stop()
 
 
-def journal(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (path / "journal.jsonl").read_text().splitlines()]
-
-
 def job_states(spark: Any, group: str) -> list[str]:
     tracker = spark.sparkContext.statusTracker()
     return [tracker.getJobInfo(j).status for j in tracker.getJobIdsForGroup(group)]
@@ -44,6 +43,13 @@ def job_states(spark: Any, group: str) -> list[str]:
 def search(trials: int = 6, seed: int = 0, **kwargs: Any) -> unison.Search:
     return unison.Search({"x": unison.uniform(0.0, 1.0)}, metric="value", mode="max", trials=trials,
                          seed=seed, **kwargs)
+
+
+def wait_for_executors(spark: Any, n: int) -> None:
+    deadline = time.monotonic() + 60
+    while registered_executors(spark) < n:
+        assert time.monotonic() < deadline, f"{n} executors did not register within 60 s"
+        time.sleep(0.2)
 
 
 def executor_jvm(pid: int) -> int | None:
@@ -200,3 +206,80 @@ def test_a_killed_executor_jvm_mid_trial_is_retried_on_another_executor(spark: A
     assert dict(zip(r.trials["trial_id"], r.trials["attempts"], strict=True))[1] == 2
     assert [(ev["id"], ev["attempt"]) for ev in journal(r.path) if ev["e"] == "lost"] == [(1, 0)]
     assert active_jobs(spark) == []
+
+
+def test_no_trial_code_runs_after_an_interrupted_search_returns(spark: Any, tmp_path: Path) -> None:
+    ends = tmp_path / "ends"
+    ends.mkdir()
+    interrupted: list[float] = []
+
+    def train(x: float, ctx: Any) -> float:
+        deadline = time.monotonic() + 3.0
+        if ctx.trial_id % 2:
+            while time.monotonic() < deadline:  # a busy Python loop
+                pass
+        else:
+            time.sleep(3.0)  # a blocking call
+        (ends / f"{ctx.trial_id}").write_text(repr(time.time()))
+        return x
+
+    def interrupt_when_running() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            paths = list(tmp_path.glob("experiments/*/journal.jsonl"))
+            if paths and sum(ev["e"] == "start" for ev in journal(paths[0].parent)) >= 2:
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)  # both trials are inside their function now
+        interrupted.append(time.time())
+        _thread.interrupt_main()  # Ctrl-C
+
+    wait_for_executors(spark, 2)  # the test before killed one
+    backend = unison.Spark(spark)
+    threading.Thread(target=interrupt_when_running, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        unison.run(train, search(trials=4, seed=5), backend=backend,
+                   storage=tmp_path / "experiments", progress=False)
+    returned = time.time()
+    assert active_jobs(spark) == []
+    time.sleep(4.0)  # past the end of the 3 s trials, had they gone on
+    ended = {p.name: float(p.read_text()) for p in ends.iterdir()}  # a trial may end before Ctrl-C
+    late = {name: round(at - returned, 2) for name, at in ended.items() if at > interrupted[0]}
+    log = next(tmp_path.glob("experiments/*/workers/spark.log")).read_text()
+    assert late == {}, f"interrupted trials ran to their end (s after the search returned): {late}\n{log}"
+
+
+def test_an_aborted_search_stops_trials_that_ignore_the_interruption(spark: Any, tmp_path: Path) -> None:
+    beats = tmp_path / "beats"
+    beats.mkdir()
+
+    def train(x: float, ctx: Any) -> float:
+        if ctx.trial_id == 1:
+            time.sleep(1.0)
+            (tmp_path / "failed_at").write_text(repr(time.time()))
+            raise RuntimeError("this failure aborts the search")
+        deadline = time.monotonic() + 6.0
+        while time.monotonic() < deadline:
+            (beats / f"{ctx.trial_id}").write_text(repr(time.time()))  # this trial's code still runs
+            try:
+                time.sleep(0.1)
+            except BaseException:  # noqa: BLE001, S110 - swallows the worker's interruption
+                pass
+        return x
+
+    # slots=3 on two executors: a slot job waiting for an executor must not hold stop up
+    wait_for_executors(spark, 2)
+    backend = unison.Spark(spark, slots=3)
+    with pytest.raises(unison.SearchAborted):
+        unison.run(train, search(trials=4, seed=6, max_failures=1), backend=backend,
+                   storage=tmp_path / "experiments", progress=False)
+    returned = time.time()
+    assert active_jobs(spark) == []
+    time.sleep(4.0)  # past Spark's 2 s task-kill timeout
+    late = {p.name: round(float(p.read_text()) - returned, 2) for p in beats.iterdir()}
+    assert late and max(late.values()) < 0, f"trial code ran this long after the search returned: {late}"
+    stopping = returned - float((tmp_path / "failed_at").read_text())
+    assert stopping < 7, f"the search took {stopping:.1f} s to end after its failure"  # not stop's 10 s
+    log = next(tmp_path.glob("experiments/*/workers/spark.log")).read_text()
+    assert "still running 1 s after the driver hung up" in log and "though cancelled" not in log, log
+    assert "RUNNING" not in job_states(spark, backend.job_group)

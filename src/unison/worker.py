@@ -8,7 +8,8 @@ One thread reads the driver's messages and queues them for the main thread, whic
 the worker hears the driver while the function runs. The reader handles ``abort`` itself (another
 rank of this worker's distributed trial failed, and this rank may be stuck in a collective that
 would only time out): it flushes the trial's logs (ships them, without the driver's disk) and ends
-the process at once with :data:`ABORT_EXIT`; the backend starts a new worker in its place.
+the process at once with :data:`ABORT_EXIT`; the backend starts a new worker in its place. Inside
+a Spark task it also stops the trial under way when the driver hangs up (:func:`_stop_trials`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import atexit
 import os
 import queue
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections import deque
 from pathlib import Path
@@ -35,6 +38,83 @@ ENV_PAYLOAD = "UNISON_PAYLOAD"
 ENV_WORKER = "UNISON_WORKER"
 ENV_HEARTBEAT = "UNISON_HEARTBEAT"
 ABORT_EXIT = 75  # the exit status of a worker the driver aborted (not a crash: backends replace it)
+DRIVER_GONE_EXIT = 3  # the exit status of a worker whose driver went away
+STOP_GRACE_S = 2.0  # how long a trial interrupted because the driver hung up may take to end
+
+
+class _DriverGone(BaseException):
+    """Raised in the trial's thread when the driver hangs up while the trial runs (inside a Spark
+    task): nobody will collect the trial's result. A ``BaseException``, so ``except Exception`` in
+    the function does not keep the trial going."""
+
+
+class _TrialInterrupter:
+    """Stops the trial running in the main thread of a Spark task's worker once the driver hung up.
+
+    Cancelling the Spark job does not do it: PySpark ends the Python worker only after its task-kill
+    timeout, and the function runs on until then. The reader thread sends SIGINT to the main thread
+    (``pthread_kill``: unlike ``_thread.interrupt_main()`` a real signal, so a blocking call such as
+    ``time.sleep`` returns with EINTR at once) and the handler installed here raises
+    :class:`_DriverGone` there, which ends a blocking call as it ends a busy Python loop, while the
+    task itself returns normally (Spark sees no failed task, retries nothing and logs nothing). A
+    SIGINT that is not ours goes to the handler that was installed before.
+    """
+
+    def __init__(self, current: dict[str, Any]) -> None:
+        self._current = current
+        self._thread_id = threading.get_ident()
+        self._lock = threading.Lock()
+        self._pending = False  # a SIGINT of ours is on its way to the main thread
+        self._closed = False
+        self._fired = False
+        self._streams = sys.stdout, sys.stderr
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    @classmethod
+    def install(cls, current: dict[str, Any]) -> _TrialInterrupter | None:
+        """One for the calling thread, or ``None`` where signals cannot reach it (not the main thread)."""
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_kill"):
+            return None
+        return cls(current)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._pending:
+            self._pending = False
+            if self._current.get("trial_id") is not None:
+                raise _DriverGone("the driver hung up while this trial ran")
+            return
+        previous = self._previous
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:  # what this SIGINT would have done without us: end the process
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGINT)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (``serve`` is returning)."""
+        return self._closed
+
+    def interrupt(self) -> bool:
+        """Called from another thread: interrupt the trial under way, if any; whether one was."""
+        with self._lock:
+            if self._closed or self._current.get("trial_id") is None:
+                return False
+            self._pending = self._fired = True
+            signal.pthread_kill(self._thread_id, signal.SIGINT)
+            return True
+
+    def close(self) -> None:
+        """In the main thread, once no trial runs: take a SIGINT of ours still on its way, then put
+        back the previous handler (and the standard streams, if a trial was cut off redirecting them)."""
+        with self._lock:
+            self._closed = True
+        deadline = time.monotonic() + STOP_GRACE_S
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.01)  # the signal ends this sleep, and its handler runs here
+        signal.signal(signal.SIGINT, self._previous)
+        if self._fired:
+            sys.stdout, sys.stderr = self._streams
 
 
 def _heartbeat(conn: Connection, interval: float, stop: threading.Event, exit_process: bool) -> None:
@@ -43,14 +123,18 @@ def _heartbeat(conn: Connection, interval: float, stop: threading.Event, exit_pr
             conn.send({"t": "hb"})
         except OSError:
             if exit_process:
-                os._exit(3)  # the driver is gone: nobody will collect this worker's results
-            conn.close()  # the serving loop ends when the trial under way returns
+                os._exit(DRIVER_GONE_EXIT)  # the driver is gone: nobody will collect this worker's results
+            conn.close()  # the reader thread sees it and stops the trial under way (_stop_trials)
             return
 
 
 def _read(conn: Connection, inbox: queue.Queue[dict[str, Any]], current: dict[str, Any],
           shared_filesystem: bool, ship_limit: int) -> None:
-    """The reader thread: queue the driver's messages; act on ``abort`` at once."""
+    """The reader thread: queue the driver's messages; act on ``abort`` at once.
+
+    When the driver hangs up, a worker inside a Spark task (``current["interrupter"]`` is not
+    ``None``) stops its trials now: see :func:`_stop_trials`.
+    """
     try:
         while True:
             message = conn.recv()
@@ -59,6 +143,31 @@ def _read(conn: Connection, inbox: queue.Queue[dict[str, Any]], current: dict[st
             inbox.put(message)
     except Exception:  # noqa: BLE001 - any broken stream: the main thread sees the driver is gone
         inbox.put({"t": "_closed"})
+        if current.get("interrupter", True) is not None:  # None: a local worker, which the backend ends
+            _stop_trials(current, shared_filesystem)
+
+
+def _stop_trials(current: dict[str, Any], shared_filesystem: bool) -> None:
+    """The driver hung up: interrupt each trial that runs in the next :data:`STOP_GRACE_S` (the one
+    under way, one the driver had queued or handed over to start next), then end this process if one
+    still runs (it swallowed the interruption, or sits in a long C call). Nobody would collect their
+    results, and they must not run on past ``Spark.stop``."""
+    deadline = time.monotonic() + STOP_GRACE_S
+    interrupted: set[int] = set()
+    while time.monotonic() < deadline:
+        interrupter: _TrialInterrupter | None = current.get("interrupter")  # set once the payload loaded
+        if interrupter is not None:
+            if interrupter.closed:
+                return  # serve() returned
+            trial_id = current.get("trial_id")
+            if trial_id is not None and trial_id not in interrupted and interrupter.interrupt():
+                interrupted.add(trial_id)
+        time.sleep(0.02)
+    if current.get("trial_id") is not None:
+        _flush_std_streams()
+        if not shared_filesystem and current.get("local_dir"):
+            shutil.rmtree(current["local_dir"], ignore_errors=True)
+        os._exit(DRIVER_GONE_EXIT)
 
 
 def _abort(conn: Connection, message: dict[str, Any], current: dict[str, Any], shared_filesystem: bool,
@@ -67,7 +176,7 @@ def _abort(conn: Connection, message: dict[str, Any], current: dict[str, Any], s
     try:
         trial_id = current.get("trial_id")
         if trial_id is not None:
-            print(f"\nunison: this rank was aborted by the driver: {message.get('reason', '')}",
+            print(f"\nunison: this worker was aborted by the driver: {message.get('reason', '')}",
                   file=sys.stderr)
         _flush_std_streams()
         local_dir = current.get("local_dir")
@@ -112,7 +221,8 @@ def serve(
     temporary folder whose files travel back in the result (see :mod:`unison.trialfiles`, at most
     ``ship_limit`` bytes a trial). ``exit_when_driver_gone``: end the process at once when the
     driver stops answering (a worker process of the local backend); otherwise (inside a Spark task)
-    the loop returns, after the trial under way, so the task ends cleanly.
+    the trial under way is interrupted (see :func:`_read`) and the loop returns, so the task ends
+    cleanly; call it from the main thread there (signals reach no other).
     """
     from unison import trialfiles
     from unison.payload import loads_payload
@@ -133,11 +243,13 @@ def serve(
             parts["fn"], parts["names"], parts["metric"], parts.get("model_fn"), parts.get("data"),
             variants=parts.get("variants"), require_metric=parts.get("require_metric", True),
         )
+        runner.interrupt_propagates = False  # a KeyboardInterrupt here is the function's: a failed trial
         endpoint = _Endpoint(conn, parts.get("framework", "torch")) if parts.get("distributed") else None
     except Exception:  # noqa: BLE001 - the driver must learn why this worker cannot work
         conn.send({"t": "fatal", "error": traceback.format_exc()})
         conn.close()
         return 0
+    current["interrupter"] = None if exit_when_driver_gone else _TrialInterrupter.install(current)
     done = 0
     message: dict[str, Any] = {"t": "ready"}
     # The driver may hand this worker its next trial while one runs: it waits here, and the worker
@@ -161,6 +273,10 @@ def serve(
                     reply = _next(inbox)
                 if reply.get("t") != "decision":
                     raise ConnectionError(f"expected the driver's decision, got a {reply.get('t')!r} message")
+                if reply.get("error"):  # the experiment's first report lacks the optimized metric
+                    from unison.errors import MetricNotReported
+
+                    raise MetricNotReported(reply["error"])
                 return reply["stop"]
 
             def notify(error: str, _id: int = trial_id) -> None:
@@ -183,9 +299,12 @@ def serve(
             current["trial_id"] = None
             message = {"t": "ready", "result": result}
             done += 1
-    except (ConnectionError, OSError):
+    except (ConnectionError, OSError, _DriverGone):
         pass  # the driver went away; nothing left to do
     finally:
+        current["trial_id"] = None
+        if current["interrupter"] is not None:
+            current["interrupter"].close()
         stop.set()
         conn.close()
     return done

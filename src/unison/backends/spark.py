@@ -35,6 +35,8 @@ from unison.trialfiles import MAX_SHIP_LIMIT_BYTES, SHIP_LIMIT_BYTES
 
 EARLY_DEATH_S = 10.0  # a slot job that ends this soon after its launch did not get to work
 MAX_EARLY_DEATHS = 3  # ... this many times in a row on one slot: the search is aborted
+STOP_CANCEL_S = 1.0  # stop(): slot tasks still running this long after the driver hung up are cancelled
+STOP_WAIT_S = 10.0  # ... and stop() waits this long in all for Spark to report every slot task ended
 _WILDCARDS = ("", "0.0.0.0", "::")
 _LOCAL_MASTER = re.compile(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?$")
 _LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]$")
@@ -157,6 +159,7 @@ class Spark(Backend):
         self.job_group: str | None = None
         self._barrier_tasks = 0  # > 0: the workers are one barrier stage of that many tasks
         self._aborted: set[int] = set()
+        self._connected: set[tuple[int, int]] = set()  # (slot or rank, generation) of workers that said hello
 
     # ------------------------------------------------------------------ the cluster
     @property
@@ -282,6 +285,7 @@ class Spark(Backend):
         self._payload = sc.broadcast(payload_path.read_bytes())
         self._barrier_tasks = workers if barrier else 0
         self._aborted.clear()
+        self._connected.clear()
         self._note(f"master {sc.master}, {workers} slot(s){' in one barrier stage' if barrier else ''}, "
                    f"workers connect to {self._address[0]}:{self._address[1]}, job group {self.job_group}")
         for slot in range(1 if barrier else workers):
@@ -346,6 +350,16 @@ class Spark(Backend):
             # Spark retries, or its connection was dropped): start a new one in its place.
             self._launch(slot, job.generation + 1)
 
+    def worker_connected(self, info: dict[str, Any]) -> None:
+        if m := re.match(r"spark-(\d+)(?:\.(\d+)\.\d+)?$", str(info.get("worker", ""))):
+            self._connected.add((int(m.group(1)), int(m.group(2) or 0)))
+
+    def _has_worker(self, job: _SlotJob) -> bool:
+        """Whether a worker of this slot job said hello: then its task runs, and ends by itself."""
+        if self._barrier_tasks:
+            return any(generation == job.generation for _, generation in self._connected)
+        return (job.slot, job.generation) in self._connected
+
     def worker_aborted(self, info: dict[str, Any]) -> None:
         if self._barrier_tasks:
             self._aborted.add(0)
@@ -367,19 +381,41 @@ class Spark(Backend):
         )
 
     def stop(self, force: bool = False) -> None:
+        """Return once every slot's task has ended, so no trial code runs on after it.
+
+        The driver has told the workers to shut down or hung up on them (it closes its server first),
+        and a worker whose driver hangs up stops its trial at once (:func:`unison.worker._read`), so
+        each running slot task ends by itself within moments, and Spark sees a task that succeeded.
+        What still runs :data:`STOP_CANCEL_S` later is cancelled: a task whose function ignored the
+        interruption (Spark counts it killed, not failed, and retries nothing when its worker ends
+        its own process soon after, or PySpark does after its task-kill timeout), and a slot job
+        still waiting for an executor. Either way this waits until Spark reports every slot task
+        ended, up to :data:`STOP_WAIT_S`, and says in ``spark.log`` what still ran then. A cancelled
+        job ends on the driver at once (the status tracker shows no active job) while its task runs
+        on: only the tasks tell.
+        """
         sc = self._sc
         jobs = list(self._jobs.values())
         with self._lock:
             self._stopping = True
         if not jobs or sc is None:
             return
-        if not force:  # workers were told to shut down: their tasks end by themselves, at once
-            deadline = time.monotonic() + 1.0
-            for job in jobs:
-                assert job.thread is not None
-                job.thread.join(max(0.0, deadline - time.monotonic()))
+        start = time.monotonic()
+        running = self._wait_for_slot_tasks(start + STOP_CANCEL_S)
+        if running:
+            self._note(f"{', '.join(running)}: still running {STOP_CANCEL_S:g} s after the driver hung up "
+                       f"on the workers: cancelled")
+            if any(job.thread is not None and job.thread.is_alive() for job in jobs):  # else: cancelled
+                try:
+                    sc.cancelJobGroup(self.job_group)
+                except Exception:  # noqa: BLE001 - the context may be stopping too
+                    self._note(f"cancelJobGroup failed: {traceback.format_exc()}")
+            running = self._wait_for_slot_tasks(start + STOP_WAIT_S)
+        if running:
+            self._note(f"{', '.join(running)}: still running {STOP_WAIT_S:g} s after the driver hung up "
+                       f"on the workers, though cancelled; their trial code may run on")
         deadline = time.monotonic() + 30.0
-        while True:
+        while running or any(job.thread is not None and job.thread.is_alive() for job in jobs):
             try:  # cancels every slot job still pending or running
                 sc.cancelJobGroup(self.job_group)
             except Exception:  # noqa: BLE001 - the context may be stopping too
@@ -406,6 +442,42 @@ class Spark(Backend):
             self._log.close()
             self._log = None
         self._jobs.clear()
+
+    def _wait_for_slot_tasks(self, deadline: float) -> list[str]:
+        """Wait until every slot task of ours has ended; return what still runs at ``deadline``.
+
+        A job thread returns when its job ends, which is when its task ended unless someone cancelled
+        the job: PySpark's own Ctrl-C handler cancels all jobs before unison hears of it, and a
+        cancelled job ends on the driver while its task runs on. Spark's status tracker counts a task
+        active until its executor reports it ended, so it has the last word.
+        """
+        while True:
+            alive = [job for job in self._jobs.values() if job.thread is not None and job.thread.is_alive()]
+            try:
+                active = self._active_tasks()
+            except Exception:  # noqa: BLE001 - the context may be stopping too: the threads still tell
+                self._note(f"reading Spark's status tracker failed: {traceback.format_exc()}")
+                active = {}
+            if (not alive and not active) or time.monotonic() >= deadline:
+                if alive:  # a slot job without a worker waits for an executor, or is still starting
+                    return [f"slot {job.slot}" + ("" if self._has_worker(job) else " (no worker yet)")
+                            for job in alive]
+                return [f"{n} task(s) of cancelled Spark job {job_id}" for job_id, n in active.items()]
+            time.sleep(0.05)
+
+    def _active_tasks(self) -> dict[int, int]:
+        """Running tasks per ended Spark job of ours (the status store writes a running stage's task
+        count lazily, but a finished or cancelled stage's at once, and again when its last task ends)."""
+        tracker = self.spark_context.statusTracker()
+        active: dict[int, int] = {}
+        for job_id in tracker.getJobIdsForGroup(self.job_group):
+            info = tracker.getJobInfo(job_id)
+            if info is None or info.status == "RUNNING":
+                continue  # its thread is still waiting for it
+            stages = [stage for stage in map(tracker.getStageInfo, info.stageIds) if stage is not None]
+            if n := sum(stage.numActiveTasks for stage in stages):
+                active[job_id] = n
+        return active
 
     def _wait_until_no_job_runs(self, deadline: float) -> None:
         """Wait until Spark's status tracker (updated asynchronously) shows no job of ours running."""
