@@ -36,10 +36,9 @@ def resolve_backend(backend: str | Backend | None) -> Backend:
         return backend
     if isinstance(backend, str) and backend in BACKENDS:
         return BACKENDS[backend]()
-    raise ValueError(
-        f"unknown backend {backend!r}: use one of {sorted(BACKENDS)} or an instance such as "
-        f"unison.Local(workers=4)"
-    )
+    from unison._validate import unknown_name_error
+
+    raise unknown_name_error("backend", backend, BACKENDS, "an instance such as unison.Local(workers=4)")
 
 
 def _versions() -> dict[str, str]:
@@ -138,7 +137,8 @@ def resume(
     if meta.get("kind") == "ablation":
         raise ValueError(
             f"{path} holds an ablation: resume it with unison.run(fn, ablation, model=..., data=..., "
-            f"resume={str(path)!r}), passing the same unison.Ablation (its model generators are not stored)"
+            f"resume={str(path)!r}), passing the same unison.Ablation, or from a shell with "
+            f"`{resume_command(path)}` (which loads the study stored in payload.bin)"
         )
     if meta.get("kind") != "search":
         raise ValueError(f"{path} holds a {meta.get('kind')!r} experiment; only searches can be resumed")
@@ -156,54 +156,60 @@ def _run_single(fn: Callable[..., Any], hparams: dict[str, Any], model: Any, dat
     names = check_injectable(fn, hparams, model is not None, data is not None)
     from unison.context import Context, _default_device
 
-    store = ExperimentStore.create(storage, name or getattr(fn, "__name__", "run"))
-    store.write_experiment({"kind": "single", "name": name or fn.__name__, "status": "running",
-                            "hparams": hparams, "created": time.time(), "versions": _versions()})
-    trial_dir = store.trial_dir(0)
-    metrics_log = _LazyLog(trial_dir / "metrics.jsonl")
-    reporter = Reporter(None, metrics_log)
-    ctx = Context(trial_id=0, trial_dir=trial_dir, device=_default_device())
-    store.append({"e": "start", "id": 0, "hparams": hparams, "attempt": 0, "worker": "inline",
-                  "t": time.time()})
-    start = time.perf_counter()
+    store = ExperimentStore.create(storage, name or getattr(fn, "__name__", "run"))  # locked until closed
+    store.resumable = False
     try:
-        returned = fn(**build_arguments(names, hparams, reporter, ctx, model, data))
-    except BaseException as exc:
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        store.append({"e": "end", "id": 0, "status": status, "error": traceback.format_exc(),
-                      "duration": time.perf_counter() - start, "steps": reporter.count})
-        store.update_experiment(status=status)
-        raise
-    finally:
-        metrics_log.close()
-        store.close()
-    duration = time.perf_counter() - start
-    number = to_number(returned)
-    problem = None
-    if number is not None:
-        metrics: dict[str, Any] = {metric or "value": number}
-        value: Any = number
-    elif isinstance(returned, dict):
-        metrics = dict(returned)
-        if metric is None:
-            value = next(iter(metrics.values())) if len(metrics) == 1 else None
-        elif metric in metrics:
-            value = metrics[metric]
+        store.write_experiment({"kind": "single", "name": name or fn.__name__, "status": "running",
+                                "hparams": hparams, "created": time.time(), "versions": _versions()},
+                               durable=False)  # a single run is not resumed: only its outcome is fsynced
+        trial_dir = store.trial_dir(0)
+        metrics_log = _LazyLog(trial_dir / "metrics.jsonl")
+        reporter = Reporter(None, metrics_log)
+        ctx = Context(trial_id=0, trial_dir=trial_dir, device=_default_device())
+        store.append({"e": "start", "id": 0, "hparams": hparams, "attempt": 0, "worker": "inline",
+                      "t": time.time()})
+        start = time.perf_counter()
+        try:
+            returned = fn(**build_arguments(names, hparams, reporter, ctx, model, data))
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            try:
+                store.append({"e": "end", "id": 0, "status": status, "error": traceback.format_exc(),
+                              "duration": time.perf_counter() - start, "steps": reporter.count})
+                store.update_experiment(status=status)
+            except OSError:
+                pass  # e.g. a full disk: the function's own error is the one to raise
+            raise
+        finally:
+            metrics_log.close()
+        duration = time.perf_counter() - start
+        number = to_number(returned)
+        problem = None
+        if number is not None:
+            metrics: dict[str, Any] = {metric or "value": number}
+            value: Any = number
+        elif isinstance(returned, dict):
+            metrics = dict(returned)
+            if metric is None:
+                value = next(iter(metrics.values())) if len(metrics) == 1 else None
+            elif metric in metrics:
+                value = metrics[metric]
+            else:
+                value, problem = None, (f"metric={metric!r} is not among the returned keys "
+                                        f"{sorted(metrics)}: name one of them, or leave metric= unset")
         else:
-            value, problem = None, (f"metric={metric!r} is not among the returned keys {sorted(metrics)}: "
-                                    f"name one of them, or leave metric= unset")
-    else:
-        metrics, value = {}, None
-    if problem is not None:
-        store.append({"e": "end", "id": 0, "status": "failed", "error": problem, "duration": duration})
-        store.update_experiment(status="failed")
+            metrics, value = {}, None
+        if problem is not None:
+            store.append({"e": "end", "id": 0, "status": "failed", "error": problem, "duration": duration})
+            store.update_experiment(status="failed")
+            raise ValueError(problem)
+        store.append({"e": "end", "id": 0, "status": "completed", "metrics": metrics, "duration": duration,
+                      "steps": reporter.count, "last_step": reporter.last_step})
+        store.write_result({"status": "completed", "metrics": metrics, "value": value, "duration": duration},
+                           sync_dir=False)  # update_experiment fsyncs the directory
+        store.update_experiment(status="completed")
+    finally:
         store.close()
-        raise ValueError(problem)
-    store.append({"e": "end", "id": 0, "status": "completed", "metrics": metrics, "duration": duration,
-                  "steps": reporter.count, "last_step": reporter.last_step})
-    store.write_result({"status": "completed", "metrics": metrics, "value": value, "duration": duration})
-    store.update_experiment(status="completed")
-    store.close()
     return RunResult(metrics=metrics, value=value, returned=returned, path=store.path, duration=duration)
 
 
@@ -222,12 +228,13 @@ class _Plan:
     check_names: Callable[[Callable[..., Any], list[str]], None] | None = None
     dist_options: dict[str, Any] = field(default_factory=dict)  # process_group, timeout_s, strategy
     require_metric: bool = True  # a trial that does not return the search's metric fails
+    context: Any = None  # the Search or Ablation itself, stored in payload.bin for `unison resume DIR`
 
 
 def _search_plan(search: Search) -> _Plan:
     return _Plan("search", search, search.to_dict(),
                  lambda path, rows, status: SearchResult(path, search.metrics, search.modes, rows, status),
-                 hparam_names=search.hparam_names)
+                 hparam_names=search.hparam_names, context=search)
 
 
 class _DistributedRecord(SearchResult):
@@ -251,7 +258,7 @@ def _distributed_plan(run: Distributed) -> _Plan:
 
     return _Plan("distributed", search, run.to_dict(), make_result,
                  hparam_names=search.hparam_names, dist_options=run.dist_options,
-                 require_metric=run.metric is not None)
+                 require_metric=run.metric is not None, context=run)
 
 
 def _distributed_result(result: SearchResult, run: Distributed) -> RunResult:
@@ -286,7 +293,7 @@ def _ablation_plan(study: Ablation, model: Any, data: Any) -> _Plan:
                  lambda path, rows, status: AblationResult(path, study.metric, study.mode, rows, status),
                  trial_spec=trial_spec, variants=dict(study.variants),
                  hparam_names=[*study.base, "seed"],
-                 check_names=lambda fn, names: _check_ablation_reaches(study, fn, names))
+                 check_names=lambda fn, names: _check_ablation_reaches(study, fn, names), context=study)
 
 
 def _check_ablation_reaches(study: Ablation, fn: Callable[..., Any], names: list[str]) -> None:
@@ -383,6 +390,34 @@ def _check_modules(model_fn: Any, variant: str | None, removals: list[tuple[str,
         raise ValueError(f"module(s) {unknown} are not in the model {which} builds; its modules are {names}")
 
 
+def _experiment_payload(fn: Callable[..., Any], names: list[str], plan: _Plan, model: Any, data: Any,
+                        in_process: bool) -> tuple[bytes | None, str | None]:
+    """``payload.bin``'s bytes: what workers load (the function, its generators, the data), and the
+    pickled Search or Ablation (bytes, unpickled only by ``unison resume DIR``).
+
+    Every experiment stores it, so any can be resumed from the command line. An inline experiment
+    whose function cannot be pickled still runs: ``(None, why)``, and only Python can resume it.
+    """
+    import cloudpickle
+
+    from unison.payload import dumps_payload
+
+    try:
+        context = None if plan.context is None else cloudpickle.dumps(plan.context)
+    except Exception:  # noqa: BLE001 - e.g. a custom optimizer holding a lock: resume needs Python then
+        context = None
+    parts = {"fn": fn, "names": names, "metric": plan.search.metrics, "model_fn": model, "data": data,
+             "variants": plan.variants, "distributed": plan.search.workers_per_trial > 1,
+             "require_metric": plan.require_metric,
+             "framework": plan.dist_options.get("framework", "torch"), "context": context}
+    try:
+        return dumps_payload(parts), None
+    except TypeError as exc:
+        if not in_process:
+            raise
+        return None, str(exc)
+
+
 def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
                 backend_spec: str | Backend | None, storage: str | Path | None, name: str | None,
                 resume_path: str | Path | None, progress: bool | None) -> SearchResult:
@@ -406,14 +441,7 @@ def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
                              data is not None, search.conditional_names)
     if plan.check_names is not None:
         plan.check_names(fn, names)
-    payload = None
-    if not backend.in_process:
-        from unison.payload import dumps_payload
-
-        payload = dumps_payload({"fn": fn, "names": names, "metric": search.metrics,
-                                 "model_fn": model, "data": data, "variants": plan.variants,
-                                 "distributed": k > 1, "require_metric": plan.require_metric,
-                                 "framework": plan.dist_options.get("framework", "torch")})
+    payload, payload_error = _experiment_payload(fn, names, plan, model, data, backend.in_process)
 
     if resume_path is not None:
         store = ExperimentStore(resume_path)
@@ -427,75 +455,161 @@ def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
                    if plan.kind == "search" else "")
             )
         seed, name = meta["seed"], meta["name"]
+        store.lock()  # held until store.close(); unison.ExperimentLocked if another driver runs it
         events = store.read_journal()
     else:
         name = name or getattr(fn, "__name__", plan.kind)
-        store = ExperimentStore.create(storage, name)
+        store = ExperimentStore.create(storage, name)  # locked until store.close()
         seed = search.seed if search.seed is not None else secrets.randbits(31)
         meta = {"kind": plan.kind, "name": name, plan.kind: plan.declaration, "seed": seed,
                 "function": getattr(fn, "__qualname__", repr(fn)), "created": time.time(),
                 "versions": _versions()}
         events = []
 
-    driver = SearchDriver(search, store, seed, plan.trial_spec)
-    driver.replay(events)
-    remaining = driver.planned - sum(driver.counts.values())
-    if k > 1:  # trials of k ranks: floor(slots / k) at once, k workers each
-        at_once = max(1, min(gang_slots // k, remaining, search.max_concurrent or remaining))
-        workers, driver.concurrency = at_once * k, at_once
-    else:
-        workers = max(1, min(backend.slots(), remaining, search.max_concurrent or remaining))
-        # Inline runs one trial at a time but may hold max_concurrent suggestions open (see run_inline).
-        driver.concurrency = search.max_concurrent or workers
-    store.write_experiment({**meta, "status": "running", "backend": repr(backend),
-                            "workers": workers, "argv": sys.argv})
-    store.append({"e": "status", "status": "resumed" if events else "running", "t": time.time()})
+    try:  # from here on the store holds the lock: release it if the search cannot start
+        driver = SearchDriver(search, store, seed, plan.trial_spec)
+        driver.require_metric = plan.require_metric
+        driver.replay(events)
+        remaining = driver.planned - sum(driver.counts.values())
+        if k > 1:  # trials of k ranks: floor(slots / k) at once, k workers each
+            at_once = max(1, min(gang_slots // k, remaining, search.max_concurrent or remaining))
+            workers, driver.concurrency = at_once * k, at_once
+        else:
+            workers = max(1, min(backend.slots(), remaining, search.max_concurrent or remaining))
+            # Inline runs one trial at a time but may hold max_concurrent suggestions open (see run_inline).
+            driver.concurrency = search.max_concurrent or workers
+        store.write_experiment({**meta, "status": "running", "backend": repr(backend),
+                                "workers": workers, "argv": sys.argv, "payload_error": payload_error})
+        store.append({"e": "status", "status": "resumed" if events else "running", "t": time.time()})
 
-    show = make_progress(progress, search.metric)
-    if plan.kind == "distributed":
-        show.start(f"unison: {name}: distributed run of {k} ranks on {backend!r} -> {store.path}")
-    else:
-        show.start(f"unison: {name}: {driver.planned} trials on {backend!r} with {workers} slot(s)"
-                   + (f", {k} ranks per trial" if k > 1 else "") + f" -> {store.path}")
-    status = "failed"
+        show = make_progress(progress, search.metric)
+        if plan.kind == "distributed":
+            show.start(f"unison: {name}: distributed run of {k} ranks on {backend!r} -> {store.path}")
+        else:
+            show.start(f"unison: {name}: {driver.planned} trials on {backend!r} with {workers} slot(s)"
+                       + (f", {k} ranks per trial" if k > 1 else "") + f" -> {store.path}")
+    except BaseException:
+        store.close()
+        raise
+    status, ended = "failed", False
+    payload_path = store.path / "payload.bin"
     try:
+        if payload is not None:  # before any trial starts: `unison resume DIR` loads it
+            payload_path.write_bytes(payload)
         if driver.finished:
             pass
         elif backend.in_process:
             runner = TrialRunner(fn, names, search.metrics, model, data, variants=plan.variants)
             run_inline(driver, runner, show)
         else:
-            payload_path = store.path / "payload.bin"
-            payload_path.write_bytes(payload)
             RemoteLoop(driver, backend, payload_path, store.path / "workers", show, workers_per_trial=k,
                        dist_options=plan.dist_options, barrier=plan.kind == "distributed").run(workers)
         status = "aborted" if driver.abort_error is not None else "completed"
-    except KeyboardInterrupt:
+        ended = True
+    except KeyboardInterrupt as exc:
         status = "interrupted"
+        # For the command line's one-line message: where the experiment is and the command resuming it.
+        exc.unison_experiment = store.path  # type: ignore[attr-defined]
+        exc.unison_resume = resume_command(store.path, backend) if payload is not None else None  # type: ignore[attr-defined]
         raise
+    except OSError as exc:  # a full disk anywhere in the experiment: say so, and that resume continues it
+        full = store.storage_full(exc)
+        if full is None:
+            raise
+        status = "interrupted"
+        if full is exc:
+            raise
+        raise full from None  # its message names the file; __context__ keeps the original
     finally:
-        store.append({"e": "status", "status": status, "t": time.time()})
         # A trial handed to a busy worker but never started is not part of the record (resume runs it).
         rows = [t.row() for t in sorted(driver.trials.values(), key=lambda t: t.trial_id)
                 if t.status != "reserved"]
         result = plan.make_result(store.path, rows, status)
-        store.update_experiment(status=status)
-        store.write_result({
-            "status": status, "counts": driver.counts, "planned": driver.planned,
-            "best": None if result.best is None else vars(result.best),
-            "pareto": [vars(b) for b in result.pareto] if search.is_multi_objective else None,
-            "elapsed": driver.summary()["elapsed"],
-            **result.summary_extra(),
-        })
-        store.close()
-        show.close(driver.summary(), _closing_message(status, result, store.path, driver, plan.kind))
+        try:
+            store.append({"e": "status", "status": status, "t": time.time()})
+            store.update_experiment(status=status)
+            store.write_result({
+                "status": status, "counts": driver.counts, "planned": driver.planned,
+                "best": None if result.best is None else vars(result.best),
+                "pareto": [vars(b) for b in result.pareto] if search.is_multi_objective else None,
+                "elapsed": driver.summary()["elapsed"],
+                **result.summary_extra(),
+            })
+        except OSError:
+            if ended:  # nothing else went wrong: this is the error to raise
+                raise
+            # best effort (e.g. on a full disk): the error that ended the search is the one raised
+        finally:
+            store.close()  # releases the lock
+        hint = _resume_hint(fn, model, data, store.path, plan, backend, payload is not None) \
+            if status == "interrupted" else None
+        show.close(driver.summary(), _closing_message(status, result, store.path, driver, plan.kind, hint))
     if driver.abort_error is not None:
         raise driver.abort_error
     return result
 
 
-def _closing_message(status: str, result: SearchResult, path: Path, driver: Any, kind: str = "search") -> str:
+def _source_name(obj: Any, fallback: str) -> str:
+    """The name ``obj`` has where the user typed the call: a name bound to it in ``__main__`` (a
+    script, a notebook), else ``module.name`` for a function of a module ``__main__`` imported, else
+    its own ``__name__``; ``fallback`` when none is a valid name."""
+    main = sys.modules.get("__main__")
+    bound = dict(vars(main)) if main is not None else {}
+    for name, value in bound.items():
+        if value is obj and name.isidentifier() and not name.startswith("_"):
+            return name
+    own = getattr(obj, "__name__", None)
+    if not (isinstance(own, str) and own.isidentifier()):
+        return fallback
+    module = getattr(obj, "__module__", None)
+    for name, value in bound.items():
+        try:
+            if (type(value).__name__ == "module" and getattr(value, "__name__", None) == module
+                    and getattr(value, own, None) is obj and not name.startswith("_")):
+                return f"{name}.{own}"
+        except Exception:  # noqa: BLE001 - a module with an odd __getattr__: not the one we look for
+            continue
+    return own
+
+
+def _resume_hint(fn: Callable[..., Any], model: Any, data: Any, path: Path, plan: _Plan, backend: Backend,
+                 from_shell: bool) -> str:
+    """A call that resumes the experiment in ``path`` as printed, with the user's names for ``fn`` and
+    its ``model=``/``data=`` generators, and (when ``payload.bin`` was written) the shell command."""
+    args = [_source_name(fn, "train")]
+    if model is not None:
+        args.append(f"model={_source_name(model, 'model_fn')}")
+    if data is not None:
+        args.append(f"data={_source_name(data, 'data_fn' if callable(data) else '<the same data>')}")
+    if backend.name == "inline":
+        args.append("backend='inline'")
+    custom = any(isinstance(plan.declaration.get(key), dict) and "custom" in plan.declaration[key]
+                 for key in ("optimizer", "scheduler"))
+    if plan.kind == "search" and not custom:
+        call = f"unison.resume({str(path)!r}, {', '.join(args)})"
+    else:
+        context = _source_name(plan.context, {"search": "search", "ablation": "study"}.get(plan.kind, "run"))
+        args.insert(1, context)
+        call = f"unison.run({', '.join(args)}, resume={str(path)!r})"
+    if from_shell:
+        call += f" or, from a shell, `{resume_command(path, backend)}`"
+    return call
+
+
+def resume_command(path: str | Path, backend: Backend | None = None) -> str:
+    """The shell command that resumes the experiment in ``path`` (``unison resume DIR``)."""
+    import shlex
+
+    inline = backend is not None and backend.name == "inline"
+    return f"unison resume {shlex.quote(str(path))}" + (" --backend inline" if inline else "")
+
+
+def _closing_message(status: str, result: SearchResult, path: Path, driver: Any, kind: str = "search",
+                     resume_hint: str | None = None) -> str:
     from unison.result import AblationResult
+
+    if status == "interrupted" and resume_hint is not None:
+        return f"interrupted: the experiment is resumable with {resume_hint}"
 
     if kind == "distributed" and status == "completed":
         row = result.rows[0] if result.rows else {}

@@ -1,4 +1,8 @@
-"""The ``unison`` command: ``demo``, ``ls``, ``show`` and ``spark-standalone``."""
+"""The ``unison`` command: ``demo``, ``ls``, ``show``, ``resume`` and ``spark-standalone``.
+
+Ctrl-C ends any command with one line (what was interrupted, the command that resumes it) and exit
+status 130, without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,80 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nexperiment directory: {result.path}")
     print(f"inspect it with: unison show {result.path}")
     return 0
+
+
+def _resume_backend(args: argparse.Namespace) -> Any:
+    import unison
+
+    if args.backend == "inline":
+        return unison.Inline()
+    if args.backend == "spark":
+        return "spark"
+    return unison.Local(workers=args.workers)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    """Finish an experiment with the function, generators and data it stored in ``payload.bin``."""
+    import unison
+    from unison.payload import loads_payload
+
+    path = Path(args.experiment)
+    try:
+        meta = ExperimentStore(path).read_experiment()
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    kind = meta.get("kind")
+    if kind not in ("search", "ablation", "distributed"):
+        print(f"error: {path} holds a {kind!r} experiment: a single run has nothing to resume (run it "
+              f"again); `unison resume` continues searches, ablations and distributed runs", file=sys.stderr)
+        return 1
+    if meta.get("status") == "completed":
+        print(f"{path}: the {kind} already completed; nothing to resume (see: unison show {path})")
+        return 0
+    payload_file = path / "payload.bin"
+    if not payload_file.is_file():
+        why = meta.get("payload_error") or "an older unison stored the function only for worker backends"
+        print(f"error: {path} has no payload.bin, so its training function is not stored ({why}). Resume it "
+              f"from Python with the same function: unison.resume({str(path)!r}, train, model=..., data=...)",
+              file=sys.stderr)
+        return 1
+    try:
+        parts = loads_payload(payload_file.read_bytes())
+        context = None if parts.get("context") is None else _loads(parts["context"])
+    except Exception as exc:  # noqa: BLE001 - e.g. the module defining the function is not importable
+        print(f"error: cannot load the training function stored in {payload_file}: "
+              f"{type(exc).__name__}: {exc}. Run `unison resume` where that code can be imported (the same "
+              f"environment and working directory), or resume from Python with unison.resume(...)",
+              file=sys.stderr)
+        return 1
+    fn, generators = parts["fn"], {"model": parts.get("model_fn"), "data": parts.get("data")}
+    backend = _resume_backend(args)
+    if kind == "search":
+        if context is not None:
+            result = unison.run(fn, context, **generators, backend=backend, resume=path)
+        else:
+            result = unison.resume(path, fn, **generators, backend=backend)
+    elif context is None:
+        what = "Ablation" if kind == "ablation" else "Distributed run"
+        print(f"error: {path} holds a {kind} whose {what} could not be stored in payload.bin "
+              f"(experiment.json keeps only its description, from which it cannot be rebuilt: model "
+              f"variants and custom ablators are code). Resume it from Python, passing the same one: "
+              f"unison.run(train, study, model=..., data=..., resume={str(path)!r})", file=sys.stderr)
+        return 1
+    else:
+        result = unison.run(fn, context, **generators, backend=backend, resume=path)
+    if kind == "distributed":
+        print(f"metrics: {json.dumps(result.metrics)}")
+    print(f"\nexperiment directory: {result.path}")
+    print(f"inspect it with: unison show {result.path}")
+    return 0
+
+
+def _loads(data: bytes) -> Any:
+    import cloudpickle
+
+    return cloudpickle.loads(data)
 
 
 def _summary(path: Path) -> dict[str, Any] | None:
@@ -190,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("experiment", help="an experiment directory")
     show.add_argument("--rows", type=int, default=60, help="at most this many trial rows (default 60)")
     show.set_defaults(func=_cmd_show)
+    resume = sub.add_parser("resume", help="finish an interrupted experiment with the function, model and "
+                                           "data generators it stored (no Python needed)")
+    resume.add_argument("experiment", help="an experiment directory")
+    resume.add_argument("--backend", choices=["local", "inline", "spark"], default="local",
+                        help="where the remaining trials run (default local; spark: SparkSession.builder."
+                             "getOrCreate(), i.e. spark-defaults and SPARK_* settings)")
+    resume.add_argument("--workers", type=int, default=None,
+                        help="local worker processes (default: CPU cores)")
+    resume.set_defaults(func=_cmd_resume)
     spark = sub.add_parser(
         "spark-standalone",
         help="start, stop or check a Spark standalone master and worker on 127.0.0.1 (from pip's pyspark)")
@@ -207,8 +294,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``unison`` command; return its exit status (130 after Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt as exc:
+        print(_interrupted_line(exc), file=sys.stderr, flush=True)
+        return 130
+    except Exception as exc:
+        from unison.errors import ExperimentLocked, RunFailed, SearchAborted, StorageFull, WorkerError
+
+        if not isinstance(exc, (ExperimentLocked, RunFailed, SearchAborted, StorageFull, WorkerError)):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _interrupted_line(exc: KeyboardInterrupt) -> str:
+    """One line: what was interrupted and, where an experiment was running, the command resuming it."""
+    path, command = getattr(exc, "unison_experiment", None), getattr(exc, "unison_resume", None)
+    if command:
+        return f"unison: interrupted; the experiment {path} is resumable with: {command}"
+    if path is not None:
+        return (f"unison: interrupted; the experiment {path} is resumable from Python only (its function "
+                f"could not be stored): unison.resume({str(path)!r}, train, ...)")
+    return "unison: interrupted"
 
 
 if __name__ == "__main__":

@@ -44,17 +44,20 @@ def dumps_payload(parts: dict[str, Any]) -> bytes:
     """Serialize the callables and objects workers need, naming what cannot be pickled."""
     import cloudpickle
 
-    for key, obj in parts.items():
-        try:
-            cloudpickle.dumps(obj)
-        except Exception as exc:  # noqa: BLE001
-            label = getattr(obj, "__qualname__", None) or type(obj).__name__
-            detail = _culprit(obj, f"{key} {label!r}") or f"{key} {label!r} cannot be pickled ({exc})"
-            raise TypeError(
-                f"cannot send {key} to worker processes: {detail}. Create such objects inside the "
-                f"function (or model_fn/data_fn), or use backend='inline' to run in this process"
-            ) from exc
-    blob = cloudpickle.dumps(parts)
+    try:
+        blob = cloudpickle.dumps(parts)
+    except Exception:  # noqa: BLE001 - pickle the parts one by one to name the one that fails
+        for key, obj in parts.items():
+            try:
+                cloudpickle.dumps(obj)
+            except Exception as exc:  # noqa: BLE001
+                label = getattr(obj, "__qualname__", None) or type(obj).__name__
+                detail = _culprit(obj, f"{key} {label!r}") or f"{key} {label!r} cannot be pickled ({exc})"
+                raise TypeError(
+                    f"cannot send {key} to worker processes: {detail}. Create such objects inside the "
+                    f"function (or model_fn/data_fn), or use backend='inline' to run in this process"
+                ) from exc
+        raise
     return msgpack.packb({"sys_path": [p for p in sys.path if p], "env": framework_env(), "blob": blob},
                          use_bin_type=True)
 

@@ -38,7 +38,6 @@ def make_optimizer(spec: Any) -> Optimizer:
         return spec
     if isinstance(spec, str) and spec in BUILTIN_OPTIMIZERS:
         return BUILTIN_OPTIMIZERS[spec]()
-    raise ValueError(
-        f"unknown optimizer {spec!r}: use one of {sorted(BUILTIN_OPTIMIZERS)} or an instance of "
-        f"unison.Optimizer"
-    )
+    from unison._validate import unknown_name_error
+
+    raise unknown_name_error("optimizer", spec, BUILTIN_OPTIMIZERS, "an instance of unison.Optimizer")

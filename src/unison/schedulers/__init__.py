@@ -34,7 +34,7 @@ def make_scheduler(spec: Any) -> Scheduler | None:
                 f"{', '.join(f'{name}=...' for name in required)})"
             )
         return cls()
-    raise ValueError(
-        f"unknown scheduler {spec!r}: use None, one of {sorted(BUILTIN_SCHEDULERS)} or an instance of "
-        f"unison.Scheduler"
-    )
+    from unison._validate import unknown_name_error
+
+    raise unknown_name_error("scheduler", spec, BUILTIN_SCHEDULERS,
+                             "an instance of unison.Scheduler (or None)")
