@@ -1,8 +1,14 @@
-"""Process checks shared by the tests that must leave no worker behind."""
+"""Process and journal checks shared by the tests that start drivers and workers."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def alive(pid: int) -> bool:
@@ -12,3 +18,43 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def journal(path: Path) -> list[dict[str, Any]]:
+    """The complete events of the experiment ``path``'s journal (a line being written is left out)."""
+    file = path / "journal.jsonl"
+    if not file.is_file():
+        return []
+    events = []
+    for line in file.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """``predicate()``'s first true value, polling until ``timeout``; fails naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def start_driver(tmp_path: Path, trials: int, sleep: float) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """``tests/fault_driver.py`` as a child process; returns it, its storage and its work folder."""
+    storage, work = tmp_path / "runs", tmp_path / "work"
+    storage.mkdir()
+    work.mkdir()
+    out = open(tmp_path / "driver.out", "wb")  # noqa: SIM115 - the child owns it once started
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "fault_driver.py"), str(storage), str(work), str(trials),
+         str(sleep)],
+        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    out.close()
+    return proc, storage, work

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -309,7 +310,9 @@ def test_best_trial_for_max_and_min(tmp_path, mode, best_id, best_x):
 
 def test_trials_table_has_one_row_per_trial(tmp_path):
     search = unison.Search({"x": unison.choice(XS), "tag": "t"}, metric="score", optimizer="grid")
+    began = time.perf_counter()
     r = unison.run(score_train, search, backend="inline", storage=tmp_path, progress=False)
+    wall = time.perf_counter() - began
     table = r.trials
     assert len(table) == len(XS)
     for column in ("trial_id", "status", "x", "tag", "score", "neg", "steps", "duration", "worker"):
@@ -320,7 +323,21 @@ def test_trials_table_has_one_row_per_trial(tmp_path):
     assert set(table["status"]) == {"completed"}
     assert set(table["steps"]) == {2}
     assert set(table["worker"]) == {"inline"}
-    assert (table["duration"] >= 0).all()
+    assert (table["duration"] > 0).all() and table["duration"].sum() < wall, (list(table["duration"]), wall)
+
+
+def test_trial_durations_are_the_time_the_function_ran(tmp_path):
+    naps = [0.05, 0.25, 0.15]
+    search = unison.Search({"nap": unison.choice(naps)}, metric="value", optimizer="grid")
+
+    def train(nap):
+        time.sleep(nap)
+        return nap
+
+    table = unison.run(train, search, backend="inline", storage=tmp_path, progress=False).trials
+    assert list(table["nap"]) == naps
+    for nap, duration in zip(table["nap"], table["duration"], strict=True):
+        assert nap <= duration < nap + 0.2, (nap, duration)  # the slack is for a loaded machine
 
 
 def test_hyperparameter_named_like_a_table_column_keeps_its_value(tmp_path):

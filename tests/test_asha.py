@@ -277,20 +277,24 @@ def test_a_resumed_search_rebuilds_the_scheduler_state(tmp_path):
 
 
 # ------------------------------------------------------------------------------ store / rebuild
-@pytest.mark.parametrize("name, scheduler", [
-    ("asha", unison.ASHA(2, 30, 2)),
-    ("asha", unison.ASHA()),
-    ("hyperband", unison.Hyperband(1, 81, 3)),
-    ("hyperband", unison.Hyperband(3, 50, 2)),
-    ("median", unison.MedianStopping(grace_period=2, min_trials=4)),
+@pytest.mark.parametrize("name, scheduler, params", [
+    ("asha", unison.ASHA(2, 30, 2), {"min_resource": 2, "max_resource": 30, "reduction_factor": 2}),
+    ("asha", unison.ASHA(), {"min_resource": 1, "max_resource": None, "reduction_factor": 3}),
+    ("asha", unison.ASHA(grace_period=4, max_resource=40),
+     {"min_resource": 4, "max_resource": 40, "reduction_factor": 3}),
+    ("hyperband", unison.Hyperband(1, 81, 3), {"min_resource": 1, "max_resource": 81, "reduction_factor": 3}),
+    ("hyperband", unison.Hyperband(3, 50, 2), {"min_resource": 3, "max_resource": 50, "reduction_factor": 2}),
+    ("median", unison.MedianStopping(grace_period=2, min_trials=4), {"grace_period": 2, "min_trials": 4}),
 ])
-def test_search_to_dict_and_back_rebuilds_builtin_schedulers_with_their_parameters(name, scheduler):
+def test_search_to_dict_and_back_rebuilds_builtin_schedulers_with_their_parameters(name, scheduler, params):
     search = Search({"x": unison.uniform(0, 1)}, mode="min", scheduler=scheduler)
     stored = json.loads(json.dumps(search.to_dict()))
-    assert stored["scheduler"] == {"name": name, "params": scheduler.params()}
+    assert stored["scheduler"] == {"name": name, "params": params}
     rebuilt = Search.from_dict(stored)
     assert type(rebuilt.scheduler) is type(scheduler)
-    assert rebuilt.scheduler.params() == scheduler.params()
+    assert rebuilt.scheduler.params() == params
+    for key, value in params.items():  # the rebuilt scheduler runs with them, not only reports them
+        assert getattr(rebuilt.scheduler, key) == value, key
     assert rebuilt.to_dict() == stored  # what resume compares with experiment.json
 
 

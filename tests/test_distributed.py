@@ -29,19 +29,13 @@ if str(TESTS) not in sys.path:  # helpers_ddp must be importable by name, here a
     sys.path.insert(0, str(TESTS))
 
 from helpers_ddp import ROWS, data_fn, model_fn, train, train_failing_on_rank_1  # noqa: E402
-from processes import alive  # noqa: E402
+from processes import alive, journal  # noqa: E402
 
 HPARAMS = {"lr": 0.05, "epochs": 3}
 
 
 def ranks(trial_dir: Path, n: int) -> list[dict[str, Any]]:
     return [json.loads((trial_dir / f"rank-{r}.json").read_text()) for r in range(n)]
-
-
-def journal(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (path / "journal.jsonl").read_text().splitlines()]
-
-
 
 
 def check_two_rank_run(trial_dir: Path, epochs: int = HPARAMS["epochs"]) -> list[dict[str, Any]]:

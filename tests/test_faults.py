@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -28,25 +27,12 @@ if str(TESTS) not in sys.path:  # helpers_train must be importable by name, here
     sys.path.insert(0, str(TESTS))
 
 from helpers_train import make_search, train  # noqa: E402
-from processes import alive  # noqa: E402
+from processes import alive, journal, start_driver, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 # --------------------------------------------------------------------------------------- helpers
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-
-
 def children(ppid: int) -> set[int]:
     """The pids whose parent is ``ppid``."""
     found = set()
@@ -62,19 +48,6 @@ def children(ppid: int) -> set[int]:
     return found
 
 
-def journal(path: Path) -> list[dict[str, Any]]:
-    file = path / "journal.jsonl"
-    if not file.is_file():
-        return []
-    events = []
-    for line in file.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written right now
-    return events
-
-
 def ended(path: Path) -> set[int]:
     return {ev["id"] for ev in journal(path) if ev.get("e") == "end"}
 
@@ -87,20 +60,6 @@ def experiment_dir(storage: Path) -> Path:
 
 def local(workers: int = 2) -> unison.Local:
     return unison.Local(workers=workers)
-
-
-def start_driver(tmp_path: Path, trials: int, sleep: float) -> tuple[subprocess.Popen[bytes], Path, Path]:
-    """``tests/fault_driver.py`` as a child process; returns it, its storage and its work folder."""
-    storage, work = tmp_path / "runs", tmp_path / "work"
-    storage.mkdir()
-    work.mkdir()
-    out = open(tmp_path / "driver.out", "wb")  # noqa: SIM115 - the child owns it once started
-    proc = subprocess.Popen(
-        [sys.executable, str(TESTS / "fault_driver.py"), str(storage), str(work), str(trials), str(sleep)],
-        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-    out.close()
-    return proc, storage, work
 
 
 def worker_pids(work: Path) -> set[int]:

@@ -54,3 +54,19 @@ def test_a_multi_objective_search_returns_its_front(tmp_path):
     with pytest.raises(ValueError, match="multi-objective"):
         unison.Search({"x": unison.uniform(0, 1)}, metric=["acc", "lat"], mode=["max", "min"],
                       scheduler="median")
+
+
+def test_the_front_of_a_search_is_the_true_front_of_its_trial_table(tmp_path):
+    def f(x: float, y: float) -> dict[str, float]:  # many points are dominated, some are not
+        return {"acc": x - 0.5 * y, "lat": (1 - x) ** 2 + y}
+
+    search = unison.Search({"x": unison.uniform(0, 1), "y": unison.uniform(0, 1)}, metric=["acc", "lat"],
+                           mode=["max", "min"], trials=30, optimizer="random", seed=4)
+    result = unison.run(f, search, backend="inline", storage=tmp_path, progress=False)
+    table = result.trials
+    points = {int(row.trial_id): [row.acc, row.lat] for row in table.itertuples()}
+    front = {tid for tid, p in points.items()
+             if not any(dominates(q, p, ["max", "min"]) for q in points.values())}
+    assert 1 <= len(front) < len(points)
+    assert {b.trial_id for b in result.pareto} == front
+    assert {tuple(b.metric) for b in result.pareto} == {tuple(points[tid]) for tid in front}

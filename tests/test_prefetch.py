@@ -7,8 +7,11 @@ side (a trial message arriving while the worker waits for a scheduler decision) 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 import unison
 from unison.driver import SearchDriver
@@ -116,3 +119,34 @@ def test_trials_held_while_a_worker_waits_for_a_decision_run_with_their_own_hpar
     for row in r.rows:
         if row["status"] == "completed":
             assert abs(row["metrics"]["value"] - row["hparams"]["x"] * 4) < 1e-9
+
+
+@pytest.mark.slow
+def test_a_busy_worker_runs_the_trial_it_was_handed_after_its_current_one(tmp_path: Path) -> None:
+    # Trial 0 is slow, the others quick. The worker running trial 0 is handed its next trial (the
+    # next number) at once; it must run that trial as soon as trial 0 ends, on the same worker, even
+    # though the other worker ran every later number meanwhile. Without holding, trials would start
+    # in the order of their numbers.
+    def train(x: float, reporter: Any, ctx: Any) -> float:
+        for step in range(3):
+            time.sleep(0.6 if ctx.trial_id == 0 else 0.01)
+            reporter.report(step=step, value=x)
+        return x
+
+    trials = 10
+    search = unison.Search({"x": unison.uniform(0, 1)}, metric="value", mode="max", trials=trials, seed=5,
+                           optimizer="random")
+    r = unison.run(train, search, backend=unison.Local(workers=2), storage=tmp_path, progress=False)
+    assert r.status == "completed" and list(r.trials["status"]) == ["completed"] * trials
+    events = [json.loads(line) for line in (r.path / "journal.jsonl").read_text().splitlines()]
+    starts = [ev for ev in events if ev["e"] == "start"]
+    assert sorted(ev["id"] for ev in starts) == list(range(trials))  # each trial started once
+    slow_worker = next(ev["worker"] for ev in starts if ev["id"] == 0)
+    order = [(ev["e"], ev["id"], ev.get("worker")) for ev in events if ev["e"] in ("start", "end")]
+    end_of_slow = order.index(("end", 0, slow_worker))
+    assert end_of_slow + 1 < len(order), f"no trial was left for the slow worker: nothing was held {order}"
+    held = order[end_of_slow + 1]
+    assert held[0] == "start" and held[2] == slow_worker, order  # the slow worker went straight on...
+    later = [tid for kind, tid, worker in order[:end_of_slow] if kind == "start" and worker != slow_worker]
+    assert later and held[1] < max(later), order  # ...to a number it was handed before later ones ran
+    assert [ev["id"] for ev in starts] != sorted(ev["id"] for ev in starts)
