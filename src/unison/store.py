@@ -26,7 +26,8 @@ from unison.errors import ExperimentLocked, StorageFull
 
 DEFAULT_STORAGE = "unison-runs"
 SYNCED_EVENTS = frozenset({"status"})  # fsynced before append returns
-BACKGROUND_SYNCED_EVENTS = frozenset({"end"})  # fsynced by a background thread as soon as written
+BACKGROUND_SYNCED_EVENTS = frozenset({"end"})  # fsynced by a background thread soon after written
+SYNC_INTERVAL_S = 0.05  # ... at most once per this interval (a power loss loses at most this much)
 RESERVE_BYTES = 64 * 1024  # held while a driver runs, freed on a full disk for the final status
 _FULL_ERRNOS = frozenset(n for n in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if n is not None)
 
@@ -91,6 +92,9 @@ class _Syncer:
             with self._cond:
                 self._synced = target
                 self._cond.notify_all()
+                # Ends written in the next moment share the next fsync: at most one per interval, so
+                # the thread's wake-ups do not take the driver's CPU on a fast search.
+                self._cond.wait_for(lambda: self._closing, timeout=SYNC_INTERVAL_S)
 
     def close(self) -> None:
         """Finish the fsyncs asked for, then stop the thread."""
