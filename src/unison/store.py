@@ -2,11 +2,11 @@
 
 The journal is append-only: each event is one ``os.write`` of a whole line, so a line is either in
 the journal or not (a write that fails partway is cut off again). The experiment's ``status`` events
-are fsynced before the driver goes on, a trial's ``end`` right after it is written (by a background
-thread: ends written together share one fsync), and ``experiment.json`` and ``result.json`` are
-replaced whole and fsynced; reports are flushed to the operating system only. A driver
-holds an exclusive lock on the directory (``lock``) while it runs, so two drivers never run one
-experiment. Resuming an experiment replays its journal.
+are fsynced before the driver goes on, a trial's ``end`` within :data:`SYNC_INTERVAL_S` of being
+written (by a background thread: the ends written meanwhile share one fsync), and
+``experiment.json`` and ``result.json`` are replaced whole and fsynced; reports are flushed to the
+operating system only. A driver holds an exclusive lock on the directory (``lock``) while it runs, so
+two drivers never run one experiment. Resuming an experiment replays its journal.
 """
 
 from __future__ import annotations
@@ -350,7 +350,7 @@ class ExperimentStore:
     # ---------------------------------------------------------------------------------- journal
     def append(self, event: dict[str, Any]) -> None:
         """Append one event to the journal as one whole line. A ``status`` event is fsynced before
-        this returns, an ``end`` event by a background thread right after (the next ``status`` event
+        this returns, an ``end`` event by a background thread soon after (the next ``status`` event
         and :meth:`close` wait for it). A write that fails leaves no part of the line behind; a full
         disk raises :class:`unison.StorageFull`."""
         line = (json.dumps(event, default=str) + "\n").encode("utf-8")
