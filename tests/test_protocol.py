@@ -434,7 +434,7 @@ def test_connections_beyond_the_cap_make_the_oldest_pending_one_go() -> None:
 
 # ------------------------------------------------------------------------ a search under attack
 INTRUDER = """
-import os, sys
+import os, sys, time
 from unison import protocol
 MISCHIEF = {
     "report": lambda trial_id: {"t": "report"},  # no trial_id, step or metrics
@@ -449,7 +449,17 @@ while True:
         message = conn.recv()
     except ConnectionError:
         sys.exit(0)
-    if message["t"] == "trial":
+    if message["t"] == "trial" and os.environ["INTRUDER_SENDS"] == "spoof":
+        print("got trial", message["trial_id"], flush=True)
+        for n in range(300):  # report for the other trials until one runs on a real worker
+            try:
+                conn.send({"t": "report", "trial_id": message["trial_id"] + 1 + n % 7, "step": 0,
+                           "metrics": {"value": 99.0}})
+                conn.recv()
+            except ConnectionError:
+                sys.exit(0)
+            time.sleep(0.01)
+    elif message["t"] == "trial":
         print("got trial", message["trial_id"], flush=True)
         conn.send(MISCHIEF[os.environ["INTRUDER_SENDS"]](message["trial_id"]))
     elif message["t"] == "shutdown":
@@ -487,6 +497,7 @@ class IntrudedLocal(unison.Local):
 @pytest.mark.parametrize(("sends", "problem"), [
     ("report", "malformed message: report message: 'trial_id' is missing"),
     ("result", "malformed message: ready message: 'result'['trial_id'] is 10"),  # not the trial it runs
+    ("spoof", "a trial this worker does not run"),  # reports for another worker's trial
 ])
 def test_a_search_survives_an_authenticated_peer_sending_a_malformed_message(tmp_path: Path, sends: str,
                                                                              problem: str) -> None:
@@ -504,6 +515,7 @@ def test_a_search_survives_an_authenticated_peer_sending_a_malformed_message(tmp
     events = [json.loads(line) for line in (r.path / "journal.jsonl").read_text().splitlines()]
     ends = [ev["id"] for ev in events if ev["e"] == "end"]
     assert sorted(ends) == list(range(8))  # each trial ended once
+    assert not [ev for ev in events if ev["e"] == "report"]  # fn reports nothing: nor was the intruder heard
     log = (r.path / "workers" / "intruder.log").read_text()
     assert problem in log
     # It connects before the real workers and is handed a trial: that trial is lost, then run by a worker.

@@ -257,6 +257,12 @@ class RemoteLoop:
             self._dispatch_waiting()
         elif kind == "report":
             trial = driver.trials.get(message["trial_id"])
+            if trial is not None and trial.status == "running" and trial.trial_id != peer.trial_id:
+                self._handle(Event("malformed", peer, {
+                    "error": f"report message: 'trial_id' is {trial.trial_id}, a trial this worker does not "
+                             f"run (it runs {peer.trial_id})"}))
+                peer.conn.close()  # its "closed" event then treats the trial it runs as lost
+                return
             if trial is None or trial.status != "running":  # e.g. another rank failed meanwhile
                 stop = "the trial already ended"
             else:
