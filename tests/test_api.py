@@ -448,3 +448,17 @@ def test_import_is_light_and_fast():
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["heavy"] == []
     assert report["elapsed"] < 1.0
+
+
+def test_a_single_run_gets_an_int_seed_like_every_other_context(tmp_path):
+    import torch
+
+    def train(hparams, ctx):
+        torch.manual_seed(ctx.seed)  # what a search trial's function does: must work unchanged here
+        return float(ctx.seed)
+
+    given = unison.run(train, hparams={"seed": 7}, storage=tmp_path)
+    assert given.value == 7.0
+    drawn = unison.run(train, hparams={"lr": 0.1}, storage=tmp_path)
+    recorded = json.loads((drawn.path / "experiment.json").read_text())["seed"]
+    assert isinstance(recorded, int) and drawn.value == float(recorded)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import platform
 import secrets
 import sys
@@ -149,6 +150,16 @@ def resume(
 
 
 # ---------------------------------------------------------------------------------------- single run
+def _single_run_seed(hparams: dict[str, Any]) -> int:
+    """``ctx.seed`` of a single run: ``hparams["seed"]`` when it is an int, as in an ablation's trials;
+    else a fresh random one, recorded in ``experiment.json``, so that ``torch.manual_seed(ctx.seed)``
+    works in a single run as it does in every other context."""
+    given = hparams.get("seed")
+    if isinstance(given, numbers.Integral) and not isinstance(given, bool):
+        return int(given)
+    return secrets.randbits(31)
+
+
 def _run_single(fn: Callable[..., Any], hparams: dict[str, Any], model: Any, data: Any,
                 storage: str | Path | None, name: str | None, metric: str | None) -> RunResult:
     if not isinstance(hparams, dict):
@@ -156,16 +167,18 @@ def _run_single(fn: Callable[..., Any], hparams: dict[str, Any], model: Any, dat
     names = check_injectable(fn, hparams, model is not None, data is not None)
     from unison.context import Context, _default_device
 
+    seed = _single_run_seed(hparams)
     store = ExperimentStore.create(storage, name or getattr(fn, "__name__", "run"))  # locked until closed
     store.resumable = False
     try:
         store.write_experiment({"kind": "single", "name": name or fn.__name__, "status": "running",
-                                "hparams": hparams, "created": time.time(), "versions": _versions()},
+                                "hparams": hparams, "seed": seed, "created": time.time(),
+                                "versions": _versions()},
                                durable=False)  # a single run is not resumed: only its outcome is fsynced
         trial_dir = store.trial_dir(0)
         metrics_log = _LazyLog(trial_dir / "metrics.jsonl")
         reporter = Reporter(None, metrics_log)
-        ctx = Context(trial_id=0, trial_dir=trial_dir, device=_default_device())
+        ctx = Context(trial_id=0, trial_dir=trial_dir, device=_default_device(), seed=seed)
         store.append({"e": "start", "id": 0, "hparams": hparams, "attempt": 0, "worker": "inline",
                       "t": time.time()})
         start = time.perf_counter()
