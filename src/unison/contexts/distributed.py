@@ -51,8 +51,10 @@ class Distributed:
             ``Search(trial_timeout_s=...)`` bounds a whole trial's wall time (every rank's process
             is ended past it).
         strategy: ``None``/``"ddp"``: the injected ``model`` is wrapped in
-            ``DistributedDataParallel``; ``"fsdp"``: it is sharded with FSDP2's ``fully_shard``
-            (every direct child with parameters, then the whole model).
+            ``DistributedDataParallel`` (a model with lazy parameters, e.g. a first ``nn.LazyLinear``,
+            at its first forward pass; ``model.module`` and ``model.parameters()`` are the model's own
+            from the start); ``"fsdp"``: it is sharded with FSDP2's ``fully_shard`` (every direct child
+            with parameters, then the whole model; a lazy model is an error).
         metric: which entry of the returned dict is ``result.value`` (default: the only entry, or
             the number returned). Naming a metric the function does not return fails the run.
         framework: ``"torch"`` (default): every rank joins a torch process group; the injected

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -173,10 +175,19 @@ def wrap_model(model: torch.nn.Module, device: str, strategy: str | None) -> tor
     """``model`` on ``device``, wrapped for data-parallel training (unchanged if already wrapped)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(model, DistributedDataParallel) or _is_fsdp(model):
+    if isinstance(model, (DistributedDataParallel, LazyDistributedDataParallel)) or _is_fsdp(model):
         return model
     model = model.to(device)
+    lazy = [name for name, p in model.named_parameters() if torch.nn.parameter.is_lazy(p)]
     if strategy == "fsdp":
+        if lazy:
+            layer = type(model.get_submodule(lazy[0].rpartition(".")[0])).__name__
+            raise ValueError(f"strategy='fsdp' cannot shard {type(model).__name__}: its parameter "
+                             f"{lazy[0]!r} ({layer}) is not initialized before the first forward pass, and "
+                             f"FSDP replaces the parameters it shards, so an optimizer built from them "
+                             f"would train stale ones: use a non-lazy first layer (e.g. "
+                             f"nn.Linear(in_features, ...)) or strategy='ddp' (as the default None), which "
+                             f"wraps a lazy model at its first forward")
         from torch.distributed.fsdp import fully_shard
 
         for child in model.children():
@@ -187,8 +198,68 @@ def wrap_model(model: torch.nn.Module, device: str, strategy: str | None) -> tor
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"the model ({type(model).__name__}) has no trainable parameters: there is nothing "
                          f"for DistributedDataParallel to synchronize")
+    if lazy:
+        return LazyDistributedDataParallel(model, device)
+    return _ddp(model, device)
+
+
+def _ddp(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
     return DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda")
                                    else None)
+
+
+class LazyDistributedDataParallel(torch.nn.Module):
+    """DDP for a model with lazy (uninitialized) parameters, such as a first ``nn.LazyLinear``: DDP
+    refuses those, so the wrapper is built at the first forward pass.
+
+    That first call runs ``module`` once on its inputs (without gradients, in eval mode so batch
+    statistics and dropout are untouched) to materialize the parameters, wraps it in
+    ``DistributedDataParallel`` (whose constructor broadcasts rank 0's parameters, so the ranks
+    agree), then runs the real forward through DDP. Lazy parameters are materialized in place, so
+    ``parameters()`` (the inner module's, the very same objects) and an optimizer built from them
+    before the first forward keep training the synchronized model. ``module`` is the plain model, as
+    with DDP (``model.module.state_dict()`` has the model's own keys).
+    """
+
+    def __init__(self, module: torch.nn.Module, device: str) -> None:
+        super().__init__()
+        self.module = module
+        self._device = device
+        self._ddp: Any = None  # not a registered submodule: its parameters are ``module``'s
+        self._sync = True
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._ddp is None:
+            modes = {m: m.training for m in self.module.modules()}
+            self.module.eval()
+            try:
+                with torch.no_grad():
+                    self.module(*args, **kwargs)
+            finally:
+                for m, training in modes.items():
+                    m.training = training
+            object.__setattr__(self, "_ddp", _ddp(self.module, self._device))
+        self._ddp.require_backward_grad_sync = self._sync
+        return self._ddp(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> LazyDistributedDataParallel:
+        super().train(mode)
+        if self._ddp is not None:
+            self._ddp.training = mode
+        return self
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """As ``DistributedDataParallel.no_sync``: gradients accumulate locally inside the block."""
+        old, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = old
+            if self._ddp is not None:
+                self._ddp.require_backward_grad_sync = old
 
 
 def _is_fsdp(model: Any) -> bool:
