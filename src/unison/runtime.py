@@ -283,9 +283,13 @@ class TrialRunner:
         capture_output: bool = True,
         variants: dict[str, Callable[..., Any]] | None = None,
         require_metric: bool = True,
+        interrupt_propagates: bool = True,
     ) -> None:
         """``require_metric=False``: a returned dict without ``metric`` still completes (a distributed
-        run without ``metric=`` returns whatever it likes, as a single run does)."""
+        run without ``metric=`` returns whatever it likes, as a single run does).
+        ``interrupt_propagates=False``: a ``KeyboardInterrupt`` raised in the function fails the trial
+        instead of ending the caller (a worker process, which never gets the terminal's Ctrl-C)."""
+        self.interrupt_propagates = interrupt_propagates
         self.fn, self.names = fn, names
         self.require_metric = require_metric
         self.metrics = [metric] if isinstance(metric, str) else list(metric)
@@ -341,8 +345,8 @@ class TrialRunner:
         except KeyboardInterrupt:
             # In the driver's own process (inline) it is the user's Ctrl-C: it propagates. A worker
             # process never gets the terminal's Ctrl-C (its own session), so there the function raised
-            # it: a failed trial (serve() sets ``interrupt_propagates = False``).
-            if getattr(self, "interrupt_propagates", True):
+            # it: a failed trial.
+            if self.interrupt_propagates:
                 raise
             outcome["status"] = "failed"
             outcome["error"] = traceback.format_exc()

@@ -242,8 +242,8 @@ def serve(
         runner = TrialRunner(
             parts["fn"], parts["names"], parts["metric"], parts.get("model_fn"), parts.get("data"),
             variants=parts.get("variants"), require_metric=parts.get("require_metric", True),
+            interrupt_propagates=False,  # a KeyboardInterrupt here is the function's: a failed trial
         )
-        runner.interrupt_propagates = False  # a KeyboardInterrupt here is the function's: a failed trial
         endpoint = _Endpoint(conn, parts.get("framework", "torch")) if parts.get("distributed") else None
     except Exception:  # noqa: BLE001 - the driver must learn why this worker cannot work
         conn.send({"t": "fatal", "error": traceback.format_exc()})
