@@ -1,8 +1,9 @@
-"""Process and journal checks shared by the tests that start drivers and workers."""
+"""Process, journal and socket checks shared by the tests that start drivers and workers."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -58,3 +59,15 @@ def start_driver(tmp_path: Path, trials: int, sleep: float) -> tuple[subprocess.
     )
     out.close()
     return proc, storage, work
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
+    """What the peer sends until it closes; ``socket.timeout`` if it stays open past ``timeout``."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data

@@ -27,7 +27,7 @@ if str(TESTS) not in sys.path:  # helpers_train must be importable by name, here
     sys.path.insert(0, str(TESTS))
 
 from helpers_train import make_search, train  # noqa: E402
-from processes import alive, journal, start_driver, wait_for  # noqa: E402
+from processes import alive, journal, read_until_closed, start_driver, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -157,18 +157,6 @@ def _listening_address(port: int) -> str | None:
     return None
 
 
-def _read_until_closed(sock: socket.socket, timeout: float) -> bytes:
-    """Everything the peer sends until it closes the connection; fails on ``timeout``."""
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while chunk := sock.recv(4096):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
-
-
 def test_wrong_secret_garbage_and_silent_peers_do_not_disturb_the_search(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -203,9 +191,9 @@ def test_wrong_secret_garbage_and_silent_peers_do_not_disturb_the_search(
             with socket.create_connection(address, timeout=5) as garbage:
                 header = protocol._recv_exact(garbage, len(protocol.MAGIC) + protocol.NONCE_BYTES)
                 garbage.sendall(os.urandom(200))  # not an answer to the challenge: bytes of noise
-                findings["garbage"] = header + _read_until_closed(garbage, 5)
+                findings["garbage"] = header + read_until_closed(garbage, 5)
             started = time.monotonic()
-            findings["silent"] = _read_until_closed(silent, 5)
+            findings["silent"] = read_until_closed(silent, 5)
             findings["silent_wait"] = time.monotonic() - started
             silent.close()
         except BaseException as exc:  # noqa: BLE001 - reported by the test below

@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from processes import read_until_closed
 
 import unison
 from unison import protocol
@@ -42,18 +43,6 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
         if not chunk:
             break
         data += chunk
-    return data
-
-
-def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
-    """What the peer sends until it closes; ``socket.timeout`` if it stays open past ``timeout``."""
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while chunk := sock.recv(4096):
-            data += chunk
-    except ConnectionResetError:
-        pass
     return data
 
 
@@ -222,6 +211,8 @@ MALFORMED_TO_DRIVER = [
      "'result'['error'] must be a str"),
     ({"t": "ready", "result": {"trial_id": 1, "status": "completed", "files": {"a.txt": "text"}}},
      "'result'['files']['a.txt'] must be bytes, got str"),
+    ({"t": "ready", "result": {"trial_id": 1, "status": "completed", "logs_cut": {"stdout.log": "all"}}},
+     "'result'['logs_cut']['stdout.log'] must be an int, got str"),
     ({"t": "rank_failed", "trial_id": 2}, "rank_failed message: 'error' is missing"),
     ({"t": "files", "trial_id": 2, "files": {"x": 1}}, "files message: 'files'['x'] must be bytes, got int"),
     ({"t": "fatal"}, "fatal message: 'error' is missing"),
@@ -264,7 +255,7 @@ def test_messages_workers_really_send_are_valid() -> None:
                     {"t": "files", "trial_id": 7, "files": {"stdout.log": b"hi\n"}},
                     {"t": "fatal", "error": "Traceback ..."}, {"t": "hb"},
                     {"t": "ready", "result": {**result, "files": {}, "files_skipped": ["big.bin"],
-                                              "logs_cut": {"stdout.log": 10}}}]:  # unknown keys are ignored
+                                              "logs_cut": {"stdout.log": 10}}}]:
         wire = msgpack.unpackb(msgpack.packb(message, use_bin_type=True), raw=False)
         assert validate(wire, DRIVER) == wire
 

@@ -46,6 +46,8 @@ def _resume_backend(args: argparse.Namespace) -> Any:
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     """Finish an experiment with the function, generators and data it stored in ``payload.bin``."""
+    import cloudpickle
+
     import unison
     from unison.payload import loads_payload
 
@@ -72,7 +74,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         return 1
     try:
         parts = loads_payload(payload_file.read_bytes())
-        context = None if parts.get("context") is None else _loads(parts["context"])
+        context = None if parts.get("context") is None else cloudpickle.loads(parts["context"])
     except Exception as exc:  # noqa: BLE001 - e.g. the module defining the function is not importable
         print(f"error: cannot load the training function stored in {payload_file}: "
               f"{type(exc).__name__}: {exc}. Run `unison resume` where that code can be imported (the same "
@@ -81,18 +83,15 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         return 1
     fn, generators = parts["fn"], {"model": parts.get("model_fn"), "data": parts.get("data")}
     backend = _resume_backend(args)
-    if kind == "search":
-        if context is not None:
-            result = unison.run(fn, context, **generators, backend=backend, resume=path)
-        else:
-            result = unison.resume(path, fn, **generators, backend=backend)
-    elif context is None:
+    if context is None and kind != "search":  # a search can be rebuilt from experiment.json
         what = "Ablation" if kind == "ablation" else "Distributed run"
         print(f"error: {path} holds a {kind} whose {what} could not be stored in payload.bin "
               f"(experiment.json keeps only its description, from which it cannot be rebuilt: model "
               f"variants and custom ablators are code). Resume it from Python, passing the same one: "
               f"unison.run(train, study, model=..., data=..., resume={str(path)!r})", file=sys.stderr)
         return 1
+    if context is None:
+        result = unison.resume(path, fn, **generators, backend=backend)
     else:
         result = unison.run(fn, context, **generators, backend=backend, resume=path)
     if kind == "distributed":
@@ -100,12 +99,6 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     print(f"\nexperiment directory: {result.path}")
     print(f"inspect it with: unison show {result.path}")
     return 0
-
-
-def _loads(data: bytes) -> Any:
-    import cloudpickle
-
-    return cloudpickle.loads(data)
 
 
 def _summary(path: Path) -> dict[str, Any] | None:

@@ -216,6 +216,7 @@ RESULT_SCHEMA: _Schema = {
     "stop_reason": _opt(_optional(_TEXT)),
     "files": _opt(_FILES),
     "files_skipped": _opt(_sequence(_TEXT, MAX_FILES)),
+    "logs_cut": _opt(_mapping(_integer(0), 16)),  # log file name -> bytes cut; journaled as sent
 }
 
 #: One schema per kind of message the driver receives.

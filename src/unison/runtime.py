@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from unison import trialfiles
+from unison import protocol, trialfiles
 from unison.ablate import component_generators
 from unison.context import Context, _default_device
 from unison.dist import session_for
@@ -31,8 +31,9 @@ from unison.injection import build_arguments, once, takes_no_arguments
 Decide = Callable[[int, dict[str, float]], "str | None"]
 """``decide(step, metrics)``: how a reporter asks the scheduler; ``None`` to go on, else why to stop."""
 
-MAX_METRICS = 1000
-"""The most metrics a trial may return, or report in one ``reporter.report`` call."""
+MAX_METRICS = protocol.MAX_METRICS
+"""The most metrics a trial may return, or report in one ``reporter.report`` call (the protocol's bound
+for one message: here the trial fails with a message that says what to do instead)."""
 MAX_METRICS_BYTES = 1024 * 1024
 """The most bytes (as JSON) the metrics a trial returns, or reports in one call, may take."""
 MAX_ERROR_CHARS = 64 * 1024  # a failed trial's error (traceback) keeps its first and last part

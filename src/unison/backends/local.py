@@ -61,6 +61,16 @@ def _wait_exited(proc: subprocess.Popen[bytes]) -> None:
             pass
 
 
+def _killpg_unreaped(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the worker's process group, unless the worker was reaped (its pid, and so the group's
+    id, may belong to someone else by then). Call it holding the backend's reap lock."""
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @atexit.register
 def _kill_leftovers() -> None:
     for backend in list(_LIVE):
@@ -242,12 +252,7 @@ class Local(Backend):
     def _kill_group(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGKILL the worker's process group (its session: the worker and what its trials started)."""
         with self._reap_lock:
-            if proc.returncode is not None:  # reaped: its pid may belong to someone else by now
-                return
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _killpg_unreaped(proc)
 
     def _reap(self, proc: subprocess.Popen[bytes]) -> int | None:
         """The worker's exit status once it has ended, else ``None``. What the worker started dies
@@ -257,11 +262,7 @@ class Local(Backend):
         if not _exited(proc):
             return None
         with self._reap_lock:
-            if proc.returncode is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _killpg_unreaped(proc)
             return proc.wait()
 
     def stop(self, force: bool = False) -> None:
