@@ -11,8 +11,8 @@ import pytest
 
 import unison
 from unison.contexts.search import Search
-from unison.driver import SearchDriver
-from unison.store import ExperimentStore
+from unison.driver.driver import SearchDriver
+from unison.driver.store import ExperimentStore
 
 MODES = pytest.mark.parametrize("mode", ["max", "min"])
 

@@ -22,7 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import unison  # noqa: E402
-from unison.dist import shard, shard_bounds  # noqa: E402
+from unison.worker.rank import shard, shard_bounds  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:  # helpers_ddp must be importable by name, here and in workers

@@ -61,7 +61,7 @@ class StopAt(unison.Scheduler):
 
 # ------------------------------------------------------------------------------------- callbacks
 def test_the_import_of_unison_and_its_keras_module_loads_no_framework():
-    code = ("import sys, unison, unison.frameworks.keras, unison.ablate, unison.runtime\n"
+    code = ("import sys, unison, unison.frameworks.keras, unison.worker.ablate, unison.worker.runtime\n"
             "print([m for m in ('keras', 'tensorflow', 'torch') if m in sys.modules])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"

@@ -15,7 +15,9 @@ import pytest
 
 import unison
 from unison import trialfiles
-from unison.runtime import MAX_METRICS, Reporter, _LazyLog
+from unison.worker.logs import LazyLog
+from unison.worker.metrics import MAX_METRICS
+from unison.worker.reporter import Reporter
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
@@ -99,7 +101,7 @@ def test_inline_trial_past_its_limit_fails_with_timeout_and_the_search_goes_on(t
         assert 0.5 <= end["duration"] < 5
     # where it was stuck is in the trial's stderr.log
     assert "in fn" in (r.path / "trials" / "0001" / "stderr.log").read_text()
-    assert sys.stdout is not None and not isinstance(sys.stdout, _LazyLog)
+    assert sys.stdout is not None and not isinstance(sys.stdout, LazyLog)
 
 
 def test_inline_retry_on_timeout_runs_the_trial_max_retries_plus_one_times(tmp_path: Path) -> None:
@@ -120,7 +122,7 @@ def test_inline_retry_on_timeout_runs_the_trial_max_retries_plus_one_times(tmp_p
 
 # ------------------------------------------------------------------------- log caps
 def test_lazy_log_keeps_the_last_part_under_a_note_and_rewrites_only_when_crossing(tmp_path: Path) -> None:
-    log = _LazyLog(tmp_path / "stdout.log", limit=4096)
+    log = LazyLog(tmp_path / "stdout.log", limit=4096)
     lines = [f"line {i}\n" for i in range(5000)]
     rewrites = 0
     for line in lines:
@@ -140,7 +142,7 @@ def test_lazy_log_keeps_the_last_part_under_a_note_and_rewrites_only_when_crossi
 
 
 def test_metrics_log_note_is_a_json_line(tmp_path: Path) -> None:
-    log = _LazyLog(tmp_path / "metrics.jsonl", limit=2048, json_note=True)
+    log = LazyLog(tmp_path / "metrics.jsonl", limit=2048, json_note=True)
     for step in range(500):
         log.write(json.dumps({"step": step, "loss": 1.0}) + "\n")
     log.close()

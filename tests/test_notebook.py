@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from unison.progress import NotebookProgress, PlainProgress
+from unison.driver.progress import NotebookProgress, PlainProgress
 
 ANSI = re.compile(r"\x1b\[")
 
@@ -370,7 +370,7 @@ def test_search_on_a_terminal_draws_a_bar_in_place(tmp_path: Path) -> None:
 
 def test_terminal_ipython_is_not_taken_for_a_notebook(tmp_path: Path) -> None:
     pytest.importorskip("IPython")
-    code = ("import unison.progress as p; "
+    code = ("import unison.driver.progress as p; "
             "print('KIND', type(p.make_progress(None, 'm')).__name__, p._in_notebook())")
     out = subprocess.run([sys.executable, "-m", "IPython", "--quick", "--no-banner", "--colors=nocolor",
                           "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -378,7 +378,7 @@ def test_terminal_ipython_is_not_taken_for_a_notebook(tmp_path: Path) -> None:
 
 
 def test_progress_imports_no_ipython_outside_a_kernel() -> None:
-    code = ("import sys, unison, unison.progress as p\n"
+    code = ("import sys, unison, unison.driver.progress as p\n"
             "p.make_progress(None, 'm')\n"
             "print([m for m in ('IPython', 'ipykernel', 'tqdm') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 import unison
-from unison.driver import SearchDriver
-from unison.store import ExperimentStore
+from unison.driver.driver import SearchDriver
+from unison.driver.store import ExperimentStore
 
 
 def make_driver(tmp_path: Path, optimizer: str = "random", trials: int = 6,

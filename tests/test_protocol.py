@@ -24,8 +24,9 @@ from processes import read_until_closed
 
 import unison
 from unison import protocol
+from unison.driver.server import Event, Server
+from unison.launch import LaunchSpec
 from unison.protocol import DRIVER, WORKER, MalformedMessage, ProtocolError, validate
-from unison.server import Event, Server
 
 HEADER = len(protocol.MAGIC) + protocol.NONCE_BYTES
 HELLO = {"t": "hello", "worker": "worker-0", "host": "localhost", "pid": 1234}
@@ -232,7 +233,7 @@ def test_each_malformed_message_to_the_driver_is_rejected_with_a_clear_message(m
 
 
 def test_messages_workers_really_send_are_valid() -> None:
-    from unison.runtime import TrialRunner
+    from unison.worker.runtime import TrialRunner
 
     def fn(x: float, reporter: Any) -> dict[str, float]:
         reporter.report(step=0, loss=1.0)
@@ -467,12 +468,13 @@ class IntrudedLocal(unison.Local):
         super().__init__(workers=workers)
         self.sends = sends
 
-    def start(self, address: tuple[str, int], secret: bytes, payload_path: Path, log_dir: Path,
-              workers: int, barrier: bool = False) -> None:
-        env = dict(os.environ, INTRUDER_DRIVER=f"{address[0]}:{address[1]}", INTRUDER_SECRET=secret.hex(),
+    def start(self, spec: LaunchSpec) -> None:
+        address = spec.address
+        env = dict(os.environ, INTRUDER_DRIVER=f"{address[0]}:{address[1]}",
+                   INTRUDER_SECRET=spec.secret.hex(),
                    INTRUDER_SENDS=self.sends)
         self.intruder = subprocess.Popen([sys.executable, "-c", INTRUDER], env=env, stdout=subprocess.PIPE)
-        super().start(address, secret, payload_path, log_dir, workers, barrier=barrier)
+        super().start(spec)
 
     def stop(self, force: bool = False) -> None:
         super().stop(force=force)

@@ -1,7 +1,7 @@
 """``ctx.shard`` in the rank contexts of a two-process distributed trial, built in this process.
 
 A rank's ``ctx`` is made as the trial runner makes it (``Context`` plus the trial message's
-``dist`` part bound through :func:`unison.dist.session_for`); no process group is needed to shard,
+``dist`` part bound through :func:`unison.worker.runtime.session_for`); no process group is needed to shard,
 so each rank's rows are checked here without starting any process.
 """
 
@@ -16,15 +16,16 @@ import pytest
 import torch
 from torch.utils.data import Dataset, Subset
 
-from unison.context import Context
-from unison.dist import RankSession, session_for
+from unison.worker.ctx import Context
+from unison.worker.rank import RankSession
+from unison.worker.runtime import session_for
 
 ROWS = 7  # odd: the ranks get 4 and 3 rows, or 3 and 3 with even=True
 WORLD = 2
 
 
 def rank_context(tmp_path: Path, rank: int) -> tuple[Context, RankSession]:
-    """Rank ``rank``'s ``ctx`` as :class:`unison.runtime.TrialRunner` builds it from a trial message."""
+    """Rank ``rank``'s ``ctx`` as ``TrialRunner`` builds it from a trial message."""
     trial = {
         "trial_id": 0, "hparams": {}, "trial_dir": str(tmp_path / "trial"), "seed": 1,
         "dist": {"rank": rank, "world_size": WORLD, "local_rank": rank, "local_world_size": WORLD,

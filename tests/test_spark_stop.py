@@ -16,15 +16,15 @@ from typing import Any
 
 import pytest
 
+from unison.driver.server import Event, Server
 from unison.payload import dumps_payload
 from unison.protocol import new_secret
-from unison.server import Event, Server
 
 pytestmark = pytest.mark.slow  # starts worker processes
 
 WORKER = """
 import sys, time
-from unison.worker import serve
+from unison.worker.serve import serve
 host, port, secret, payload = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), sys.argv[4]
 n = serve((host, port), secret, open(payload, "rb").read(), "spark-0", 0.2, shared_filesystem=False,
           exit_when_driver_gone=False)

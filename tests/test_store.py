@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import unison
-from unison.store import ExperimentStore
+from unison.driver.store import ExperimentStore
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:  # helpers_train must be importable by name, here and in workers

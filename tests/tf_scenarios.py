@@ -112,7 +112,8 @@ def distributed(storage: Path, **hparams: Any) -> unison.RunResult:
 def second_cluster_messages() -> list[str]:
     """What a process that already ran TensorFlow, then joined a cluster, is told when a trial would
     make it join one (again)."""
-    from unison.dist import free_port, session_for
+    from unison.worker.rank import free_port
+    from unison.worker.runtime import session_for
 
     trial = {"seed": 0, "dist": {"rank": 0, "world_size": 1, "master_addr": "127.0.0.1", "master_port": 1,
                                  "peers": [f"127.0.0.1:{free_port('127.0.0.1')}"], "framework": "tensorflow"}}

@@ -2,7 +2,7 @@
 distributed job, on this machine or a cluster. Importing unison loads no ML framework.
 
 The public names load on first use (PEP 562), so a worker process, which imports only
-``unison.worker``, does not pay for the driver's modules.
+``unison.worker.serve``, does not pay for the driver's modules.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ _PUBLIC = {
     "unison.backends.inline": ("Inline",),
     "unison.backends.local": ("Local",),
     "unison.backends.spark": ("Spark",),
-    "unison.context": ("Context",),
+    "unison.worker.ctx": ("Context",),
     "unison.contexts.ablation": ("Ablation", "Ablator", "Component", "LeaveOneOut"),
     "unison.contexts.distributed": ("Distributed",),
     "unison.contexts.search": ("Search",),
@@ -28,7 +28,7 @@ _PUBLIC = {
     ),
     "unison.optimizers": ("GridSearch", "Optimizer", "OptunaOptimizer", "RandomSearch"),
     "unison.result": ("AblationResult", "Best", "RunResult", "SearchResult"),
-    "unison.runtime": ("Reporter",),
+    "unison.worker.reporter": ("Reporter",),
     "unison.schedulers": ("ASHA", "Hyperband", "MedianStopping", "Scheduler", "Stop"),
     "unison.space": ("choice", "integer", "loguniform", "uniform"),
 }
@@ -61,7 +61,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from unison.backends.inline import Inline  # noqa: F401
     from unison.backends.local import Local  # noqa: F401
     from unison.backends.spark import Spark  # noqa: F401
-    from unison.context import Context  # noqa: F401
     from unison.contexts.ablation import Ablation, Ablator, Component, LeaveOneOut  # noqa: F401
     from unison.contexts.distributed import Distributed  # noqa: F401
     from unison.contexts.search import Search  # noqa: F401
@@ -76,6 +75,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     )
     from unison.optimizers import GridSearch, Optimizer, OptunaOptimizer, RandomSearch  # noqa: F401
     from unison.result import AblationResult, Best, RunResult, SearchResult  # noqa: F401
-    from unison.runtime import Reporter  # noqa: F401
     from unison.schedulers import ASHA, Hyperband, MedianStopping, Scheduler, Stop  # noqa: F401
     from unison.space import choice, integer, loguniform, uniform  # noqa: F401
+    from unison.worker.ctx import Context  # noqa: F401
+    from unison.worker.reporter import Reporter  # noqa: F401

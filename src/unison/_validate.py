@@ -41,7 +41,7 @@ def unknown_name_error(kind: str, name: object, choices: Iterable[str], alternat
 def check_hparam_names(names: Iterable[str], where: str) -> None:
     """Raise if a hyperparameter is named like something unison injects (``reporter``, ``ctx``, ...):
     the function could not receive both, so the name must change before anything runs."""
-    from unison.injection import INJECTABLE
+    from unison.worker.injection import INJECTABLE
 
     clashes = [n for n in names if n in INJECTABLE]
     if clashes:

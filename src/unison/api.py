@@ -21,10 +21,12 @@ from unison.backends.spark import Spark
 from unison.contexts.ablation import Ablation
 from unison.contexts.distributed import Distributed
 from unison.contexts.search import Search
-from unison.injection import build_arguments, check_injectable
+from unison.driver.store import ExperimentStore
 from unison.result import RunResult, SearchResult
-from unison.runtime import Reporter, _LazyLog, to_number
-from unison.store import ExperimentStore
+from unison.worker.injection import build_arguments, check_injectable
+from unison.worker.logs import LazyLog
+from unison.worker.metrics import to_number
+from unison.worker.reporter import Reporter
 
 BACKENDS: dict[str, Callable[[], Backend]] = {"inline": Inline, "local": Local, "spark": Spark}
 
@@ -165,7 +167,7 @@ def _run_single(fn: Callable[..., Any], hparams: dict[str, Any], model: Any, dat
     if not isinstance(hparams, dict):
         raise TypeError(f"hparams= must be a dict, got {type(hparams).__name__}")
     names = check_injectable(fn, hparams, model is not None, data is not None)
-    from unison.context import Context, _default_device
+    from unison.worker.ctx import Context, _default_device
 
     seed = _single_run_seed(hparams)
     store = ExperimentStore.create(storage, name or getattr(fn, "__name__", "run"))  # locked until closed
@@ -176,7 +178,7 @@ def _run_single(fn: Callable[..., Any], hparams: dict[str, Any], model: Any, dat
                                 "versions": _versions()},
                                durable=False)  # a single run is not resumed: only its outcome is fsynced
         trial_dir = store.trial_dir(0)
-        metrics_log = _LazyLog(trial_dir / "metrics.jsonl")
+        metrics_log = LazyLog(trial_dir / "metrics.jsonl")
         reporter = Reporter(None, metrics_log)
         ctx = Context(trial_id=0, trial_dir=trial_dir, device=_default_device(), seed=seed)
         store.append({"e": "start", "id": 0, "hparams": hparams, "attempt": 0, "worker": "inline",
@@ -344,8 +346,8 @@ def _check_ablation_targets(study: Ablation, model: Any, data: Any) -> None:
 
 def _check_features(study: Ablation, components: list[Any], data: Any, hparams: dict[str, Any]) -> None:
     """Every column the components remove, and the label, exist in the dataset."""
-    from unison.ablate import feature_names
-    from unison.injection import call_generator
+    from unison.worker.ablate import feature_names
+    from unison.worker.injection import call_generator
 
     if data is None:
         raise ValueError("Ablation(features=...) removes dataset columns: pass data= to unison.run")
@@ -369,8 +371,8 @@ def _check_modules(model_fn: Any, variant: str | None, removals: list[tuple[str,
     """Every module path exists in the PyTorch model that ``model_fn`` builds; for a Keras model, every
     layer exists and each component's layers can be removed (so a layer that cannot be taken out fails
     here, naming it, before any trial runs)."""
-    from unison.frameworks.keras import is_keras_model
-    from unison.injection import call_generator
+    from unison.frameworks.detect import is_keras_model
+    from unison.worker.injection import call_generator
 
     which = f"the variant {variant!r}" if variant else "model_fn"
     paths = list(dict.fromkeys(path for removal in removals for path in removal))
@@ -434,10 +436,10 @@ def _experiment_payload(fn: Callable[..., Any], names: list[str], plan: _Plan, m
 def _run_search(fn: Callable[..., Any], plan: _Plan, model: Any, data: Any,
                 backend_spec: str | Backend | None, storage: str | Path | None, name: str | None,
                 resume_path: str | Path | None, progress: bool | None) -> SearchResult:
-    from unison.driver import SearchDriver
-    from unison.loop import RemoteLoop, run_inline
-    from unison.progress import make_progress
-    from unison.runtime import TrialRunner
+    from unison.driver.dispatch import RemoteLoop, run_inline
+    from unison.driver.driver import SearchDriver
+    from unison.driver.progress import make_progress
+    from unison.worker.runtime import TrialRunner
 
     search = plan.search
     backend = resolve_backend(backend_spec)

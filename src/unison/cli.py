@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unison.store import DEFAULT_STORAGE, ExperimentStore
+from unison.driver.store import DEFAULT_STORAGE, ExperimentStore
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -203,7 +203,7 @@ _FILES = _mapping(_blob, MAX_FILES, keys=_text(4096))
 _NAME = _text(MAX_NAME_CHARS)
 _TEXT = _text(MAX_TEXT_CHARS)
 
-#: A trial's outcome as :meth:`unison.runtime.TrialRunner.run` returns it (the ``result`` of ``ready``).
+#: A trial's outcome as :meth:`TrialRunner.run` returns it (the ``result`` of ``ready``).
 RESULT_SCHEMA: _Schema = {
     "trial_id": _Field(_TRIAL_ID),
     "status": _Field(_one_of(*TRIAL_STATUSES)),

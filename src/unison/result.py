@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unison.store import ExperimentStore
+from unison.driver.store import ExperimentStore
 
 _FIXED_COLUMNS = ("trial_id", "status")
 _TAIL_COLUMNS = ("steps", "last_step", "duration", "worker", "host", "pid", "attempts", "stop_reason",

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
+from unison.worker.logs import LOG_LIMIT_BYTES, LazyLog  # noqa: F401 - LOG_LIMIT_BYTES: part of this module's contract
+
 SHIP_LIMIT_BYTES = 8 * 1024 * 1024
-LOG_LIMIT_BYTES = 8 * 1024 * 1024  # per log file of a trial, on every backend (see unison.runtime._LazyLog)
 MAX_SHIP_LIMIT_BYTES = 48 * 1024 * 1024  # the protocol caps a message at 64 MiB
 LOGS = ("stdout.log", "stderr.log", "metrics.jsonl")
 
@@ -88,10 +89,9 @@ def write(trial_dir: Path, files: dict[str, bytes]) -> None:
         target = trial_dir.joinpath(*relative.parts)
         target.parent.mkdir(parents=True, exist_ok=True)
         if relative.name in LOGS and len(relative.parts) == 1:
-            from unison.runtime import _LazyLog
 
             # A retried trial's logs follow the earlier attempt's, within LOG_LIMIT_BYTES in all.
-            log = _LazyLog(target, json_note=relative.name == "metrics.jsonl")
+            log = LazyLog(target, json_note=relative.name == "metrics.jsonl")
             try:
                 log.write_bytes(data)
             finally:

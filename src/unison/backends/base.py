@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
+
+from unison.launch import LaunchSpec
 
 
 class Backend:
@@ -33,13 +34,9 @@ class Backend:
         limit, until ``k`` exist, or offer ``k`` where its default would be fewer)."""
         return self.slots()
 
-    def start(self, address: tuple[str, int], secret: bytes, payload_path: Path, log_dir: Path,
-              workers: int, barrier: bool = False) -> None:
-        """Start ``workers`` workers that connect to ``address`` and load ``payload_path``.
-
-        ``barrier``: the workers are the ranks of one distributed run and must all run at once
-        (Spark starts them as one barrier stage); a backend whose workers all start anyway ignores it.
-        """
+    def start(self, spec: LaunchSpec) -> None:
+        """Start ``spec.workers`` workers that connect to ``spec.address`` with ``spec.secret`` and load
+        ``spec.payload_path`` (see :class:`unison.launch.LaunchSpec`)."""
         raise NotImplementedError
 
     def worker_aborted(self, info: dict[str, Any]) -> None:

@@ -11,12 +11,11 @@ import sys
 import threading
 import time
 import weakref
-from pathlib import Path
 from typing import IO, Any
 
 from unison.backends.base import Backend
 from unison.errors import WorkerError
-from unison.worker import ABORT_EXIT, ENV_ADDRESS, ENV_HEARTBEAT, ENV_PAYLOAD, ENV_SECRET, ENV_WORKER
+from unison.launch import ABORT_EXIT, LaunchSpec
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 _LIVE: weakref.WeakSet[Local] = weakref.WeakSet()
@@ -137,16 +136,11 @@ class Local(Backend):
         # Without workers= a distributed trial gets its k processes even on fewer cores.
         return self.workers or max(os.cpu_count() or 1, k)
 
-    def start(self, address: tuple[str, int], secret: bytes, payload_path: Path, log_dir: Path,
-              workers: int, barrier: bool = False) -> None:
+    def start(self, spec: LaunchSpec) -> None:
+        workers, log_dir = spec.workers, spec.log_dir
+        self._spec = spec
         self._env = dict(os.environ)
-        self._env.update({
-            ENV_ADDRESS: f"{address[0]}:{address[1]}",
-            ENV_SECRET: secret.hex(),
-            ENV_PAYLOAD: str(payload_path),
-            ENV_HEARTBEAT: str(self.heartbeat_interval),
-            "PYTHONUNBUFFERED": "1",
-        })
+        self._env["PYTHONUNBUFFERED"] = "1"
         # Numerical libraries start one thread per core in every worker; split the cores instead,
         # unless the user chose a number.
         threads = str(max(1, (os.cpu_count() or 1) // workers))
@@ -164,11 +158,11 @@ class Local(Backend):
         name = f"worker-{self._spawned}"
         self._spawned += 1
         log = open(self._log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
-        env = dict(self._env, **{ENV_WORKER: name})
+        env = dict(self._env, **self._spec.worker_environment(name, self.heartbeat_interval))
         # A new session: Ctrl-C in the terminal reaches the driver only, which stops the workers; and
         # a process group of its own, ended with the worker, so what its trials start ends with it.
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from unison.worker import main; main()"],
+            [sys.executable, "-m", "unison.worker"],
             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )

@@ -26,11 +26,11 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any
 
 from unison.backends.base import Backend
 from unison.errors import WorkerError
+from unison.launch import LaunchSpec
 from unison.trialfiles import MAX_SHIP_LIMIT_BYTES, SHIP_LIMIT_BYTES
 
 EARLY_DEATH_S = 10.0  # a slot job that ends this soon after its launch did not get to work
@@ -52,7 +52,7 @@ def _serve_slot(address: tuple[str, int], secret: bytes, payload: Any, slot: int
     """
     from pyspark import TaskContext
 
-    from unison.worker import serve
+    from unison.worker.serve import serve
 
     task = TaskContext.get()
     if slot is None:
@@ -268,12 +268,13 @@ class Spark(Backend):
         return self.spark_context.getConf().get("spark.driver.host") or socket.getfqdn()
 
     # ------------------------------------------------------------------ the workers
-    def start(self, address: tuple[str, int], secret: bytes, payload_path: Path, log_dir: Path,
-              workers: int, barrier: bool = False) -> None:
+    def start(self, spec: LaunchSpec) -> None:
+        address, secret, payload_path, log_dir = spec.address, spec.secret, spec.payload_path, spec.log_dir
+        workers, barrier = spec.workers, spec.barrier
         sc = self.spark_context
         self._address = (self._connect_host(address[0]), address[1])
         self._secret = secret
-        experiment = log_dir.parent.name
+        experiment = spec.experiment
         self.job_group = f"unison-{experiment}-{secrets.token_hex(4)}"
         self._description = f"unison: {experiment}"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -384,7 +385,7 @@ class Spark(Backend):
         """Return once every slot's task has ended, so no trial code runs on after it.
 
         The driver has told the workers to shut down or hung up on them (it closes its server first),
-        and a worker whose driver hangs up stops its trial at once (:func:`unison.worker._read`), so
+        and a worker whose driver hangs up stops its trial at once (:func:`unison.worker.serve._read`), so
         each running slot task ends by itself within moments, and Spark sees a task that succeeded.
         What still runs :data:`STOP_CANCEL_S` later is cancelled: a task whose function ignored the
         interruption (Spark counts it killed, not failed, and retries nothing when its worker ends

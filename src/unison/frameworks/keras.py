@@ -20,18 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 from unison.errors import TrialStopped
-
-
-def is_keras_model(obj: Any) -> bool:
-    """Whether ``obj`` is a Keras 3 model (without importing Keras: a Keras model means it is loaded)."""
-    keras = sys.modules.get("keras")
-    model_class = getattr(keras, "Model", None) if keras is not None else None
-    return isinstance(model_class, type) and isinstance(obj, model_class)
 
 
 # ------------------------------------------------------------------------------------------ callbacks
@@ -49,7 +41,7 @@ def report_callback(reporter: Any) -> Any:
 def _callback_class() -> type:
     import keras
 
-    from unison.runtime import to_number
+    from unison.worker.metrics import to_number
 
     class ReportCallback(keras.callbacks.Callback):
         """Reports each epoch's numeric logs to unison; ends ``fit`` after the epoch the scheduler stops.

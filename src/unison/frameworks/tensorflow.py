@@ -32,7 +32,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from unison.dist import RankSession, shard
+from unison.worker.rank import RankSession, shard
 
 _joined: str | None = None  # the TF_CONFIG of the cluster this process joined, if any
 
@@ -189,7 +189,7 @@ class TensorFlowRankSession(RankSession):
         return model_fn  # the whole call runs in the strategy's scope: models built there are mirrored
 
     def prepare(self, obj: Any) -> Any:
-        from unison.frameworks.keras import is_keras_model
+        from unison.frameworks.detect import is_keras_model
 
         if is_keras_model(obj) or is_tf_dataset(obj):
             return obj

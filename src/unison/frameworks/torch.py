@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from unison.worker.rank import RankSession
+
 
 class AblatedModule(torch.nn.Module):
     """Stands in for a removed submodule: passes its (first) input through unchanged.
@@ -154,7 +156,7 @@ def prepare(obj: Any, device: str, rank: int, world_size: int, strategy: str | N
     created from the sharded model's parameters, which the injected ``model`` already is)."""
     from torch.utils.data import DataLoader
 
-    from unison.frameworks.keras import is_keras_model
+    from unison.frameworks.detect import is_keras_model
 
     if is_keras_model(obj):
         raise TypeError("this distributed trial runs PyTorch DDP, which cannot train a Keras model: run "
@@ -318,3 +320,23 @@ class DistributedLoader(torch.utils.data.DataLoader):
         self.sampler.set_epoch(self.epochs)
         self.epochs += 1
         return super().__iter__()
+
+
+class TorchRankSession(RankSession):
+    """One rank of a PyTorch distributed trial: a torch process group for the call, DDP/FSDP models,
+    sharded DataLoaders."""
+
+    def _start(self) -> str:
+        """Join the group (the environment is set); return this rank's device."""
+        return init_process_group(self.backend, self.rank, self.world_size, self.local_rank, self.timeout_s)
+
+    def _stop(self) -> None:
+        """Leave the group (also after a failure)."""
+        destroy_process_group()
+
+    def _broadcast(self, value: Any) -> Any:
+        return broadcast_object(value, self.device)
+
+    def prepare(self, obj: Any) -> Any:
+        return prepare(obj, self.device, self.rank, self.world_size, self.strategy,
+                       self.seed if self.seed is not None else 0)

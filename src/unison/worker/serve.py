@@ -1,8 +1,8 @@
 """The worker runtime: connect, ask for work, run trials, report, repeat.
 
 The same loop runs in a local worker process and inside a Spark task. A local worker process runs
-``unison.worker.main()``; the driver passes its address, the secret and the payload location in
-the environment (never on the command line, which other users can read).
+``python -m unison.worker``; the backend passes its address, the secret and the payload location in
+the environment (see :mod:`unison.launch`).
 
 One thread reads the driver's messages and queues them for the main thread, which runs trials: so
 the worker hears the driver while the function runs. The reader handles ``abort`` itself (another
@@ -29,16 +29,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from unison.launch import ABORT_EXIT, DRIVER_GONE_EXIT, worker_settings
 from unison.protocol import Connection, client_connect
-from unison.runtime import TrialRunner
+from unison.worker.runtime import TrialRunner
 
-ENV_ADDRESS = "UNISON_DRIVER"
-ENV_SECRET = "UNISON_SECRET"
-ENV_PAYLOAD = "UNISON_PAYLOAD"
-ENV_WORKER = "UNISON_WORKER"
-ENV_HEARTBEAT = "UNISON_HEARTBEAT"
-ABORT_EXIT = 75  # the exit status of a worker the driver aborted (not a crash: backends replace it)
-DRIVER_GONE_EXIT = 3  # the exit status of a worker whose driver went away
 STOP_GRACE_S = 2.0  # how long a trial interrupted because the driver hung up may take to end
 
 
@@ -317,29 +311,21 @@ class _Endpoint:
     (counted by torch, to choose nccl or gloo; not for TensorFlow ranks, which need not load torch)."""
 
     def __init__(self, conn: Connection, framework: str = "torch") -> None:
-        from unison.dist import gpu_count
+        from unison.worker.rank import gpu_count
 
         self.address = str(conn.sock.getsockname()[0])
         self.gpus = gpu_count() if framework == "torch" else 0
 
     def describe(self) -> dict[str, Any]:
-        from unison.dist import free_port
+        from unison.worker.rank import free_port
 
         return {"address": self.address, "port": free_port(self.address), "gpus": self.gpus}
 
 
 def main() -> None:
-    host, port = os.environ[ENV_ADDRESS].rsplit(":", 1)
-    secret = bytes.fromhex(os.environ.pop(ENV_SECRET))
-    with open(os.environ[ENV_PAYLOAD], "rb") as f:
-        payload = f.read()
-    serve(
-        (host, int(port)),
-        secret,
-        payload,
-        os.environ.get(ENV_WORKER, f"{socket.gethostname()}:{os.getpid()}"),
-        float(os.environ.get(ENV_HEARTBEAT, "1.0")),
-    )
+    """The entry point of a worker process: serve the driver named in the environment, then exit."""
+    settings = worker_settings()
+    serve(settings.address, settings.secret, settings.payload, settings.worker, settings.heartbeat_interval)
     # End as multiprocessing's children do, without the interpreter's teardown (tens of ms with large
     # libraries loaded, while the driver waits for the exit), but after the atexit handlers (loggers,
     # trackers the function started) and with the standard streams flushed.

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from unison.errors import TrialStopped
+from unison.worker.generators import call_generator
 
 ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
             "GLOO_SOCKET_IFNAME")
@@ -257,16 +258,15 @@ class RankSession:
 
     def _start(self) -> str:
         """Join the group (the environment is set); return this rank's device."""
-        from unison.frameworks import torch as torch_support
-
-        return torch_support.init_process_group(self.backend, self.rank, self.world_size, self.local_rank,
-                                                self.timeout_s)
+        raise NotImplementedError
 
     def _stop(self) -> None:
         """Leave the group (also after a failure)."""
-        from unison.frameworks import torch as torch_support
+        raise NotImplementedError
 
-        torch_support.destroy_process_group()
+    def _broadcast(self, value: Any) -> Any:
+        """``value`` as rank 0 has it, on every rank."""
+        raise NotImplementedError
 
     # ---------------------------------------------------------------- what is injected
     def decide(self, chief_decide: Callable[[int, dict[str, float]], str | None] | None
@@ -275,10 +275,8 @@ class RankSession:
 
         def decide(step: int, metrics: dict[str, float]) -> str | None:
             reason = chief_decide(step, metrics) if self.rank == 0 and chief_decide is not None else None
-            from unison.frameworks import torch as torch_support
-
             try:
-                chief_step, reason = torch_support.broadcast_object((step, reason), self.device)
+                chief_step, reason = self._broadcast((step, reason))
             except Exception as exc:
                 raise RuntimeError(
                     f"rank {self.rank} of {self.world_size} did not receive rank 0's decision for its "
@@ -298,8 +296,6 @@ class RankSession:
         """``model_fn`` whose models come moved to this rank's device and wrapped (DDP or FSDP)."""
         if model_fn is None:
             return None
-        from unison.injection import call_generator
-
         def distributed_model_fn(hparams: Any = None, _g: Callable[..., Any] = model_fn) -> Any:
             return self.prepare(call_generator(_g, hparams))
 
@@ -310,19 +306,7 @@ class RankSession:
         return shard(data, self.rank, self.world_size, even)
 
     def prepare(self, obj: Any) -> Any:
-        from unison.frameworks import torch as torch_support
-
-        return torch_support.prepare(obj, self.device, self.rank, self.world_size, self.strategy,
-                                     self.seed if self.seed is not None else 0)
+        """``ctx.prepare`` in this rank: ``obj`` made ready for the framework's distributed training."""
+        raise NotImplementedError
 
 
-def session_for(trial: Mapping[str, Any], notify: Callable[[str], None] | None = None) -> RankSession | None:
-    """The session of a distributed trial's message, ``None`` for an ordinary trial."""
-    dist = trial.get("dist")
-    if not dist:
-        return None
-    if dist.get("framework") == "tensorflow":
-        from unison.frameworks.tensorflow import TensorFlowRankSession
-
-        return TensorFlowRankSession(dist, trial.get("seed"), notify)
-    return RankSession(dist, trial.get("seed"), notify)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from unison.injection import call_generator
+from unison.worker.injection import call_generator
 
 
 def feature_names(data: Any) -> list[str] | None:
@@ -45,7 +45,7 @@ def drop_features(data: Any, columns: list[str]) -> Any:
 def remove_modules(model: Any, paths: list[str]) -> Any:
     """``model`` without the named components: PyTorch submodules (dotted paths) are replaced by an
     identity in place; Keras layers (names) are removed and a new model is returned."""
-    from unison.frameworks.keras import is_keras_model
+    from unison.frameworks.detect import is_keras_model
 
     if is_keras_model(model):  # first: a Keras model on the torch backend is a torch.nn.Module too
         from unison.frameworks.keras import remove_layers

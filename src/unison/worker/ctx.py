@@ -83,6 +83,6 @@ class Context:
             return data
         if self._session is not None:
             return self._session.shard(data, even)
-        from unison.dist import shard
+        from unison.worker.rank import shard
 
         return shard(data, self.rank, self.world_size, even)

@@ -6,6 +6,8 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from unison.worker.generators import call_generator, once, takes_no_arguments  # noqa: F401
+
 INJECTABLE = ("hparams", "reporter", "ctx", "model", "dataset", "model_fn", "data_fn", "callbacks")
 
 
@@ -72,32 +74,6 @@ def check_injectable(
                 f"add it to the hyperparameters, or give it a default value"
             )
     return names
-
-
-def call_generator(generator: Callable[..., Any], hparams: dict[str, Any]) -> Any:
-    """Call ``model_fn``/``data_fn`` with the hyperparameters if it takes an argument."""
-    return generator() if takes_no_arguments(generator) else generator(hparams)
-
-
-def takes_no_arguments(generator: Callable[..., Any]) -> bool:
-    """Whether ``generator`` can only be called without arguments (its result then never varies)."""
-    try:
-        params = inspect.signature(generator).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return not any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
-
-
-def once(generator: Callable[..., Any]) -> Callable[..., Any]:
-    """``generator`` called at most once; later calls return the first result."""
-    cache: list[Any] = []
-
-    def cached(*_: Any) -> Any:
-        if not cache:
-            cache.append(generator())
-        return cache[0]
-
-    return cached
 
 
 def build_arguments(

@@ -28,11 +28,12 @@ from typing import Any
 
 from unison import trialfiles
 from unison.backends.base import Backend
-from unison.driver import SearchDriver
+from unison.driver.driver import SearchDriver
+from unison.driver.server import Event, Peer, Server
 from unison.errors import MetricNotReported, WorkerError
+from unison.launch import LaunchSpec
 from unison.protocol import new_secret
-from unison.runtime import TrialRunner
-from unison.server import Event, Peer, Server
+from unison.worker.runtime import TrialRunner
 
 TICK_S = 0.1
 LINGER_S = 3.0  # after the last trial: how long to wait for ranks still sending their logs
@@ -166,8 +167,8 @@ class RemoteLoop:
         server = Server(new_secret(), host=self.backend.listen_host, port=self.backend.listen_port)
         self.server = server
         try:
-            self.backend.start(server.address, server.secret, self.payload_path, self.log_dir, workers,
-                               barrier=self.barrier)
+            self.backend.start(LaunchSpec(server.address, server.secret, self.payload_path, self.log_dir,
+                                          workers, self.driver.store.path.name, barrier=self.barrier))
             next_tick = 0.0
             while not self.driver.finished:
                 try:

@@ -1,7 +1,7 @@
 """The search driver: what runs next, what stops early, what is recorded.
 
 ``SearchDriver`` holds all decisions and all trial state. It is driven by one thread: the inline
-loop calls it between trials, the remote loop (``unison.loop``) calls it for each worker message.
+loop calls it between trials, the remote loop (``unison.driver.dispatch``) calls it for each worker message.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unison.contexts.search import Search
+from unison.driver.store import ExperimentStore
 from unison.errors import SearchAborted
 from unison.result import objective_value
-from unison.store import ExperimentStore
 
 FINAL = ("completed", "failed", "stopped")
 

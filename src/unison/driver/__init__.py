@@ -1,0 +1,1 @@
+"""The driver side: the experiment directory, the decisions, and serving trials to workers."""

@@ -1,0 +1,83 @@
+"""``reporter``: what the training function calls to record metrics and to hear the scheduler."""
+
+from __future__ import annotations
+
+import io
+import json
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+from unison.errors import MetricNotReported, TrialStopped
+from unison.worker.metrics import oversize, short, to_number
+
+Decide = Callable[[int, dict[str, float]], "str | None"]
+"""``decide(step, metrics)``: how a reporter asks the scheduler; ``None`` to go on, else why to stop."""
+
+class Reporter:
+    """``reporter`` in the training function: records intermediate metrics, may stop the trial.
+
+    Once the scheduler has stopped the trial, ``stop_reason`` says why and the stop is final: every
+    later ``report`` raises :class:`unison.TrialStopped` at once, without recording anything, and the
+    trial is recorded as ``stopped`` even if the function caught the exception and returned (the Keras
+    callback does exactly that, to end ``fit`` cleanly).
+
+    The experiment's first report must hold the metric(s) the search optimizes: if it does not, this
+    report raises :class:`unison.MetricNotReported`, ``metric_error`` says why, every later ``report``
+    raises it again, and the trial fails (with ``error_kind: missing_metric``: the search aborts)
+    even if the function caught it.
+    """
+
+    def __init__(self, decide: Decide | None = None, log: io.TextIOBase | None = None) -> None:
+        self._decide = decide
+        self._log = log
+        self.last_metrics: dict[str, float] = {}
+        self.last_step: int | None = None
+        self.count = 0
+        self.stop_reason: str | None = None
+        self.metric_error: str | None = None
+
+    def report(self, step: int | None = None, **metrics: Any) -> None:
+        """Record metrics at ``step`` (default: 0, 1, 2, ... per call).
+
+        Raises :class:`unison.TrialStopped` when the scheduler stops the trial; let it propagate.
+        Raises :class:`unison.MetricNotReported` when the experiment's first report lacks the metric
+        the search optimizes.
+        """
+        if self.stop_reason is not None:
+            raise TrialStopped(self.stop_reason)
+        if self.metric_error is not None:
+            raise MetricNotReported(self.metric_error)
+        if step is None:
+            step = self.count
+        elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(f"reporter.report(step=...) must be an int, got {step!r}")
+        problem = oversize("reporter.report() got", metrics)
+        if problem is not None:
+            raise ValueError(problem)
+        clean: dict[str, float] = {}
+        for name, value in metrics.items():
+            number = to_number(value)
+            if number is None:
+                raise TypeError(
+                    f"reporter.report({name}={short(value)}): metrics must be numbers "
+                    f"(got {type(value).__name__})"
+                )
+            clean[name] = number
+        problem = oversize("reporter.report() got", clean, measure=True)
+        if problem is not None:
+            raise ValueError(problem)
+        self.count += 1
+        self.last_step, self.last_metrics = int(step), clean
+        if self._log is not None:
+            self._log.write(json.dumps({"step": int(step), **clean}) + "\n")
+        try:
+            reason = None if self._decide is None else self._decide(int(step), clean)
+        except MetricNotReported as exc:
+            self.metric_error = str(exc)
+            raise
+        if reason is not None:
+            self.stop_reason = str(reason) or f"stopped at step {int(step)}"
+            raise TrialStopped(self.stop_reason)
+
+

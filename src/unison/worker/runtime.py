@@ -1,0 +1,186 @@
+"""Running one trial: inject arguments, capture output, call the function, check what it returned.
+
+The same code runs a trial in the calling process (inline backend) and in a worker process (local,
+Spark): only the way ``reporter`` reaches the driver differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from unison.errors import TrialStopped
+from unison.worker.ablate import component_generators
+from unison.worker.ctx import Context, _default_device
+from unison.worker.injection import build_arguments, once, takes_no_arguments
+from unison.worker.logs import LazyLog
+from unison.worker.metrics import MAX_ERROR_CHARS, normalize_metrics
+from unison.worker.rank import RankSession
+from unison.worker.reporter import Decide, Reporter
+
+
+class TrialRunner:
+    """Runs trials of one training function; built once per worker."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        names: list[str],
+        metric: str | list[str],
+        model_fn: Callable[..., Any] | None = None,
+        data: Any = None,
+        capture_output: bool = True,
+        variants: dict[str, Callable[..., Any]] | None = None,
+        require_metric: bool = True,
+        interrupt_propagates: bool = True,
+    ) -> None:
+        """``require_metric=False``: a returned dict without ``metric`` still completes (a distributed
+        run without ``metric=`` returns whatever it likes, as a single run does).
+        ``interrupt_propagates=False``: a ``KeyboardInterrupt`` raised in the function fails the trial
+        instead of ending the caller (a worker process, which never gets the terminal's Ctrl-C)."""
+        self.interrupt_propagates = interrupt_propagates
+        self.fn, self.names = fn, names
+        self.require_metric = require_metric
+        self.metrics = [metric] if isinstance(metric, str) else list(metric)
+        self.model_fn = model_fn
+        # A data generator that takes no hyperparameters gives the same data to every trial: load it
+        # once per worker instead of once per trial.
+        self.data = once(data) if callable(data) and takes_no_arguments(data) else data
+        self.capture_output = capture_output
+        self.variants = variants or {}
+        self.device = _default_device()
+
+    def run(self, trial: dict[str, Any], decide: Decide | None,
+            notify: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Run one trial described by ``trial`` (``trial_id``, ``hparams``, ``trial_dir``, ...).
+
+        A rank of a distributed trial (``trial["dist"]``, see :mod:`unison.worker.rank`) runs inside its
+        process group, logs into ``rank-<r>/`` unless it is rank 0, and calls ``notify(traceback)``
+        as soon as its function raises."""
+        session = session_for(trial, notify)
+        trial_dir = Path(trial["trial_dir"])
+        ctx = Context(
+            trial_id=trial["trial_id"],
+            trial_dir=trial_dir,
+            device=self.device,
+            seed=trial.get("seed"),
+            attempt=trial.get("attempt", 0),
+        )
+        log_dir = trial_dir
+        if session is not None:
+            session.bind(ctx)
+            log_dir, decide = session.log_dir(trial_dir), session.decide(decide)
+        metrics_log = LazyLog(log_dir / "metrics.jsonl", json_note=True)
+        reporter = Reporter(decide, metrics_log)
+        outcome: dict[str, Any] = {"trial_id": trial["trial_id"], "error": None}
+        saved = sys.stdout, sys.stderr
+        out = err = None
+        if self.capture_output:
+            out, err = LazyLog(log_dir / "stdout.log"), LazyLog(log_dir / "stderr.log")
+            sys.stdout, sys.stderr = out, err
+        start = time.perf_counter()
+        try:
+            model_fn, data = component_generators(trial.get("component"), self.model_fn, self.data,
+                                                  self.variants)
+            with _framework_scope(), session or contextlib.nullcontext():
+                if session is not None:
+                    model_fn = session.wrap_model_fn(model_fn)
+                kwargs = build_arguments(self.names, trial["hparams"], reporter, ctx, model_fn, data)
+                returned = self.fn(**kwargs)
+        except TrialStopped as stop:
+            outcome["status"] = "stopped"
+            outcome["metrics"] = reporter.last_metrics
+            outcome["stop_reason"] = str(stop) or f"stopped at step {reporter.last_step}"
+        except KeyboardInterrupt:
+            # In the driver's own process (inline) it is the user's Ctrl-C: it propagates. A worker
+            # process never gets the terminal's Ctrl-C (its own session), so there the function raised
+            # it: a failed trial.
+            if self.interrupt_propagates:
+                raise
+            outcome["status"] = "failed"
+            outcome["error"] = traceback.format_exc()
+            if err is not None:
+                err.write(outcome["error"])
+        except BaseException:  # SystemExit too: a trial calling sys.exit() fails, the worker lives on
+            outcome["status"] = "failed"
+            outcome["error"] = traceback.format_exc()
+            if err is not None:
+                err.write(outcome["error"])
+        else:
+            if reporter.stop_reason is not None:
+                # The scheduler stopped the trial and the function ended by itself (the Keras callback
+                # ends fit after that epoch): stopped, with the metrics the scheduler judged.
+                outcome["status"] = "stopped"
+                outcome["metrics"] = reporter.last_metrics
+                outcome["stop_reason"] = reporter.stop_reason
+            elif ctx.is_chief:  # the chief's return value is the result; other ranks' are not judged
+                outcome.update(self._judge(returned))
+            else:
+                outcome["status"] = "completed"
+        finally:
+            outcome["duration"] = time.perf_counter() - start
+            metrics_log.close()
+            if self.capture_output:
+                sys.stdout, sys.stderr = saved
+                out.close()
+                err.close()
+        if reporter.metric_error is not None:  # failed at its first report, even if the function went on
+            outcome.update(status="failed", error_kind="missing_metric", error=reporter.metric_error)
+        outcome.setdefault("metrics", reporter.last_metrics)
+        outcome["steps"] = reporter.count
+        outcome["last_step"] = reporter.last_step
+        cut = {log.path.name: log.cut for log in (metrics_log, out, err) if log is not None and log.cut}
+        if cut:
+            outcome["logs_cut"] = cut
+        error = outcome.get("error")
+        if isinstance(error, str) and len(error) > MAX_ERROR_CHARS:  # e.g. an exception with a huge message
+            half = MAX_ERROR_CHARS // 2
+            outcome["error"] = (f"{error[:half]}\n[unison: {len(error) - 2 * half} characters of this error "
+                                f"were cut]\n{error[-half:]}")
+        return outcome
+
+    def _judge(self, returned: Any) -> dict[str, Any]:
+        """The status (and metrics or error) of a trial whose function returned ``returned``."""
+        metrics, problem = normalize_metrics(returned, self.metrics)
+        if metrics is None:
+            return {"status": "failed", "error": problem}
+        missing = [m for m in self.metrics if m not in metrics]
+        if missing and self.require_metric:
+            from unison._validate import missing_metric_message
+
+            return {
+                "status": "failed",
+                "error_kind": "missing_metric",
+                "error": missing_metric_message("the function returned the metrics", metrics, missing,
+                                                f"return {missing[0]!r} too"),
+            }
+        return {"status": "completed", "metrics": metrics}
+
+
+def _framework_scope() -> Any:
+    """Per-trial framework state: with Keras loaded, a fresh layer-naming scope (see
+    :func:`unison.frameworks.keras.fresh_layer_names`); otherwise nothing."""
+    if "keras" in sys.modules:
+        from unison.frameworks.keras import fresh_layer_names
+
+        return fresh_layer_names()
+    return contextlib.nullcontext()
+
+
+def session_for(trial: Mapping[str, Any], notify: Callable[[str], None] | None = None) -> RankSession | None:
+    """The framework's rank session of a distributed trial's message, ``None`` for an ordinary trial."""
+    dist = trial.get("dist")
+    if not dist:
+        return None
+    if dist.get("framework") == "tensorflow":
+        from unison.frameworks.tensorflow import TensorFlowRankSession
+
+        return TensorFlowRankSession(dist, trial.get("seed"), notify)
+    from unison.frameworks.torch import TorchRankSession
+
+    return TorchRankSession(dist, trial.get("seed"), notify)
