@@ -13,6 +13,7 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/mypy  # files and settings: [tool.mypy] in pyproject.toml
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/overhead.py

@@ -18,7 +18,7 @@ from unison.contexts.ablation import BASELINE
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-SPARK_REGISTERED = "spark" in unison.api.BACKENDS
+SPARK_REGISTERED = "spark" in unison.backends.backend_names()
 
 
 # --------------------------------------------------------------------------------- tabular problem
@@ -487,7 +487,7 @@ def spark_session(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SPARK_REGISTERED, reason="the Spark backend is not registered in unison.api.BACKENDS")
+@pytest.mark.skipif(not SPARK_REGISTERED, reason="the Spark backend is not registered")
 def test_the_same_study_on_a_spark_local_cluster_gives_the_same_table(spark_session, tmp_path):
     study = feature_study(repeats=3)
     inline = run_inline(fit_r2, study, tmp_path, data=tabular())

@@ -79,7 +79,7 @@ def test_promotion_decisions_on_a_hand_made_sequence(mode):
     s = sign(mode)
     scheduler = asha(mode, 1, 9, 3)
     decisions = {tid: scheduler.on_report(tid, 0, s * v) for tid, v in RUNG0}
-    assert {tid: bool(d) for tid, d in decisions.items()} == RUNG0_GOES_ON
+    assert {tid: d is unison.CONTINUE for tid, d in decisions.items()} == RUNG0_GOES_ON
     stop = decisions[2]
     assert isinstance(stop, unison.Stop)
     assert "rung 0" in stop.reason and "step 0" in stop.reason
@@ -87,14 +87,14 @@ def test_promotion_decisions_on_a_hand_made_sequence(mode):
     assert f"cutoff {s * 0.7:.6g}" in decisions[6].reason
 
     for tid in (0, 3, 1, 5):  # no rung at resource 2 (step 1): everyone goes on
-        assert scheduler.on_report(tid, 1, s * 0.0) is True
+        assert scheduler.on_report(tid, 1, s * 0.0) is unison.CONTINUE
     decisions = {tid: scheduler.on_report(tid, 2, s * v) for tid, v in RUNG1}
-    assert {tid: bool(d) for tid, d in decisions.items()} == RUNG1_GOES_ON
+    assert {tid: d is unison.CONTINUE for tid, d in decisions.items()} == RUNG1_GOES_ON
     assert "rung 1" in decisions[1].reason and "resource 3, step 2" in decisions[1].reason
     assert f"cutoff {s * 0.95:.6g}" in decisions[1].reason
 
     # the best trial runs to max_resource (9, step 8) and is never stopped: there is no rung there
-    assert all(scheduler.on_report(5, step, s * 0.0) for step in range(3, 9))
+    assert all(scheduler.on_report(5, step, s * 0.0) is unison.CONTINUE for step in range(3, 9))
     assert scheduler.recorded(1) == {tid: s * v for tid, v in RUNG0}  # recorded(resource)
     assert scheduler.recorded(3) == {tid: s * v for tid, v in RUNG1}
     assert scheduler.recorded(9) == {}
@@ -106,7 +106,8 @@ def test_a_trial_that_skips_steps_still_meets_every_rung_it_passed():
         for step in range(9):
             scheduler.on_report(tid, step, v)
     decision = scheduler.on_report(3, 5, 0.1)  # first report at resource 6: rungs 1 and 3 passed
-    assert not decision and "rung 0" in decision.reason  # the first failing rung is named
+    assert isinstance(decision, unison.Stop)
+    assert "rung 0" in decision.reason  # the first failing rung is named
     assert scheduler.recorded(1)[3] == 0.1 and scheduler.recorded(3)[3] == 0.1
     assert 3 not in scheduler.recorded(9)
 
@@ -117,7 +118,7 @@ def test_a_retried_trial_is_forgotten_and_judged_again_from_the_start():
         scheduler.on_report(tid, 0, v)
     scheduler.on_complete(2, "retried")
     assert 2 not in scheduler.recorded(1)
-    assert scheduler.on_report(2, 0, 0.95)  # the new attempt is the best so far
+    assert scheduler.on_report(2, 0, 0.95) is unison.CONTINUE  # the new attempt is the best so far
     scheduler.on_complete(1, "failed")  # failed, stopped and completed trials stay as references
     assert scheduler.recorded(1) == {0: 0.5, 1: 0.4, 2: 0.95}
 
@@ -126,10 +127,10 @@ def test_setup_forgets_an_earlier_search_and_non_finite_values_are_ignored():
     scheduler = asha("max", 1, 9, 3)
     for tid, v in RUNG0[:2]:
         scheduler.on_report(tid, 0, v)
-    assert scheduler.on_report(9, 0, math.nan) is True and 9 not in scheduler.recorded(1)
+    assert scheduler.on_report(9, 0, math.nan) is unison.CONTINUE and 9 not in scheduler.recorded(1)
     scheduler.setup("max")
     assert scheduler.recorded(1) == {}
-    assert scheduler.on_report(2, 0, 0.3)  # a first arrival again
+    assert scheduler.on_report(2, 0, 0.3) is unison.CONTINUE  # a first arrival again
 
 
 def test_grace_period_is_another_name_for_min_resource():
@@ -193,7 +194,7 @@ def test_hyperband_brackets_stop_at_their_own_rungs(mode):
     def first_stop(tid: int, value: float) -> tuple[int, unison.Stop] | None:
         for step in range(9):
             decision = hb.on_report(tid, step, s * value)
-            if not decision:
+            if isinstance(decision, unison.Stop):
                 return step, decision
         return None
 

@@ -27,7 +27,7 @@ def scheduler(mode: str, finished=FINISHED, grace_period: int = 2, min_trials: i
     median.setup(mode)
     for trial_id, values in finished.items():
         for step, value in enumerate(values):
-            assert median.on_report(trial_id, step, sign(mode) * value)
+            assert median.on_report(trial_id, step, sign(mode) * value) is unison.CONTINUE
         median.on_complete(trial_id, "completed")
     return median
 
@@ -43,20 +43,21 @@ MODES = pytest.mark.parametrize("mode", ["max", "min"])
 def test_no_stop_before_grace_period(mode):
     median = scheduler(mode)
     decisions = feed(median, 10, [0.0, 0.0], mode)  # steps 0 and 1 < grace_period 2
-    assert decisions == [True, True]
-    assert not feed(median, 11, [0.0, 0.0, 0.0], mode)[2]  # the same trial shape stops at step 2
+    assert decisions == [unison.CONTINUE] * 2
+    # the same trial shape stops at step 2
+    assert isinstance(feed(median, 11, [0.0, 0.0, 0.0], mode)[2], unison.Stop)
 
 
 @MODES
 def test_no_stop_before_min_trials_finished(mode):
     two = {k: v for k, v in FINISHED.items() if k < 2}
     median = scheduler(mode, finished=two)
-    assert feed(median, 10, [0.0, 0.0, 0.0, 0.0], mode) == [True] * 4
+    assert feed(median, 10, [0.0, 0.0, 0.0, 0.0], mode) == [unison.CONTINUE] * 4
     # a trial still running does not count: one more *finished* trial does
     median.on_report(2, 0, sign(mode) * 0.3)
-    assert feed(median, 11, [0.0, 0.0, 0.0], mode) == [True] * 3
+    assert feed(median, 11, [0.0, 0.0, 0.0], mode) == [unison.CONTINUE] * 3
     median.on_complete(2, "completed")
-    assert not feed(median, 12, [0.0, 0.0, 0.0], mode)[2]
+    assert isinstance(feed(median, 12, [0.0, 0.0, 0.0], mode)[2], unison.Stop)
 
 
 @MODES
@@ -64,16 +65,15 @@ def test_failed_trials_do_not_count_towards_min_trials(mode):
     median = scheduler(mode, finished={k: v for k, v in FINISHED.items() if k < 2})
     median.on_report(2, 0, sign(mode) * 0.3)
     median.on_complete(2, "failed")
-    assert feed(median, 10, [0.0, 0.0, 0.0], mode) == [True] * 3
+    assert feed(median, 10, [0.0, 0.0, 0.0], mode) == [unison.CONTINUE] * 3
 
 
 @MODES
 def test_stops_a_trial_worse_than_the_median_of_running_averages(mode):
     median = scheduler(mode)
     decisions = feed(median, 10, [0.1, 0.2, 0.45], mode)  # best 0.45 < median 0.5
-    assert decisions[:2] == [True, True]
+    assert decisions[:2] == [unison.CONTINUE] * 2
     stop = decisions[2]
-    assert not stop
     assert isinstance(stop, unison.Stop) and "median" in stop.reason
 
 
@@ -81,14 +81,14 @@ def test_stops_a_trial_worse_than_the_median_of_running_averages(mode):
 def test_keeps_a_trial_better_than_the_median_of_running_averages(mode):
     median = scheduler(mode)
     # 0.55 beats the median of running averages (0.5) though not the median of step-2 values (0.6)
-    assert feed(median, 10, [0.1, 0.2, 0.55, 0.55], mode) == [True] * 4
+    assert feed(median, 10, [0.1, 0.2, 0.55, 0.55], mode) == [unison.CONTINUE] * 4
 
 
 @MODES
 def test_judges_by_the_best_value_so_far_not_the_latest(mode):
     median = scheduler(mode)
     # dropped to 0.1 at step 2, but reached 0.9 at step 1: its best beats the median
-    assert feed(median, 10, [0.2, 0.9, 0.1], mode) == [True] * 3
+    assert feed(median, 10, [0.2, 0.9, 0.1], mode) == [unison.CONTINUE] * 3
 
 
 def test_a_retried_trial_starts_over():
@@ -96,13 +96,13 @@ def test_a_retried_trial_starts_over():
     feed(median, 10, [0.9, 0.9], "max")
     median.on_complete(10, "retried")
     # had the first attempt's 0.9 been kept, the trial would go on
-    assert not feed(median, 10, [0.1, 0.1, 0.1], "max")[2]
+    assert isinstance(feed(median, 10, [0.1, 0.1, 0.1], "max")[2], unison.Stop)
 
 
 def test_setup_forgets_an_earlier_search():
     median = scheduler("max")
     median.setup("max")  # a second run of the same Search
-    assert feed(median, 10, [0.0, 0.0, 0.0], "max") == [True] * 3
+    assert feed(median, 10, [0.0, 0.0, 0.0], "max") == [unison.CONTINUE] * 3
 
 
 @pytest.mark.parametrize("kwargs, message", [({"grace_period": -1}, "grace_period"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from unison._version import __version__
 
 _PUBLIC = {
     "unison.api": ("run", "resume"),
@@ -29,7 +29,7 @@ _PUBLIC = {
     "unison.optimizers": ("GridSearch", "Optimizer", "OptunaOptimizer", "RandomSearch"),
     "unison.result": ("AblationResult", "Best", "RunResult", "SearchResult"),
     "unison.worker.reporter": ("Reporter",),
-    "unison.schedulers": ("ASHA", "Hyperband", "MedianStopping", "Scheduler", "Stop"),
+    "unison.schedulers": ("ASHA", "CONTINUE", "Continue", "Hyperband", "MedianStopping", "Scheduler", "Stop"),
     "unison.space": ("choice", "integer", "loguniform", "uniform"),
 }
 _HOME = {name: module for module, names in _PUBLIC.items() for name in names}
@@ -75,7 +75,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     )
     from unison.optimizers import GridSearch, Optimizer, OptunaOptimizer, RandomSearch  # noqa: F401
     from unison.result import AblationResult, Best, RunResult, SearchResult  # noqa: F401
-    from unison.schedulers import ASHA, Hyperband, MedianStopping, Scheduler, Stop  # noqa: F401
+    from unison.schedulers import (  # noqa: F401
+        ASHA,
+        CONTINUE,
+        Continue,
+        Hyperband,
+        MedianStopping,
+        Scheduler,
+        Stop,
+    )
     from unison.space import choice, integer, loguniform, uniform  # noqa: F401
     from unison.worker.ctx import Context  # noqa: F401
     from unison.worker.reporter import Reporter  # noqa: F401

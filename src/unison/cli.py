@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from unison.backends.base import Backend
 from unison.driver.store import DEFAULT_STORAGE, ExperimentStore
+from unison.result import AblationResult, RunResult, SearchResult
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -25,6 +27,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                            optimizer="random", scheduler="median", seed=args.seed)
     result = unison.run(demo.train, search, data=demo.load_digits_split, backend=backend,
                         storage=args.storage, name="digits-demo")
+    assert isinstance(result, SearchResult)  # unison.run with a Search returns one
     columns = ["trial_id", "status", *demo.SPACE, "accuracy", "steps", "duration", "worker"]
     top = result.trials.sort_values("accuracy", ascending=False).head(5)[columns]
     print("\nthe five best trials:")
@@ -34,7 +37,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resume_backend(args: argparse.Namespace) -> Any:
+def _resume_backend(args: argparse.Namespace) -> str | Backend:
     import unison
 
     if args.backend == "inline":
@@ -90,6 +93,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
               f"variants and custom ablators are code). Resume it from Python, passing the same one: "
               f"unison.run(train, study, model=..., data=..., resume={str(path)!r})", file=sys.stderr)
         return 1
+    result: RunResult | SearchResult
     if context is None:
         result = unison.resume(path, fn, **generators, backend=backend)
     else:
@@ -109,8 +113,6 @@ def _summary(path: Path) -> dict[str, Any] | None:
         return None
     result = store.read_result() or {}
     if meta.get("kind") in ("search", "ablation"):
-        from unison.result import AblationResult, SearchResult
-
         loaded = SearchResult.load(path)
         ended = sum(r["status"] in ("completed", "failed", "stopped") for r in loaded.rows)
         trials = f"{ended}/{result.get('planned', '?')}"
@@ -173,8 +175,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if meta.get("kind") not in ("search", "ablation"):
         print(json.dumps(store.read_result() or {}, indent=2))
         return 0
-    from unison.result import AblationResult, SearchResult
-
     result = SearchResult.load(path)
     frame = result.trials
     if frame.empty:
@@ -200,7 +200,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_ablation(result: Any) -> None:
+def _print_ablation(result: AblationResult) -> None:
     """The ablation table (one row per component, the baseline first) and its headline."""
     import pandas as pd
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -98,10 +97,6 @@ def _apply_env(env: dict[str, str]) -> None:
             )
         return
     os.environ["KERAS_BACKEND"] = wanted
-
-
-def write_payload(path: Path, parts: dict[str, Any]) -> None:
-    path.write_bytes(dumps_payload(parts))
 
 
 def loads_payload(data: bytes) -> dict[str, Any]:

@@ -25,8 +25,8 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Literal, TypedDict, cast
 
 import msgpack
 
@@ -41,19 +41,19 @@ _LENGTH = struct.Struct(">I")
 
 # ----------------------------------------------------------------------------- message kinds
 # What workers send the driver.
-HELLO = "hello"              # worker, host, pid: who it is
-READY = "ready"              # asks for a trial; carries the previous trial's result and, in distributed
-                             # experiments, the endpoint it would host a process group at
-REPORT = "report"            # an intermediate report: trial_id, step, metrics; answered by DECISION
-RANK_FAILED = "rank_failed"  # a rank's function raised: trial_id, error (its outcome follows)
-FILES = "files"              # an aborted rank's shipped files: trial_id, files
-FATAL = "fatal"              # the worker cannot load the training function: error
-HEARTBEAT = "hb"             # still alive
+HELLO: Final = "hello"              # worker, host, pid: who it is
+READY: Final = "ready"              # asks for a trial; carries the previous trial's result and, in
+                                    # distributed experiments, the endpoint it would host a process group at
+REPORT: Final = "report"            # an intermediate report: trial_id, step, metrics; answered by DECISION
+RANK_FAILED: Final = "rank_failed"  # a rank's function raised: trial_id, error (its outcome follows)
+FILES: Final = "files"              # an aborted rank's shipped files: trial_id, files
+FATAL: Final = "fatal"              # the worker cannot load the training function: error
+HEARTBEAT: Final = "hb"             # still alive
 # What the driver sends workers.
-TRIAL = "trial"              # run (or hold, to run next) this trial
-DECISION = "decision"        # the answer to a REPORT: stop (None to go on, else the reason)
-ABORT = "abort"              # end the process now: another rank of this trial failed, or it timed out
-SHUTDOWN = "shutdown"        # no more trials
+TRIAL: Final = "trial"              # run (or hold, to run next) this trial
+DECISION: Final = "decision"        # the answer to a REPORT: stop (None to go on, else the reason)
+ABORT: Final = "abort"              # end the process now: another rank of this trial failed, or it timed out
+SHUTDOWN: Final = "shutdown"        # no more trials
 
 MAX_METRICS = 1_000            # metrics in one report or result
 MAX_NAME_CHARS = 1_000         # a metric, host, address, file name, status, ...
@@ -254,6 +254,150 @@ TO_WORKER: dict[str, _Schema] = {
     SHUTDOWN: {},
 }
 
+
+# ---------------------------------------------------------------------------- typed messages
+# The shapes of the schemas above, for type checkers: a message that passed :func:`validate` has the
+# shape of its kind's TypedDict. Each kind's required keys sit in a base class, its optional ones below.
+class _TrialOutcomeKeys(TypedDict):
+    trial_id: int
+    status: str  # one of TRIAL_STATUSES on the wire
+
+
+class TrialOutcome(_TrialOutcomeKeys, total=False):
+    """A trial's outcome as :meth:`unison.worker.runtime.TrialRunner.run` returns it and ``ready``
+    carries it (:data:`RESULT_SCHEMA`)."""
+
+    metrics: dict[str, float] | None
+    error: str | None
+    error_kind: str | None
+    duration: float | None
+    steps: int
+    last_step: int | None
+    stop_reason: str | None
+    files: dict[str, bytes]  # relative path -> contents, from a worker without the driver's disk
+    files_skipped: list[str]
+    logs_cut: dict[str, int]
+
+
+class HelloMessage(TypedDict):
+    """A worker's first message: who it is."""
+
+    t: Literal["hello"]
+    worker: str
+    host: str
+    pid: int
+
+
+class _ReadyKeys(TypedDict):
+    t: Literal["ready"]
+
+
+class ReadyMessage(_ReadyKeys, total=False):
+    """A worker asks for a trial, with the previous trial's outcome and, in a distributed experiment,
+    the endpoint it would host a process group at."""
+
+    result: TrialOutcome
+    address: str
+    port: int
+    gpus: int
+
+
+class ReportMessage(TypedDict):
+    """An intermediate report, answered by a :class:`DecisionMessage`."""
+
+    t: Literal["report"]
+    trial_id: int
+    step: int
+    metrics: dict[str, float]
+
+
+class RankFailedMessage(TypedDict):
+    """A rank's function raised (its outcome follows once it has cleaned up)."""
+
+    t: Literal["rank_failed"]
+    trial_id: int
+    error: str
+
+
+class FilesMessage(TypedDict):
+    """The files an aborted rank saved."""
+
+    t: Literal["files"]
+    trial_id: int
+    files: dict[str, bytes]
+
+
+class FatalMessage(TypedDict):
+    """The worker cannot load the training function."""
+
+    t: Literal["fatal"]
+    error: str
+
+
+class DistSpec(TypedDict):
+    """A rank's place in a distributed trial (the ``dist`` of its ``trial`` message)."""
+
+    rank: int
+    world_size: int
+    local_rank: int  # among the trial's ranks on this host
+    local_world_size: int
+    master_addr: str | None  # rank 0's endpoint, where the process group meets
+    master_port: int | None
+    address: str | None  # this rank's own address
+    backend: str  # nccl or gloo
+    timeout_s: float | None
+    strategy: Any
+    peers: list[str]  # every rank's address:port, by rank
+    framework: str
+
+
+class _TrialKeys(TypedDict):
+    t: Literal["trial"]
+    trial_id: int
+    hparams: dict[str, Any]
+    trial_dir: str
+
+
+class TrialMessage(_TrialKeys, total=False):
+    """Run (or hold, to run next) this trial; build it with :func:`trial_message`."""
+
+    attempt: int
+    seed: int | None
+    dist: DistSpec
+    component: dict[str, Any]  # an ablation trial's component
+
+
+class _DecisionKeys(TypedDict):
+    t: Literal["decision"]
+    stop: str | None  # None: go on; else why the trial stops
+
+
+class DecisionMessage(_DecisionKeys, total=False):
+    """The driver's answer to a :class:`ReportMessage`."""
+
+    error: str | None  # the report lacks the metric the search optimizes
+
+
+class _AbortKeys(TypedDict):
+    t: Literal["abort"]
+
+
+class AbortMessage(_AbortKeys, total=False):
+    """End the worker's process now."""
+
+    trial_id: int | None
+    reason: str | None
+
+
+def trial_message(trial: Mapping[str, Any], dist: DistSpec | None = None) -> TrialMessage:
+    """The ``trial`` message for ``trial`` (what :meth:`SearchDriver.start` or ``reserve`` returns:
+    ``trial_id``, ``hparams``, ``trial_dir``, ...), with ``dist`` for a rank of a distributed trial."""
+    message = cast(TrialMessage, {"t": TRIAL, **trial})
+    if dist is not None:
+        message["dist"] = dist
+    return message
+
+
 DRIVER = "driver"  # ``receiver`` of :func:`validate`: a message a worker sent the driver
 WORKER = "worker"  # a message the driver sent a worker
 _SCHEMAS = {DRIVER: TO_DRIVER, WORKER: TO_WORKER}
@@ -311,7 +455,7 @@ class Connection:
         self.receiver = receiver
         self._send_lock = threading.Lock()
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: Mapping[str, Any]) -> None:
         data = msgpack.packb(message, use_bin_type=True)
         with self._send_lock:
             self.sock.sendall(_LENGTH.pack(len(data)) + data)

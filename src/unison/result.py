@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unison.driver.store import ExperimentStore
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _FIXED_COLUMNS = ("trial_id", "status")
 _TAIL_COLUMNS = ("steps", "last_step", "duration", "worker", "host", "pid", "attempts", "stop_reason",
@@ -25,7 +28,7 @@ class Best:
     metrics: dict[str, float]
 
 
-def objective_value(metrics: dict[str, float], names: list[str]) -> Any:
+def objective_value(metrics: dict[str, float], names: list[str]) -> float | list[float] | None:
     """The optimized value: one float, a list of floats (multi-objective), or ``None`` if missing."""
     if any(name not in metrics for name in names):
         return None
@@ -66,7 +69,7 @@ class RunResult:
                 f"</div>")
 
 
-def trials_frame(rows: list[dict[str, Any]]) -> Any:
+def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """A pandas DataFrame with one row per trial: id, status, hparams, final metrics, the rest."""
     import pandas as pd
 
@@ -94,6 +97,8 @@ def rows_from_journal(events: list[dict[str, Any]], metric: str | list[str]) -> 
     rows: dict[int, dict[str, Any]] = {}
     for ev in events:
         kind, tid = ev.get("e"), ev.get("id")
+        if tid is None:  # an experiment's status event, not a trial's
+            continue
         if kind == "start":
             row = rows.setdefault(tid, {"trial_id": tid, "metrics": {}, "steps": 0})
             row.update(status="running", hparams=ev["hparams"], worker=ev.get("worker"),
@@ -150,7 +155,7 @@ class SearchResult:
         return Best(row["trial_id"], dict(row["hparams"]), row["value"], dict(row["metrics"]))
 
     @property
-    def trials(self) -> Any:
+    def trials(self) -> pd.DataFrame:
         return trials_frame(self._rows)
 
     def summary_extra(self) -> dict[str, Any]:
@@ -171,8 +176,8 @@ class SearchResult:
         store = ExperimentStore(path)
         meta = store.read_experiment()
         kind = meta.get("kind")
-        result_class = _RESULT_CLASSES.get(kind)
-        if result_class is None or not issubclass(result_class, cls):
+        result_class = _RESULT_CLASSES.get(kind) if isinstance(kind, str) else None
+        if not isinstance(kind, str) or result_class is None or not issubclass(result_class, cls):
             readable = sorted(k for k, c in _RESULT_CLASSES.items() if issubclass(c, cls))
             raise ValueError(f"{path} holds a {kind!r} experiment; {cls.__name__}.load reads {readable}")
         declared = meta[kind]
@@ -310,7 +315,7 @@ class AblationResult(SearchResult):
     """
 
     @property
-    def trials(self) -> Any:
+    def trials(self) -> pd.DataFrame:
         """One row per trial, as for a search, with the trial's ``component`` after its status."""
         frame = trials_frame(self._rows)
         if frame.empty:
@@ -323,7 +328,7 @@ class AblationResult(SearchResult):
         return frame
 
     @property
-    def ablation(self) -> Any:
+    def ablation(self) -> pd.DataFrame:
         import pandas as pd
 
         records = ablation_table(self._rows, self.modes[0])
@@ -384,3 +389,12 @@ class AblationResult(SearchResult):
 _ABLATION_COLUMNS = ["component", "kind", "n", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low",
                      "diff_ci_high", "rank"]
 _RESULT_CLASSES: dict[str, type[SearchResult]] = {"search": SearchResult, "ablation": AblationResult}
+
+
+class DistributedRecord(SearchResult):
+    """The one-trial search behind a distributed run; its ``result.json`` also holds rank 0's metrics."""
+
+    def summary_extra(self) -> dict[str, Any]:
+        row = self._rows[0] if self._rows else {}
+        return {"metrics": row.get("metrics") or {}, "trial_status": row.get("status"),
+                "error": row.get("error")}

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import keyword
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from unison._validate import check_number
 
 __all__ = [
     "Distribution",
@@ -33,14 +34,6 @@ __all__ = [
 
 
 MAX_GRID_INTEGERS = 1000
-
-
-def _finite_number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be finite, got {value!r}")
-    return float(value)
 
 
 class Distribution:
@@ -82,8 +75,8 @@ class Uniform(Distribution):
     kind = "uniform"
 
     def __init__(self, low: float, high: float) -> None:
-        self.low = _finite_number(low, "uniform(low, high): low")
-        self.high = _finite_number(high, "uniform(low, high): high")
+        self.low = check_number(low, "low", owner="uniform")
+        self.high = check_number(high, "high", owner="uniform")
         if not self.low < self.high:
             raise ValueError(
                 f"uniform({low!r}, {high!r}) is an empty or inverted range: low must be less than high"
@@ -105,8 +98,8 @@ class LogUniform(Distribution):
     kind = "loguniform"
 
     def __init__(self, low: float, high: float) -> None:
-        self.low = _finite_number(low, "loguniform(low, high): low")
-        self.high = _finite_number(high, "loguniform(low, high): high")
+        self.low = check_number(low, "low", owner="loguniform")
+        self.high = check_number(high, "high", owner="loguniform")
         if self.low <= 0 or self.high <= 0:
             raise ValueError(
                 f"loguniform({low!r}, {high!r}) needs positive bounds (its logarithm is sampled): "
@@ -135,10 +128,9 @@ class Integer(Distribution):
     kind = "integer"
 
     def __init__(self, low: int, high: int, log: bool = False) -> None:
-        for what, value in (("low", low), ("high", high)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"integer(low, high): {what} must be an int, got {value!r}")
-        self.low, self.high, self.log = int(low), int(high), bool(log)
+        self.low = check_number(low, "low", owner="integer", integer=True)
+        self.high = check_number(high, "high", owner="integer", integer=True)
+        self.log = bool(log)
         if self.low > self.high:
             raise ValueError(
                 f"integer({low!r}, {high!r}) is an inverted range: low must be at most high (both inclusive)"
@@ -209,6 +201,7 @@ class Conditional(Distribution):
     """A distribution that applies only when other hyperparameters take given values."""
 
     kind = "conditional"
+    dist: Distribution
 
     def __init__(self, dist: Distribution, conditions: Mapping[str, Any]) -> None:
         if isinstance(dist, Conditional):

@@ -6,6 +6,13 @@ from typing import Any
 
 from unison.launch import LaunchSpec
 
+_REGISTRY: dict[str, type[Backend]] = {}
+
+
+def registered_backends() -> dict[str, type[Backend]]:
+    """The backend classes defined so far, by name (see :func:`unison.backends.backend_names`)."""
+    return dict(_REGISTRY)
+
 
 class Backend:
     """Starts worker runtimes that connect back to the driver. A new backend is a small class.
@@ -18,12 +25,18 @@ class Backend:
     """
 
     name = "backend"
+    """What ``backend=`` calls it; a subclass that sets it is found by that name."""
     in_process = False
     shared_filesystem = True
     listen_host = "127.0.0.1"
     listen_port = 0
     heartbeat_interval = 1.0
     heartbeat_timeout = 10.0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in vars(cls):  # a subclass that only changes behaviour keeps its parent's name
+            _REGISTRY.setdefault(cls.name, cls)
 
     def slots(self) -> int:
         """How many trials can run at once."""

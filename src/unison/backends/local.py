@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import time
 import weakref
 from typing import IO, Any
 
+from unison._validate import check_number, is_number
 from unison.backends.base import Backend
 from unison.errors import WorkerError
 from unison.launch import ABORT_EXIT, LaunchSpec
@@ -35,10 +35,9 @@ def describe_exit(code: int) -> str:
 
 def _seconds(name: str, value: Any, example: str, also: str = "") -> float:
     """``value`` as a positive, finite number of seconds, or a ValueError naming ``Local(name=...)``."""
-    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-    if not (number > 0 and math.isfinite(number)):
+    if not (is_number(value, finite=True) and value > 0):
         raise ValueError(f"Local({name}=...) must be > 0 seconds, e.g. {example}{also}; got {value!r}")
-    return number
+    return float(value)
 
 
 def _exited(proc: subprocess.Popen[bytes]) -> bool:
@@ -104,9 +103,7 @@ class Local(Backend):
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float | None = None,
     ) -> None:
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"Local(workers=...) must be a whole number >= 1, got {workers!r}")
-        self.workers = workers
+        self.workers = check_number(workers, "workers", owner="Local", integer=True, low=1, allow_none=True)
         self.heartbeat_interval = _seconds("heartbeat_interval", heartbeat_interval, "1")
         if heartbeat_timeout is None:
             self.heartbeat_timeout = 10 * self.heartbeat_interval
@@ -231,10 +228,6 @@ class Local(Backend):
         self._kill_group(self._procs[name])
         return True
 
-    def pids(self) -> list[int]:
-        """The pids of the worker processes running now."""
-        return [p.pid for p in self._procs.values()]
-
     def _own(self, info: dict[str, Any]) -> str | None:
         """The name of the running worker process ``info`` (a hello) describes, if it is one of ours."""
         name = info.get("worker")
@@ -267,7 +260,11 @@ class Local(Backend):
                 self._kill_group(proc)
         # Block in waitid (Popen.wait with a timeout polls with sleeps that add up to tens of ms per
         # search) and let a timer kill whatever is still running after a grace period.
-        killer = threading.Timer(3.0, lambda: [self._kill_group(p) for p in procs])
+        def kill_remaining() -> None:
+            for proc in procs:
+                self._kill_group(proc)
+
+        killer = threading.Timer(3.0, kill_remaining)
         killer.daemon = True
         killer.start()
         try:

@@ -28,6 +28,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from unison._validate import check_number
 from unison.backends.base import Backend
 from unison.errors import WorkerError
 from unison.launch import LaunchSpec
@@ -126,19 +127,17 @@ class Spark(Backend):
         max_trial_files_bytes: int = SHIP_LIMIT_BYTES,
         executor_wait_s: float = 60.0,
     ) -> None:
-        if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
-            raise ValueError(f"Spark(slots=...) must be a whole number >= 1, got {slots!r}")
-        if not heartbeat_interval > 0:
-            raise ValueError(f"Spark(heartbeat_interval=...) must be > 0, got {heartbeat_interval!r}")
+        slots = check_number(slots, "slots", owner="Spark", integer=True, low=1, allow_none=True)
+        heartbeat_interval = check_number(heartbeat_interval, "heartbeat_interval", owner="Spark", low=0,
+                                          low_inclusive=False, unit="seconds")
+        heartbeat_timeout = check_number(heartbeat_timeout, "heartbeat_timeout", owner="Spark", low=0,
+                                         low_inclusive=False, allow_none=True, unit="seconds")
         if heartbeat_timeout is not None and not heartbeat_timeout > heartbeat_interval:
             raise ValueError(f"Spark(heartbeat_timeout=...) must exceed heartbeat_interval, got "
                              f"{heartbeat_timeout!r}")
-        if not isinstance(listen_port, int) or not 0 <= listen_port < 65536:
-            raise ValueError(f"Spark(listen_port=...) must be a port number (0 for any), got {listen_port!r}")
-        limit = max_trial_files_bytes
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_SHIP_LIMIT_BYTES:
-            raise ValueError(f"Spark(max_trial_files_bytes=...) must be between 0 and "
-                             f"{MAX_SHIP_LIMIT_BYTES}, got {limit!r}")
+        listen_port = check_number(listen_port, "listen_port", owner="Spark", integer=True, low=0, high=65535)
+        max_trial_files_bytes = check_number(max_trial_files_bytes, "max_trial_files_bytes", owner="Spark",
+                                             integer=True, low=0, high=MAX_SHIP_LIMIT_BYTES, unit="bytes")
         self._spark = spark
         self.requested_slots = slots
         self._listen_host = listen_host
@@ -346,7 +345,7 @@ class Spark(Backend):
             if unreachable or (error and not aborted and now - job.started < EARLY_DEATH_S):
                 self._early[slot] = self._early.get(slot, 0) + 1
                 if self._early[slot] >= MAX_EARLY_DEATHS:
-                    raise WorkerError(self._explain(error))
+                    raise WorkerError(self._explain(error or ""))
             # The slot's worker is gone while the search goes on (its task failed more often than
             # Spark retries, or its connection was dropped): start a new one in its place.
             self._launch(slot, job.generation + 1)

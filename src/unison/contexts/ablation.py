@@ -7,11 +7,12 @@ parallel by the same driver and backends as a search.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from unison.driver.plan import Plan
 from unison.optimizers.base import Optimizer
 
 
@@ -184,7 +185,7 @@ class Ablation:
         trial_timeout_s: float | None = None,
         retry_on_timeout: bool = False,
     ) -> None:
-        from unison._validate import check_hparam_names
+        from unison._validate import check_hparam_names, check_number
         from unison.contexts.search import check_trial_timeout
 
         self.trial_timeout_s = check_trial_timeout(trial_timeout_s, "Ablation")
@@ -213,12 +214,10 @@ class Ablation:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         self.metric, self.mode = metric, mode
-        for what, value in (("repeats", repeats), ("seed", seed)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"Ablation({what}=...) must be an int, got {value!r}")
-        if repeats < 1:
+        self.repeats = check_number(repeats, "repeats", owner="Ablation", integer=True)
+        self.seed = check_number(seed, "seed", owner="Ablation", integer=True)
+        if self.repeats < 1:  # not check_number's low=1: tests match "at least 1"
             raise ValueError(f"Ablation(repeats={repeats}) must be at least 1")
-        self.repeats, self.seed = int(repeats), int(seed)
         self.ablator = ablator or LeaveOneOut()
         if not isinstance(self.ablator, Ablator):
             raise TypeError(f"Ablation(ablator=...) must be a unison.Ablator, got {self.ablator!r}")
@@ -255,6 +254,25 @@ class Ablation:
             **({"trial_timeout_s": self.trial_timeout_s} if self.trial_timeout_s is not None else {}),
             **({"retry_on_timeout": True} if self.retry_on_timeout else {}),
         }
+
+    def to_plan(self, model: Any = None, data: Any = None) -> Plan:
+        """What the driver runs for this study; fails first if a component removes a feature or module
+        that ``data``/``model`` do not have."""
+        from unison.contexts.ablation_checks import check_reaches, check_targets
+        from unison.result import AblationResult
+
+        check_targets(self, model, data)
+
+        def trial_spec(n: int) -> dict[str, Any]:
+            component, seed = self.configuration(n)
+            return {"component": component.to_dict(), "seed": seed}
+
+        def make_result(path: Path, rows: list[dict[str, Any]], status: str) -> AblationResult:
+            return AblationResult(path, self.metric, self.mode, rows, status)
+
+        return Plan("ablation", self.to_search(), self.to_dict(), make_result, trial_spec=trial_spec,
+                    variants=dict(self.variants), hparam_names=[*self.base, "seed"],
+                    check_names=lambda fn, names: check_reaches(self, fn, names), context=self)
 
     def __repr__(self) -> str:
         return (f"Ablation({len(self.components) - 1} components x {self.repeats} repeats, "

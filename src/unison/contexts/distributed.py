@@ -10,9 +10,16 @@ model built in a ``MultiWorkerMirroredStrategy`` scope).
 from __future__ import annotations
 
 import importlib.util
-import numbers
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from unison._validate import check_number
+from unison.driver.plan import Plan
+from unison.errors import RunFailed, SearchAborted
+
+if TYPE_CHECKING:
+    from unison.result import RunResult, SearchResult
 
 PROCESS_GROUPS = (None, "gloo", "nccl")
 STRATEGIES = (None, "ddp", "fsdp")
@@ -28,9 +35,7 @@ def check_dist_options(process_group: Any, timeout_s: Any, strategy: Any, owner:
     if strategy not in STRATEGIES:
         raise ValueError(f"{owner}(strategy=...) must be None or 'ddp' (DistributedDataParallel) or 'fsdp' "
                          f"(fully sharded data parallel); got {strategy!r}")
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not timeout_s > 0:
-        raise ValueError(f"{owner}(timeout_s=...) must be a number of seconds > 0, got {timeout_s!r}")
-    return float(timeout_s)
+    return check_number(timeout_s, "timeout_s", owner=owner, low=0, low_inclusive=False, unit="seconds")
 
 
 class Distributed:
@@ -83,9 +88,7 @@ class Distributed:
         from unison._validate import check_hparam_names
         from unison.space import Distribution, validate_space
 
-        if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
-            raise ValueError(f"Distributed(workers=...) must be a whole number >= 1, got {workers!r}")
-        self.workers = int(workers)
+        self.workers = check_number(workers, "workers", owner="Distributed", integer=True, low=1)
         if hparams is not None and not isinstance(hparams, Mapping):
             raise TypeError(f"Distributed(hparams=...) must be a dict, got {type(hparams).__name__}")
         self.hparams = validate_space(dict(hparams or {}))
@@ -102,7 +105,7 @@ class Distributed:
                              f"'tensorflow' (Keras on TensorFlow, MultiWorkerMirroredStrategy); "
                              f"got {framework!r}")
         if framework == "tensorflow":
-            torch_only = {"process_group": process_group, "strategy": strategy}
+            torch_only: dict[str, Any] = {"process_group": process_group, "strategy": strategy}
             torch_only = {name: value for name, value in torch_only.items() if value is not None}
             if self.timeout_s != DEFAULT_TIMEOUT_S:
                 torch_only["timeout_s"] = timeout_s
@@ -142,6 +145,44 @@ class Distributed:
         if self.framework == "torch":  # only when set: runs stored before the option existed compare equal
             del described["framework"]
         return described
+
+    def to_plan(self, model: Any = None, data: Any = None) -> Plan:
+        """What the driver runs: a one-trial search of ``workers`` ranks, presented as rank 0's result."""
+        from unison.result import DistributedRecord
+
+        if self.framework == "tensorflow":  # fail here, not in every rank
+            from unison.frameworks.tensorflow import check_keras_backend
+
+            check_keras_backend()
+        search = self.to_search()
+
+        def make_result(path: Path, rows: list[dict[str, Any]], status: str) -> DistributedRecord:
+            return DistributedRecord(path, search.metrics, search.modes, rows, status)
+
+        def on_abort(exc: SearchAborted) -> RunFailed:  # e.g. the chief did not return the metric= it names
+            return RunFailed(f"the distributed run ({self.workers} ranks) failed: {exc}")
+
+        return Plan("distributed", search, self.to_dict(), make_result, hparam_names=search.hparam_names,
+                    dist_options=self.dist_options, require_metric=self.metric is not None, context=self,
+                    present=self._present, on_abort=on_abort)
+
+    def _present(self, result: SearchResult) -> RunResult:
+        """What a distributed run returns: rank 0's metrics, like a single run; a failure raises."""
+        from unison.result import RunResult
+
+        rows = result.rows
+        row = rows[0] if rows else None
+        if row is None or row["status"] != "completed":
+            why = (row or {}).get("error") or f"the run ended {(row or {}).get('status', result.status)}"
+            raise RunFailed(f"the distributed run ({self.workers} ranks) failed; see {result.path}:\n{why}",
+                            result.path)
+        metrics = dict(row["metrics"])
+        if self.metric is not None:
+            value = metrics[self.metric]
+        else:
+            value = next(iter(metrics.values())) if len(metrics) == 1 else None
+        return RunResult(metrics=metrics, value=value, returned=metrics, path=result.path,
+                         duration=row["duration"])
 
     def __repr__(self) -> str:
         framework = f", framework={self.framework!r}" if self.framework != "torch" else ""

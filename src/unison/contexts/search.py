@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import numbers
+from pathlib import Path
 from typing import Any
 
-from unison._validate import check_hparam_names
+from unison._validate import check_hparam_names, check_number
+from unison.driver.plan import Plan
 from unison.optimizers import BUILTIN_OPTIMIZERS, GridSearch, Optimizer, make_optimizer
 from unison.schedulers import BUILTIN_SCHEDULERS, Scheduler, make_scheduler
 from unison.space import Conditional, space_from_dict, space_to_dict, validate_space
@@ -14,23 +14,14 @@ from unison.space import Conditional, space_from_dict, space_to_dict, validate_s
 DEFAULT_RANDOM_TRIALS = 20
 
 
-def _positive_int(value: Any, what: str, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
-    return int(value)
+def _positive_int(value: Any, name: str, allow_none: bool = True) -> int | None:
+    return check_number(value, name, owner="Search", integer=True, low=1, allow_none=allow_none)
 
 
 def check_trial_timeout(value: Any, owner: str) -> float | None:
     """Validate ``trial_timeout_s``: ``None`` (no limit) or a number of seconds > 0, as a float."""
-    if value is None:
-        return None
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-            or not value > 0):
-        raise ValueError(f"{owner}(trial_timeout_s=...) must be a number of seconds > 0, or None for no "
-                         f"limit; got {value!r}")
-    return float(value)
+    return check_number(value, "trial_timeout_s", owner=owner, low=0, low_inclusive=False, allow_none=True,
+                        unit="seconds")
 
 
 def _as_list(value: Any, repeat: int) -> list[Any]:
@@ -115,30 +106,24 @@ class Search:
             raise ValueError(
                 "early stopping compares one metric: a multi-objective search takes scheduler=None"
             )
-        self.trials = _positive_int(trials, "Search(trials=...)")
+        self.trials = _positive_int(trials, "trials")
         self.optimizer = optimizer
         make_optimizer(optimizer)  # validates the name now, before any worker starts
         self.scheduler = scheduler
         make_scheduler(scheduler)
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0
-        ):
-            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
-        self.seed = None if seed is None else int(seed)
-        self.max_concurrent = _positive_int(max_concurrent, "Search(max_concurrent=...)")
-        self.max_failures = _positive_int(max_failures, "Search(max_failures=...)")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, numbers.Integral) or max_retries < 0:
-            raise ValueError(f"Search(max_retries=...) must be a whole number >= 0, got {max_retries!r}")
-        self.max_retries = int(max_retries)
-        self.workers_per_trial = _positive_int(workers_per_trial, "Search(workers_per_trial=...)",
-                                               allow_none=False)
+        # owner="": tests match the message "seed must be a non-negative int".
+        self.seed = check_number(seed, "seed", owner="", integer=True, low=0, allow_none=True)
+        self.max_concurrent = _positive_int(max_concurrent, "max_concurrent")
+        self.max_failures = _positive_int(max_failures, "max_failures")
+        self.max_retries = check_number(max_retries, "max_retries", owner="Search", integer=True, low=0)
+        self.workers_per_trial = _positive_int(workers_per_trial, "workers_per_trial", allow_none=False)
         self.trial_timeout_s = check_trial_timeout(trial_timeout_s, "Search")
         if not isinstance(retry_on_timeout, bool):
             raise ValueError(f"Search(retry_on_timeout=...) must be True or False, got {retry_on_timeout!r}")
         self.retry_on_timeout = retry_on_timeout
         if optimizer == "grid" or isinstance(optimizer, GridSearch):
             size = self.build_optimizer().size()
-            if self.trials is not None and self.trials > size:
+            if size is not None and self.trials is not None and self.trials > size:
                 raise ValueError(
                     f"the grid has {size} points but trials={self.trials}: leave trials unset to run "
                     f"the whole grid, or use optimizer='random' to sample more"
@@ -166,7 +151,7 @@ class Search:
     def build_scheduler(self) -> Scheduler | None:
         scheduler = make_scheduler(self.scheduler)
         if scheduler is not None:
-            scheduler.setup(self.mode)
+            scheduler.setup(self.modes[0])
         return scheduler
 
     def planned_trials(self, optimizer: Optimizer) -> int:
@@ -224,6 +209,15 @@ class Search:
                 data[key] = builtins[spec["name"]](**spec.get("params", {}))
         data["space"] = space_from_dict(data["space"])
         return cls(**data)
+
+    def to_plan(self, model: Any = None, data: Any = None) -> Plan:
+        """What the driver runs for this search (``model``/``data``: unused, a search checks none)."""
+        from unison.result import SearchResult
+
+        def make_result(path: Path, rows: list[dict[str, Any]], status: str) -> SearchResult:
+            return SearchResult(path, self.metrics, self.modes, rows, status)
+
+        return Plan("search", self, self.to_dict(), make_result, hparam_names=self.hparam_names, context=self)
 
     def __repr__(self) -> str:
         return (

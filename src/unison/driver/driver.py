@@ -11,12 +11,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from unison.contexts.search import Search
 from unison.driver.store import ExperimentStore
 from unison.errors import SearchAborted
 from unison.result import objective_value
+from unison.schedulers.base import Stop, decision_of
+
+if TYPE_CHECKING:
+    from unison.contexts.search import Search
 
 FINAL = ("completed", "failed", "stopped")
 
@@ -33,7 +36,7 @@ class TrialState:
     host: str | None = None
     pid: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    value: float | None = None
+    value: float | list[float] | None = None  # a list: one value per metric of a multi-objective search
     error: str | None = None
     steps: int = 0
     last_step: int | None = None
@@ -100,6 +103,8 @@ class SearchDriver:
         reports: dict[int, list[tuple[int, float]]] = {}
         for ev in events:
             kind, tid = ev.get("e"), ev.get("id")
+            if not isinstance(tid, int):  # a status event: no trial's
+                continue
             if kind == "start":
                 trial = self.trials.get(tid) or TrialState(tid, ev["hparams"], spec=ev.get("spec") or {})
                 trial.attempt, trial.worker, trial.status = ev.get("attempt", 0), ev.get("worker"), "running"
@@ -235,10 +240,10 @@ class SearchDriver:
         value = metrics.get(self.search.metrics[0])
         if self.scheduler is None or value is None or not math.isfinite(value):
             return None
-        decision = self.scheduler.on_report(trial_id, step, value)
-        if decision:
+        decision = decision_of(self.scheduler.on_report(trial_id, step, value), type(self.scheduler).__name__)
+        if not isinstance(decision, Stop):
             return None
-        return getattr(decision, "reason", None) or f"stopped by the scheduler at step {step}"
+        return decision.reason or f"stopped by the scheduler at step {step}"
 
     def finish(self, outcome: dict[str, Any]) -> None:
         """Record a trial's outcome (from the trial runner) and learn from it."""
@@ -329,8 +334,7 @@ class SearchDriver:
 
     def _account(self, trial: TrialState) -> None:
         self.counts[trial.status] += 1
-        if (trial.status == "completed" and trial.value is not None
-                and not self.search.is_multi_objective and self._better(trial.value)):
+        if trial.status == "completed" and isinstance(trial.value, float) and self._better(trial.value):
             self.best = trial
         self.optimizer.observe(trial.trial_id, trial.hparams, trial.value, trial.status)
         if trial.status == "failed":
@@ -349,7 +353,9 @@ class SearchDriver:
         """Whether ``value`` beats the best completed trial so far."""
         if self.best is None:
             return True
-        return value > self.best.value if self.search.mode == "max" else value < self.best.value
+        best = self.best.value
+        assert isinstance(best, float)  # only single-objective searches keep a best trial
+        return value > best if self.search.mode == "max" else value < best
 
     def summary(self) -> dict[str, Any]:
         """Counts for progress displays."""

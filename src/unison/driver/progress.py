@@ -193,8 +193,9 @@ if _in_notebook():
     _quiet_tqdm_auto()
 
 
-def make_progress(enabled: bool | None, metric: str) -> NoProgress:
+def make_progress(enabled: bool | None, metric: str | list[str]) -> NoProgress:
     """``None`` picks by where output goes: notebook, terminal (TTY), or plain lines."""
+    metric = metric if isinstance(metric, str) else "/".join(metric)
     if enabled is False:
         return NoProgress()
     stream = sys.stdout

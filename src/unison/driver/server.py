@@ -23,6 +23,11 @@ from unison.protocol import Connection, MalformedMessage, ProtocolError, server_
 
 MAX_PENDING_HANDSHAKES = 64
 
+# The kinds of :class:`Event`.
+MESSAGE = "message"      # a validated message arrived
+MALFORMED = "malformed"  # the peer sent a message that failed validation; CLOSED follows
+CLOSED = "closed"        # the peer went away
+
 
 @dataclass
 class Peer:
@@ -45,9 +50,9 @@ class Peer:
 
 @dataclass
 class Event:
-    """``kind`` is ``message`` (``message`` set: a validated message), ``malformed`` (``message`` is
-    ``{"error": what was wrong}``; the connection is closed next, and a ``closed`` event follows) or
-    ``closed`` (the peer went away)."""
+    """``kind`` is :data:`MESSAGE` (``message`` set: a validated message), :data:`MALFORMED`
+    (``message`` is ``{"error": what was wrong}``; the connection is closed next, and a :data:`CLOSED`
+    event follows) or :data:`CLOSED` (the peer went away)."""
 
     kind: str
     peer: Peer
@@ -137,16 +142,16 @@ class Server:
             while True:
                 message = conn.recv()
                 peer.last_seen = time.monotonic()
-                self.events.put(Event("message", peer, message))
+                self.events.put(Event(MESSAGE, peer, message))
         except MalformedMessage as exc:
-            self.events.put(Event("malformed", peer, {"error": str(exc)}))
+            self.events.put(Event(MALFORMED, peer, {"error": str(exc)}))
         except Exception:  # noqa: BLE001 - any broken stream ends the peer
             pass
         finally:
             with self._lock:
                 self._peers.pop(peer.peer_id, None)
             conn.close()
-            self.events.put(Event("closed", peer))
+            self.events.put(Event(CLOSED, peer))
 
     def close(self) -> None:
         """Stop accepting and drop every connection."""

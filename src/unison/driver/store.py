@@ -279,7 +279,7 @@ class ExperimentStore:
             return exc
         if not is_storage_full(exc):
             return None
-        assert isinstance(exc, OSError)
+        assert isinstance(exc, OSError) and exc.errno is not None  # is_storage_full checked both
         self._release_reserve()
         where = file if file is not None else exc.filename
         then = (f"continue it with unison.resume({str(self.path)!r}, fn); trials that had not ended "

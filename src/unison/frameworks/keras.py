@@ -21,18 +21,21 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unison.errors import TrialStopped
 
+if TYPE_CHECKING:
+    from unison.worker.reporter import Reporter
+
 
 # ------------------------------------------------------------------------------------------ callbacks
-def callbacks(reporter: Any) -> list[Any]:
+def callbacks(reporter: Reporter) -> list[Any]:
     """The injected ``callbacks``: a fresh list for one trial, to pass to ``model.fit``."""
     return [report_callback(reporter)]
 
 
-def report_callback(reporter: Any) -> Any:
+def report_callback(reporter: Reporter) -> Any:
     """A Keras callback that reports epoch logs to ``reporter`` and ends ``fit`` when told to stop."""
     return _callback_class()(reporter)
 
@@ -50,7 +53,7 @@ def _callback_class() -> type:
             reporter: the trial's ``reporter``.
         """
 
-        def __init__(self, reporter: Any) -> None:
+        def __init__(self, reporter: Reporter) -> None:
             super().__init__()
             self.reporter = reporter
 
@@ -207,7 +210,7 @@ def _remove_from_sequential(model: Any, names: list[str]) -> Any:
             _bypass_check(functional, layers[name], owner=model)
     kept = [layer for layer in model.layers if layer.name not in names]
     first = model._layers[0] if model._layers else None
-    if type(first).__name__ == "InputLayer":
+    if first is not None and type(first).__name__ == "InputLayer":
         start = [keras.Input(batch_shape=first.batch_shape, dtype=first.dtype, name=first.name)]
     else:
         start = []

@@ -317,7 +317,9 @@ class DistributedLoader(torch.utils.data.DataLoader):
         self.epochs = 0
 
     def __iter__(self) -> Any:
-        self.sampler.set_epoch(self.epochs)
+        sampler = self.sampler
+        assert isinstance(sampler, torch.utils.data.DistributedSampler)  # distributed_loader made it one
+        sampler.set_epoch(self.epochs)
         self.epochs += 1
         return super().__iter__()
 

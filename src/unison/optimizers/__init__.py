@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from unison._validate import lookup
 from unison.optimizers.base import Optimizer
 from unison.optimizers.grid import GridSearch
 from unison.optimizers.optuna import (  # imports optuna only when an optimizer is set up
@@ -36,8 +37,4 @@ def make_optimizer(spec: Any) -> Optimizer:
     """An optimizer from a name in ``BUILTIN_OPTIMIZERS`` or an :class:`Optimizer` instance."""
     if isinstance(spec, Optimizer):
         return spec
-    if isinstance(spec, str) and spec in BUILTIN_OPTIMIZERS:
-        return BUILTIN_OPTIMIZERS[spec]()
-    from unison._validate import unknown_name_error
-
-    raise unknown_name_error("optimizer", spec, BUILTIN_OPTIMIZERS, "an instance of unison.Optimizer")
+    return lookup("optimizer", spec, BUILTIN_OPTIMIZERS, "an instance of unison.Optimizer")()

@@ -22,7 +22,7 @@ class Optimizer:
 
     adaptive: bool = True
 
-    def setup(self, space: dict[str, Any], mode: str, seed: int | None) -> None:
+    def setup(self, space: dict[str, Any], mode: str | list[str], seed: int | None) -> None:
         """Called once before the first suggestion with the search's space, mode and seed."""
         self.space, self.mode, self.seed = space, mode, seed
 
@@ -30,7 +30,8 @@ class Optimizer:
         """Hyperparameters for trial ``trial_number``, or ``None`` when exhausted."""
         raise NotImplementedError
 
-    def observe(self, trial_number: int, hparams: dict[str, Any], value: float | None, status: str) -> None:
+    def observe(self, trial_number: int, hparams: dict[str, Any], value: float | list[float] | None,
+                status: str) -> None:
         """A trial ended: ``status`` is ``completed``, ``stopped`` or ``failed`` (``value`` None)."""
 
     def size(self) -> int | None:

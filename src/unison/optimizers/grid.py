@@ -19,7 +19,7 @@ class GridSearch(Optimizer):
 
     adaptive = False
 
-    def setup(self, space: dict[str, Any], mode: str, seed: int | None) -> None:
+    def setup(self, space: dict[str, Any], mode: str | list[str], seed: int | None) -> None:
         super().setup(space, mode, seed)
         axes = [
             (name, dist.grid_values(name) if isinstance(dist, Distribution) else [dist])

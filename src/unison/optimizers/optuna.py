@@ -1,35 +1,12 @@
 """Optuna's samplers (TPE, GP, CMA-ES, QMC, NSGA-II) behind unison's :class:`Optimizer` interface.
 
 Optuna is imported only when an optimizer is set up (``import unison`` does not load it). Each
-optimizer keeps an in-memory study; :meth:`OptunaOptimizer.suggest` asks it for a trial and draws the
-hyperparameters define-by-run, parents first, so a conditional hyperparameter whose condition does
-not hold is never drawn. Optuna's log and warnings are silenced during its calls only.
-
-Asynchronous search: a suggested trial stays ``RUNNING`` in the study until it is observed, and every
-sampler here accounts for running trials so that suggestions made while others run do not collapse
-onto one point:
-
-- ``tpe``: ``constant_liar=True`` (running trials count as bad results, so new suggestions avoid
-  them); ``multivariate=True, group=True`` when the space has conditional hyperparameters. With
-  one trial in flight no trial is running when TPE samples, so the suggestions are exactly those of
-  Optuna's sequential ``TPESampler`` with the same seed. Alternatives measured on Branin and
-  Hartmann-6 with 4 in flight (300 seeds, ``benchmarks/README.md``) were not better: a mean, median
-  or worst-value liar (TPE uses only the ranks, so these put running trials with the bad results
-  too), an optimistic or nearest-neighbour liar, no liar, a stronger liar, start-up counting the
-  running trials, more candidates.
-- ``gp``: Optuna's GP sampler conditions its acquisition function on the running trials (qLogEI /
-  qLogEHVI with the running points as pending), so concurrent suggestions spread out.
-- ``cmaes``, ``nsga2``: population methods; every trial is a fresh draw from the current search
-  distribution (CMA-ES reseeds per trial number) or a new child of the current parents.
-- ``qmc``: the next points of a scrambled Sobol sequence, distinct by construction.
-
-How ended trials are told: ``completed`` with a finite value -> ``COMPLETE``; ``stopped`` (early
-stopping) -> ``PRUNED`` with its last value as its intermediate value (single objective; Optuna's
-convention: TPE ranks pruned trials below every completed one, GP and CMA-ES ignore them) or, with
-``stopped_as="completed"``, ``COMPLETE`` with that partial value; ``failed``, or a completed trial
-without a finite value -> ``FAIL``. A trial this optimizer never suggested (the replay of a resumed
-experiment) is added to the study as a finished trial, so a resumed search continues from what the
-earlier run saw.
+optimizer keeps an in-memory study: :meth:`OptunaOptimizer.suggest` asks it for a trial, drawing the
+hyperparameters define-by-run, parents first (a conditional one whose condition does not hold is never
+drawn), and :meth:`OptunaOptimizer.observe` tells it how the trial ended; Optuna's log and warnings are
+silenced during its calls only. How each sampler treats trials still running, how ended trials are
+told, and the measurements behind TPE's settings are in ``benchmarks/README.md`` ("Optuna's samplers
+and trials in flight").
 """
 
 from __future__ import annotations
@@ -39,12 +16,11 @@ import copy
 import importlib.util
 import inspect
 import json
-import math
-import numbers
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
+from unison._validate import is_number
 from unison.optimizers.base import Optimizer
 from unison.space import (
     Choice,
@@ -101,7 +77,7 @@ def _quiet() -> Iterator[None]:
         optuna.logging.set_verbosity(level)
 
 
-def _directions(mode: Any) -> list[str]:
+def _directions(mode: Any) -> list[Literal["maximize", "minimize"]]:
     """``"max"``/``"min"`` or a list of them -> optuna's study directions."""
     modes = [mode] if isinstance(mode, str) else list(mode) if isinstance(mode, Sequence) else None
     if not modes or any(m not in ("max", "min") for m in modes):
@@ -122,6 +98,8 @@ class _Param:
         inner = dist.dist if isinstance(dist, Conditional) else dist
         self.inner = inner
         self.labels: list[Any] | None = None
+        self.choices: list[Any] = []  # a Choice's values, as the user gave them
+        self.optuna: od.FloatDistribution | od.IntDistribution | od.CategoricalDistribution
         if isinstance(inner, Uniform):
             self.optuna = od.FloatDistribution(inner.low, inner.high)
         elif isinstance(inner, LogUniform):
@@ -129,7 +107,7 @@ class _Param:
         elif isinstance(inner, Integer):
             self.optuna = od.IntDistribution(inner.low, inner.high, log=inner.log)
         elif isinstance(inner, Choice):
-            values = inner.values
+            values = self.choices = list(inner.values)
             primitive = all(v is None or isinstance(v, (str, bool, int, float)) for v in values)
             # optuna holds None/bool/int/float/str; values it would confuse (1 and True, 1 and 1.0)
             # or cannot hold (lists, dicts) become JSON strings, mapped back on the way out
@@ -142,23 +120,26 @@ class _Param:
             raise TypeError(f"{name!r}: optuna optimizers cannot sample {dist!r}")
 
     def suggest(self, trial: Any) -> Any:
+        import optuna.distributions as od
+
         d = self.optuna
         if self.labels is not None:
             label = trial.suggest_categorical(self.name, self.labels)
-            return self.inner.values[self.labels.index(label)]
-        if isinstance(self.inner, Integer):
+            return self.choices[self.labels.index(label)]
+        if isinstance(d, od.IntDistribution):
             return int(trial.suggest_int(self.name, d.low, d.high, log=d.log))
+        assert isinstance(d, od.FloatDistribution)
         return float(trial.suggest_float(self.name, d.low, d.high, log=d.log))
 
     def to_optuna(self, value: Any) -> Any:
         """The value optuna stores for ``value`` (a stored hyperparameter); ``ValueError`` if none."""
         if self.labels is not None:
             key = json.dumps(value, sort_keys=True)
-            for i, v in enumerate(self.inner.values):
+            for i, v in enumerate(self.choices):
                 if json.dumps(v, sort_keys=True) == key:
                     return self.labels[i]
-            raise ValueError(f"{value!r} is not one of {self.inner.values!r}")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{value!r} is not one of {self.choices!r}")
+        if not is_number(value):
             raise ValueError(f"{value!r} is not a number")
         value = int(value) if isinstance(self.inner, Integer) else float(value)
         if not self.optuna._contains(self.optuna.to_internal_repr(value)):
@@ -245,7 +226,7 @@ class OptunaOptimizer(Optimizer):
             kwargs = {**({"seed": seed} if takes_seed else {}), **self.sampler_kwargs}
         return cls(**kwargs)
 
-    def setup(self, space: dict[str, Any], mode: Any, seed: int | None) -> None:
+    def setup(self, space: dict[str, Any], mode: str | list[str], seed: int | None) -> None:
         import optuna
 
         super().setup(space, mode, seed)
@@ -283,7 +264,8 @@ class OptunaOptimizer(Optimizer):
         self._running[trial_number] = (trial, hparams)
         return dict(hparams)
 
-    def observe(self, trial_number: int, hparams: dict[str, Any], value: Any, status: str) -> None:
+    def observe(self, trial_number: int, hparams: dict[str, Any], value: float | list[float] | None,
+                status: str) -> None:
         import optuna
 
         TrialState = optuna.trial.TrialState
@@ -320,7 +302,7 @@ class OptunaOptimizer(Optimizer):
             )
         out = []
         for v in items:
-            if v is None or isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            if not is_number(v, finite=True):
                 return None
             out.append(float(v))
         return out
@@ -330,7 +312,8 @@ class OptunaOptimizer(Optimizer):
         """Add a trial that ended elsewhere (a resumed experiment's earlier run) to the study."""
         import optuna
 
-        params, distributions = {}, {}
+        params: dict[str, Any] = {}
+        distributions: dict[str, optuna.distributions.BaseDistribution] = {}
         for name in self._order:
             if name not in self._params or name not in hparams or not is_active(self.space[name], hparams):
                 continue

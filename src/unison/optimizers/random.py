@@ -17,7 +17,7 @@ class RandomSearch(Optimizer):
 
     adaptive = False
 
-    def setup(self, space: dict[str, Any], mode: str, seed: int | None) -> None:
+    def setup(self, space: dict[str, Any], mode: str | list[str], seed: int | None) -> None:
         import secrets
 
         super().setup(space, mode, secrets.randbits(31) if seed is None else seed)
@@ -25,7 +25,7 @@ class RandomSearch(Optimizer):
     def suggest(self, trial_number: int) -> dict[str, Any]:
         import numpy as np
 
-        rng = np.random.default_rng([self.seed, trial_number])
+        rng = np.random.default_rng([0 if self.seed is None else self.seed, trial_number])
         hparams: dict[str, Any] = {}
         for name in dependency_order(self.space):
             dist = self.space[name]

@@ -4,28 +4,22 @@ Tuning", MLSys 2020, arXiv:1810.05934), in its early-stopping form."""
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
-from unison.schedulers.base import Scheduler, Stop
-
-
-def _check_int(value: Any, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{what} must be a whole number >= {minimum}, got {value!r}")
-    return int(value)
+from unison._validate import check_number
+from unison.schedulers.base import CONTINUE, Decision, Scheduler, Stop
 
 
 def check_resources(owner: str, min_resource: Any, max_resource: Any, reduction_factor: Any,
                     max_required: bool) -> tuple[int, int | None, int]:
     """Validate the three numbers ASHA and Hyperband share; return them as ints."""
-    min_resource = _check_int(min_resource, f"{owner}(min_resource=...)", 1)
-    reduction_factor = _check_int(reduction_factor, f"{owner}(reduction_factor=...)", 2)
+    min_resource = check_number(min_resource, "min_resource", owner=owner, integer=True, low=1)
+    reduction_factor = check_number(reduction_factor, "reduction_factor", owner=owner, integer=True, low=2)
     if max_resource is None:
         if max_required:
             raise ValueError(f"{owner}(max_resource=...) is required: the most steps a trial runs")
         return min_resource, None, reduction_factor
-    max_resource = _check_int(max_resource, f"{owner}(max_resource=...)", 1)
+    max_resource = check_number(max_resource, "max_resource", owner=owner, integer=True, low=1)
     if max_resource <= min_resource:
         raise ValueError(
             f"{owner}(max_resource={max_resource}) must be greater than min_resource={min_resource}: "
@@ -122,18 +116,19 @@ class ASHA(Scheduler):
         return sorted(values, reverse=self.mode == "max")[keep - 1]
 
     # ---------------------------------------------------------------------------------- decisions
-    def on_report(self, trial_id: int, step: int, value: float) -> bool | Stop:
+    def on_report(self, trial_id: int, step: int, value: float) -> Decision:
+        """Record the trial's value at each rung it reaches with this report; stop it below a cutoff."""
         if not math.isfinite(value):
-            return True
+            return CONTINUE
         resource = step + 1
-        decision: bool | Stop = True
+        decision: Decision = CONTINUE
         for rung, milestone in enumerate(self.milestones(upto=resource)):
             recorded = self._rungs.setdefault(milestone, {})
             if trial_id in recorded:
                 continue
             recorded[trial_id] = value
             cutoff = self.cutoff(list(recorded.values()))
-            if decision and cutoff is not None and self.better(cutoff, value):
+            if decision is CONTINUE and cutoff is not None and self.better(cutoff, value):
                 decision = Stop(
                     f"ASHA rung {rung} (resource {milestone}, step {milestone - 1}): value {value:.6g} is "
                     f"worse than the cutoff {cutoff:.6g}, the top 1/{self.reduction_factor} of "

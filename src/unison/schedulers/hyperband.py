@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from unison.schedulers.asha import ASHA, check_resources
-from unison.schedulers.base import Scheduler, Stop
+from unison.schedulers.base import CONTINUE, Decision, Scheduler, Stop
 
 
 class Hyperband(Scheduler):
@@ -38,8 +38,9 @@ class Hyperband(Scheduler):
     def __init__(self, min_resource: int, max_resource: int, reduction_factor: int = 3) -> None:
         self.min_resource, self.max_resource, self.reduction_factor = check_resources(
             "Hyperband", min_resource, max_resource, reduction_factor, max_required=True)
+        most = max_resource if self.max_resource is None else self.max_resource  # required: never None
         s_max, resource = 0, self.min_resource
-        while resource * self.reduction_factor <= self.max_resource:
+        while resource * self.reduction_factor <= most:
             s_max, resource = s_max + 1, resource * self.reduction_factor
         self.s_max = s_max
         # ``None``: a bracket that starts at max_resource and stops nothing
@@ -74,11 +75,12 @@ class Hyperband(Scheduler):
             if asha is not None:
                 asha.setup(mode)
 
-    def on_report(self, trial_id: int, step: int, value: float) -> bool | Stop:
+    def on_report(self, trial_id: int, step: int, value: float) -> Decision:
+        """The decision of the trial's bracket, its reason prefixed with the bracket."""
         bracket = self.bracket_of(trial_id)
         asha = self.brackets[bracket]
         if asha is None:
-            return True
+            return CONTINUE
         decision = asha.on_report(trial_id, step, value)
         if isinstance(decision, Stop):
             return Stop(f"Hyperband bracket {bracket}: {decision.reason}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from unison.schedulers.base import Scheduler, Stop
+from unison._validate import check_number
+from unison.schedulers.base import CONTINUE, Decision, Scheduler, Stop
 
 
 class MedianStopping(Scheduler):
@@ -17,14 +18,9 @@ class MedianStopping(Scheduler):
     """
 
     def __init__(self, grace_period: int = 1, min_trials: int = 3) -> None:
-        for what, value in (("grace_period", grace_period), ("min_trials", min_trials)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"MedianStopping({what}=...) must be an int, got {value!r}")
-        if grace_period < 0:
-            raise ValueError(f"MedianStopping(grace_period={grace_period}) must be >= 0")
-        if min_trials < 1:
-            raise ValueError(f"MedianStopping(min_trials={min_trials}) must be >= 1")
-        self.grace_period, self.min_trials = grace_period, min_trials
+        owner = "MedianStopping"
+        self.grace_period = check_number(grace_period, "grace_period", owner=owner, integer=True, low=0)
+        self.min_trials = check_number(min_trials, "min_trials", owner=owner, integer=True, low=1)
         self._history: dict[int, list[tuple[int, float]]] = defaultdict(list)
         self._finished: list[int] = []
 
@@ -38,17 +34,18 @@ class MedianStopping(Scheduler):
         self._history = defaultdict(list)
         self._finished = []
 
-    def on_report(self, trial_id: int, step: int, value: float) -> bool | Stop:
+    def on_report(self, trial_id: int, step: int, value: float) -> Decision:
+        """Stop the trial if its best value so far is worse than the median of the finished trials."""
         self._history[trial_id].append((step, value))
         if step < self.grace_period or len(self._finished) < self.min_trials:
-            return True
+            return CONTINUE
         averages = []
         for other in self._finished:
             upto = [v for s, v in self._history[other] if s <= step]
             if upto:
                 averages.append(sum(upto) / len(upto))
         if len(averages) < self.min_trials:
-            return True
+            return CONTINUE
         values = [v for _, v in self._history[trial_id]]
         best = max(values) if self.mode == "max" else min(values)
         median = statistics.median(averages)
@@ -57,7 +54,7 @@ class MedianStopping(Scheduler):
                 f"median rule at step {step}: best so far {best:.6g} is worse than the median "
                 f"{median:.6g} of {len(averages)} finished trials"
             )
-        return True
+        return CONTINUE
 
     def on_complete(self, trial_id: int, status: str) -> None:
         if status == "retried":

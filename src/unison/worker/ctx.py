@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from unison.worker.rank import RankSession
 
 
 def _default_device() -> str:
@@ -34,7 +37,7 @@ class Context:
         self.trial_id, self._trial_dir, self._trial_dir_made = trial_id, Path(trial_dir), False
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.device, self.seed, self.attempt = device, seed, attempt
-        self._session: Any = None
+        self._session: RankSession | None = None
 
     @property
     def trial_dir(self) -> Path:

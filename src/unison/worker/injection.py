@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from unison._validate import INJECTABLE
 from unison.worker.generators import call_generator, once, takes_no_arguments  # noqa: F401
 
-INJECTABLE = ("hparams", "reporter", "ctx", "model", "dataset", "model_fn", "data_fn", "callbacks")
+if TYPE_CHECKING:
+    from unison.worker.ctx import Context
+    from unison.worker.reporter import Reporter
 
 
 def requested_parameters(fn: Callable[..., Any]) -> list[inspect.Parameter]:
@@ -79,8 +82,8 @@ def check_injectable(
 def build_arguments(
     names: list[str],
     hparams: dict[str, Any],
-    reporter: Any,
-    ctx: Any,
+    reporter: Reporter,
+    ctx: Context,
     model_fn: Callable[..., Any] | None,
     data: Any,
 ) -> dict[str, Any]:
@@ -98,6 +101,7 @@ def build_arguments(
         elif name == "ctx":
             kwargs[name] = ctx
         elif name == "model":
+            assert model_fn is not None  # check_injectable refused "model" without a model generator
             kwargs[name] = call_generator(model_fn, hparams)
         elif name == "model_fn":
             kwargs[name] = lambda hp=None, _g=model_fn: call_generator(_g, hparams if hp is None else hp)

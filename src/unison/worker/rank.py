@@ -26,10 +26,14 @@ import socket
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from unison.errors import TrialStopped
 from unison.worker.generators import call_generator
+
+if TYPE_CHECKING:
+    from unison.worker.ctx import Context
 
 ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
             "GLOO_SOCKET_IFNAME")
@@ -196,7 +200,7 @@ class RankSession:
         self.active = False
 
     # ------------------------------------------------------------------ the call
-    def bind(self, ctx: Any) -> None:
+    def bind(self, ctx: Context) -> None:
         """Give ``ctx`` this rank's place (``device`` is set when the group starts)."""
         ctx.rank, ctx.world_size, ctx.local_rank = self.rank, self.world_size, self.local_rank
         ctx._session = self
@@ -221,7 +225,8 @@ class RankSession:
             self.ctx.device = self.device
         return self
 
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         try:
             # Ranks run only on workers, where a KeyboardInterrupt is the function's own: a failure too.
             if exc is not None and not isinstance(exc, TrialStopped) and self.notify:

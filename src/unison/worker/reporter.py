@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import io
 import json
-import numbers
 from collections.abc import Callable
 from typing import Any
 
+from unison._validate import check_number
 from unison.errors import MetricNotReported, TrialStopped
 from unison.worker.metrics import oversize, short, to_number
 
@@ -50,8 +50,7 @@ class Reporter:
             raise MetricNotReported(self.metric_error)
         if step is None:
             step = self.count
-        elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
-            raise TypeError(f"reporter.report(step=...) must be an int, got {step!r}")
+        step = check_number(step, "step", owner="reporter.report", integer=True)
         problem = oversize("reporter.report() got", metrics)
         if problem is not None:
             raise ValueError(problem)

@@ -11,6 +11,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,46 @@ from unison.worker.logs import LazyLog
 from unison.worker.metrics import MAX_ERROR_CHARS, normalize_metrics
 from unison.worker.rank import RankSession
 from unison.worker.reporter import Decide, Reporter
+
+
+@dataclass
+class TrialCall:
+    """One call of the training function: its outcome (what the driver records), what it returned,
+    and the exception it raised (``None`` if it did not)."""
+
+    outcome: dict[str, Any]
+    returned: Any = None
+    error: BaseException | None = None
+
+
+class _TrialLogs:
+    """A trial's ``metrics.jsonl`` and, when output is captured, its ``stdout.log``/``stderr.log`` in
+    place of ``sys.stdout``/``sys.stderr`` until :meth:`close`."""
+
+    def __init__(self, log_dir: Path, capture_output: bool) -> None:
+        self.metrics = LazyLog(log_dir / "metrics.jsonl", json_note=True)
+        self._saved = sys.stdout, sys.stderr
+        self._streams: tuple[LazyLog, LazyLog] | None = None
+        if capture_output:
+            self._streams = LazyLog(log_dir / "stdout.log"), LazyLog(log_dir / "stderr.log")
+            sys.stdout, sys.stderr = self._streams
+
+    def write_error(self, text: str) -> None:
+        """Append a failed trial's traceback to its captured ``stderr.log``."""
+        if self._streams is not None:
+            self._streams[1].write(text)
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self._streams is not None:
+            sys.stdout, sys.stderr = self._saved
+            for log in self._streams:
+                log.close()
+
+    def cut(self) -> dict[str, int]:
+        """How many bytes each log dropped, for those that dropped any."""
+        logs = [self.metrics, *(self._streams or ())]
+        return {log.path.name: log.cut for log in logs if log.cut}
 
 
 class TrialRunner:
@@ -55,86 +96,98 @@ class TrialRunner:
         self.variants = variants or {}
         self.device = _default_device()
 
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Any], interrupt_propagates: bool) -> TrialRunner:
+        """The runner of an experiment's payload parts (see :func:`unison.payload.dumps_payload`): the
+        one way a worker and the inline backend build it."""
+        return cls(parts["fn"], parts["names"], parts["metric"], parts.get("model_fn"), parts.get("data"),
+                   variants=parts.get("variants"), require_metric=parts.get("require_metric", True),
+                   interrupt_propagates=interrupt_propagates)
+
     def run(self, trial: dict[str, Any], decide: Decide | None,
             notify: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """Run one trial described by ``trial`` (``trial_id``, ``hparams``, ``trial_dir``, ...).
+        """Run one trial described by ``trial`` (``trial_id``, ``hparams``, ``trial_dir``, ...); return
+        its outcome, as the driver records it.
 
         A rank of a distributed trial (``trial["dist"]``, see :mod:`unison.worker.rank`) runs inside its
         process group, logs into ``rank-<r>/`` unless it is rank 0, and calls ``notify(traceback)``
         as soon as its function raises."""
+        return self.call(trial, decide, notify).outcome
+
+    def call(self, trial: dict[str, Any], decide: Decide | None,
+             notify: Callable[[str], None] | None = None) -> TrialCall:
+        """:meth:`run`, keeping what the function returned and the exception it raised (a single run
+        raises it again in the caller, as plain Python would)."""
         session = session_for(trial, notify)
-        trial_dir = Path(trial["trial_dir"])
-        ctx = Context(
-            trial_id=trial["trial_id"],
-            trial_dir=trial_dir,
-            device=self.device,
-            seed=trial.get("seed"),
-            attempt=trial.get("attempt", 0),
-        )
-        log_dir = trial_dir
+        ctx = Context(trial_id=trial["trial_id"], trial_dir=Path(trial["trial_dir"]), device=self.device,
+                      seed=trial.get("seed"), attempt=trial.get("attempt", 0))
+        log_dir = Path(trial["trial_dir"])
         if session is not None:
             session.bind(ctx)
-            log_dir, decide = session.log_dir(trial_dir), session.decide(decide)
-        metrics_log = LazyLog(log_dir / "metrics.jsonl", json_note=True)
-        reporter = Reporter(decide, metrics_log)
-        outcome: dict[str, Any] = {"trial_id": trial["trial_id"], "error": None}
-        saved = sys.stdout, sys.stderr
-        out = err = None
-        if self.capture_output:
-            out, err = LazyLog(log_dir / "stdout.log"), LazyLog(log_dir / "stderr.log")
-            sys.stdout, sys.stderr = out, err
+            log_dir, decide = session.log_dir(log_dir), session.decide(decide)
+        logs = _TrialLogs(log_dir, self.capture_output)
+        reporter = Reporter(decide, logs.metrics)
+        call = TrialCall({"trial_id": trial["trial_id"], "error": None})
         start = time.perf_counter()
         try:
-            model_fn, data = component_generators(trial.get("component"), self.model_fn, self.data,
-                                                  self.variants)
-            with _framework_scope(), session or contextlib.nullcontext():
-                if session is not None:
-                    model_fn = session.wrap_model_fn(model_fn)
-                kwargs = build_arguments(self.names, trial["hparams"], reporter, ctx, model_fn, data)
-                returned = self.fn(**kwargs)
-        except TrialStopped as stop:
-            outcome["status"] = "stopped"
-            outcome["metrics"] = reporter.last_metrics
-            outcome["stop_reason"] = str(stop) or f"stopped at step {reporter.last_step}"
-        except KeyboardInterrupt:
-            # In the driver's own process (inline) it is the user's Ctrl-C: it propagates. A worker
-            # process never gets the terminal's Ctrl-C (its own session), so there the function raised
-            # it: a failed trial.
-            if self.interrupt_propagates:
-                raise
-            outcome["status"] = "failed"
-            outcome["error"] = traceback.format_exc()
-            if err is not None:
-                err.write(outcome["error"])
-        except BaseException:  # SystemExit too: a trial calling sys.exit() fails, the worker lives on
-            outcome["status"] = "failed"
-            outcome["error"] = traceback.format_exc()
-            if err is not None:
-                err.write(outcome["error"])
-        else:
-            if reporter.stop_reason is not None:
-                # The scheduler stopped the trial and the function ended by itself (the Keras callback
-                # ends fit after that epoch): stopped, with the metrics the scheduler judged.
-                outcome["status"] = "stopped"
-                outcome["metrics"] = reporter.last_metrics
-                outcome["stop_reason"] = reporter.stop_reason
-            elif ctx.is_chief:  # the chief's return value is the result; other ranks' are not judged
-                outcome.update(self._judge(returned))
+            try:
+                call.returned = self._invoke(trial, reporter, ctx, session)
+            except TrialStopped as stop:
+                call.outcome.update(status="stopped", metrics=reporter.last_metrics,
+                                    stop_reason=str(stop) or f"stopped at step {reporter.last_step}")
+            except KeyboardInterrupt as exc:
+                # In the driver's own process (inline, a single run) it is the user's Ctrl-C: it
+                # propagates. A worker process never gets the terminal's Ctrl-C (its own session), so
+                # there the function raised it: a failed trial.
+                if self.interrupt_propagates:
+                    raise
+                self._failed(call, exc, logs)
+            except BaseException as exc:  # SystemExit too: sys.exit() fails the trial, the worker lives on
+                self._failed(call, exc, logs)
             else:
-                outcome["status"] = "completed"
+                call.outcome.update(self._ended(reporter, ctx, call.returned))
         finally:
-            outcome["duration"] = time.perf_counter() - start
-            metrics_log.close()
-            if self.capture_output:
-                sys.stdout, sys.stderr = saved
-                out.close()
-                err.close()
+            call.outcome["duration"] = time.perf_counter() - start
+            logs.close()
+        self._complete(call.outcome, reporter, logs)
+        return call
+
+    def _invoke(self, trial: dict[str, Any], reporter: Reporter, ctx: Context,
+                session: RankSession | None) -> Any:
+        """Build the arguments the function asks for and call it, inside its framework's scopes."""
+        model_fn, data = component_generators(trial.get("component"), self.model_fn, self.data, self.variants)
+        with _framework_scope(), session or contextlib.nullcontext():
+            if session is not None:
+                model_fn = session.wrap_model_fn(model_fn)
+            kwargs = build_arguments(self.names, trial["hparams"], reporter, ctx, model_fn, data)
+            return self.fn(**kwargs)
+
+    @staticmethod
+    def _failed(call: TrialCall, exc: BaseException, logs: _TrialLogs) -> None:
+        call.error = exc
+        call.outcome.update(status="failed", error=traceback.format_exc())
+        logs.write_error(call.outcome["error"])
+
+    def _ended(self, reporter: Reporter, ctx: Context, returned: Any) -> dict[str, Any]:
+        """The outcome of a function that returned ``returned``."""
+        if reporter.stop_reason is not None:
+            # The scheduler stopped the trial and the function ended by itself (the Keras callback ends
+            # fit after that epoch): stopped, with the metrics the scheduler judged.
+            return {"status": "stopped", "metrics": reporter.last_metrics,
+                    "stop_reason": reporter.stop_reason}
+        if ctx.is_chief:  # the chief's return value is the result; other ranks' are not judged
+            return self._judge(returned)
+        return {"status": "completed"}
+
+    @staticmethod
+    def _complete(outcome: dict[str, Any], reporter: Reporter, logs: _TrialLogs) -> None:
+        """What every outcome holds besides its status: steps, metrics, cut logs, a bounded error."""
         if reporter.metric_error is not None:  # failed at its first report, even if the function went on
             outcome.update(status="failed", error_kind="missing_metric", error=reporter.metric_error)
         outcome.setdefault("metrics", reporter.last_metrics)
         outcome["steps"] = reporter.count
         outcome["last_step"] = reporter.last_step
-        cut = {log.path.name: log.cut for log in (metrics_log, out, err) if log is not None and log.cut}
+        cut = logs.cut()
         if cut:
             outcome["logs_cut"] = cut
         error = outcome.get("error")
@@ -142,10 +195,11 @@ class TrialRunner:
             half = MAX_ERROR_CHARS // 2
             outcome["error"] = (f"{error[:half]}\n[unison: {len(error) - 2 * half} characters of this error "
                                 f"were cut]\n{error[-half:]}")
-        return outcome
 
     def _judge(self, returned: Any) -> dict[str, Any]:
         """The status (and metrics or error) of a trial whose function returned ``returned``."""
+        if returned is None and not self.require_metric:  # e.g. a single run that only prints
+            return {"status": "completed", "metrics": {}}
         metrics, problem = normalize_metrics(returned, self.metrics)
         if metrics is None:
             return {"status": "failed", "error": problem}
@@ -162,7 +216,7 @@ class TrialRunner:
         return {"status": "completed", "metrics": metrics}
 
 
-def _framework_scope() -> Any:
+def _framework_scope() -> contextlib.AbstractContextManager[None]:
     """Per-trial framework state: with Keras loaded, a fresh layer-naming scope (see
     :func:`unison.frameworks.keras.fresh_layer_names`); otherwise nothing."""
     if "keras" in sys.modules:

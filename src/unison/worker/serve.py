@@ -15,6 +15,7 @@ a Spark task it also stops the trial under way when the driver hangs up (:func:`
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import queue
 import shutil
@@ -26,14 +27,37 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from unison.launch import ABORT_EXIT, DRIVER_GONE_EXIT, worker_settings
-from unison.protocol import Connection, client_connect
+from unison.protocol import (
+    ABORT,
+    DECISION,
+    FATAL,
+    FILES,
+    HEARTBEAT,
+    HELLO,
+    RANK_FAILED,
+    READY,
+    REPORT,
+    TRIAL,
+    Connection,
+    FatalMessage,
+    FilesMessage,
+    HelloMessage,
+    RankFailedMessage,
+    ReadyMessage,
+    ReportMessage,
+    TrialOutcome,
+    client_connect,
+)
+from unison.worker.reporter import Decide
 from unison.worker.runtime import TrialRunner
 
 STOP_GRACE_S = 2.0  # how long a trial interrupted because the driver hung up may take to end
+_CLOSED = "_closed"  # what the reader thread queues when the connection ends (no message kind)
 
 
 class _DriverGone(BaseException):
@@ -114,7 +138,7 @@ class _TrialInterrupter:
 def _heartbeat(conn: Connection, interval: float, stop: threading.Event, exit_process: bool) -> None:
     while not stop.wait(interval):
         try:
-            conn.send({"t": "hb"})
+            conn.send({"t": HEARTBEAT})
         except OSError:
             if exit_process:
                 os._exit(DRIVER_GONE_EXIT)  # the driver is gone: nobody will collect this worker's results
@@ -132,11 +156,11 @@ def _read(conn: Connection, inbox: queue.Queue[dict[str, Any]], current: dict[st
     try:
         while True:
             message = conn.recv()
-            if message.get("t") == "abort":
+            if message.get("t") == ABORT:
                 _abort(conn, message, current, shared_filesystem, ship_limit)
             inbox.put(message)
     except Exception:  # noqa: BLE001 - any broken stream: the main thread sees the driver is gone
-        inbox.put({"t": "_closed"})
+        inbox.put({"t": _CLOSED})
         if current.get("interrupter", True) is not None:  # None: a local worker, which the backend ends
             _stop_trials(current, shared_filesystem)
 
@@ -178,7 +202,7 @@ def _abort(conn: Connection, message: dict[str, Any], current: dict[str, Any], s
             from unison import trialfiles
 
             files, _ = trialfiles.collect(Path(local_dir), ship_limit)
-            conn.send({"t": "files", "trial_id": trial_id, "files": files})
+            conn.send(FilesMessage(t=FILES, trial_id=trial_id, files=files))
             shutil.rmtree(local_dir, ignore_errors=True)
     finally:
         os._exit(ABORT_EXIT)
@@ -194,7 +218,7 @@ def _flush_std_streams() -> None:
 
 def _next(inbox: queue.Queue[dict[str, Any]]) -> dict[str, Any]:
     message = inbox.get()
-    if message.get("t") == "_closed":
+    if message.get("t") == _CLOSED:
         raise ConnectionError("the driver closed the connection")
     return message
 
@@ -219,89 +243,136 @@ def serve(
     cleanly; call it from the main thread there (signals reach no other).
     """
     from unison import trialfiles
-    from unison.payload import loads_payload
 
     ship_limit = trialfiles.SHIP_LIMIT_BYTES if ship_limit is None else ship_limit
-    conn = client_connect(address, secret)
-    conn.send({"t": "hello", "worker": worker, "host": socket.gethostname(), "pid": os.getpid()})
-    stop = threading.Event()
-    threading.Thread(target=_heartbeat, args=(conn, heartbeat_interval, stop, exit_when_driver_gone),
-                     daemon=True).start()
-    inbox: queue.Queue[dict[str, Any]] = queue.Queue()
-    current: dict[str, Any] = {}
-    threading.Thread(target=_read, args=(conn, inbox, current, shared_filesystem, ship_limit),
-                     name="unison-reader", daemon=True).start()
-    try:
-        parts = loads_payload(payload)
-        runner = TrialRunner(
-            parts["fn"], parts["names"], parts["metric"], parts.get("model_fn"), parts.get("data"),
-            variants=parts.get("variants"), require_metric=parts.get("require_metric", True),
-            interrupt_propagates=False,  # a KeyboardInterrupt here is the function's: a failed trial
-        )
-        endpoint = _Endpoint(conn, parts.get("framework", "torch")) if parts.get("distributed") else None
-    except Exception:  # noqa: BLE001 - the driver must learn why this worker cannot work
-        conn.send({"t": "fatal", "error": traceback.format_exc()})
-        conn.close()
+    session = _Session.open(address, secret, worker, heartbeat_interval, exit_when_driver_gone,
+                            shared_filesystem, ship_limit)
+    loaded = session.load(payload)
+    if loaded is None:
         return 0
+    current = session.current
     current["interrupter"] = None if exit_when_driver_gone else _TrialInterrupter.install(current)
-    done = 0
-    message: dict[str, Any] = {"t": "ready"}
-    # The driver may hand this worker its next trial while one runs: it waits here, and the worker
-    # starts it right after sending the result (the driver counts it started when that arrives).
-    held: deque[dict[str, Any]] = deque()
-    try:
-        while True:
-            if endpoint is not None:  # where this worker would host a process group as rank 0
-                message.update(endpoint.describe())
-            conn.send(message)
-            request = held.popleft() if held else _next(inbox)
-            if request["t"] != "trial":
-                break
-            trial_id = request["trial_id"]
+    return session.serve_trials(*loaded)
 
-            def decide(step: int, metrics: dict[str, float], _id: int = trial_id) -> str | None:
-                conn.send({"t": "report", "trial_id": _id, "step": step, "metrics": metrics})
-                reply = _next(inbox)
-                while reply.get("t") == "trial":
-                    held.append(reply)
-                    reply = _next(inbox)
-                if reply.get("t") != "decision":
-                    raise ConnectionError(f"expected the driver's decision, got a {reply.get('t')!r} message")
-                if reply.get("error"):  # the experiment's first report lacks the optimized metric
-                    from unison.errors import MetricNotReported
 
-                    raise MetricNotReported(reply["error"])
-                return reply["stop"]
+class _Session:
+    """A worker's connection to the driver, the threads that read it and send heartbeats, and the
+    trials it runs."""
 
-            def notify(error: str, _id: int = trial_id) -> None:
-                conn.send({"t": "rank_failed", "trial_id": _id, "error": error})
+    def __init__(self, conn: Connection, shared_filesystem: bool, ship_limit: int) -> None:
+        self.conn = conn
+        self.shared_filesystem, self.ship_limit = shared_filesystem, ship_limit
+        self.stop = threading.Event()  # ends the heartbeat thread
+        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.current: dict[str, Any] = {}  # trial_id, local_dir, interrupter: seen by the reader thread
+        # The driver may hand this worker its next trial while one runs: it waits here, and the worker
+        # starts it right after sending the result (the driver counts it started when that arrives).
+        self.held: deque[dict[str, Any]] = deque()
 
-            current.update(trial_id=trial_id, local_dir=None)
-            if shared_filesystem:
-                result = runner.run(request, decide, notify)
-            else:
-                local_dir = tempfile.mkdtemp(prefix=f"unison-trial-{trial_id}-")
-                current["local_dir"] = local_dir
-                try:
-                    result = runner.run({**request, "trial_dir": local_dir}, decide, notify)
-                    result["files"], skipped = trialfiles.collect(Path(local_dir), ship_limit)
-                    if skipped:
-                        result["files_skipped"] = skipped
-                finally:
-                    current["local_dir"] = None
-                    shutil.rmtree(local_dir, ignore_errors=True)
-            current["trial_id"] = None
-            message = {"t": "ready", "result": result}
-            done += 1
-    except (ConnectionError, OSError, _DriverGone):
-        pass  # the driver went away; nothing left to do
-    finally:
-        current["trial_id"] = None
-        if current["interrupter"] is not None:
-            current["interrupter"].close()
-        stop.set()
-        conn.close()
-    return done
+    @classmethod
+    def open(cls, address: tuple[str, int], secret: bytes, worker: str, heartbeat_interval: float,
+             exit_when_driver_gone: bool, shared_filesystem: bool, ship_limit: int) -> _Session:
+        """Connect to the driver, say hello, and start the heartbeat and reader threads."""
+        conn = client_connect(address, secret)
+        conn.send(HelloMessage(t=HELLO, worker=worker, host=socket.gethostname(), pid=os.getpid()))
+        session = cls(conn, shared_filesystem, ship_limit)
+        threading.Thread(target=_heartbeat, daemon=True,
+                         args=(conn, heartbeat_interval, session.stop, exit_when_driver_gone)).start()
+        threading.Thread(target=_read, name="unison-reader", daemon=True,
+                         args=(conn, session.inbox, session.current, shared_filesystem, ship_limit)).start()
+        return session
+
+    def load(self, payload: bytes) -> tuple[TrialRunner, _Endpoint | None] | None:
+        """The trial runner (and, in a distributed experiment, this worker's endpoint) that ``payload``
+        describes; ``None`` if it cannot be loaded: the driver is then told why, and the connection
+        closed."""
+        from unison.payload import loads_payload
+
+        try:
+            parts = loads_payload(payload)
+            # A KeyboardInterrupt here is the function's own (a worker never gets the terminal's): a failure.
+            runner = TrialRunner.from_parts(parts, interrupt_propagates=False)
+            distributed = parts.get("distributed")
+            endpoint = _Endpoint(self.conn, parts.get("framework", "torch")) if distributed else None
+        except Exception:  # noqa: BLE001 - the driver must learn why this worker cannot work
+            self.conn.send(FatalMessage(t=FATAL, error=traceback.format_exc()))
+            self.conn.close()
+            return None
+        return runner, endpoint
+
+    def serve_trials(self, runner: TrialRunner, endpoint: _Endpoint | None) -> int:
+        """Ask for trials and run them until the driver says shut down or goes away; how many ran."""
+        done = 0
+        message = ReadyMessage(t=READY)
+        try:
+            while True:
+                if endpoint is not None:  # where this worker would host a process group as rank 0
+                    endpoint.describe(message)
+                self.conn.send(message)
+                request = self.held.popleft() if self.held else _next(self.inbox)
+                if request["t"] != TRIAL:
+                    break
+                message = ReadyMessage(t=READY, result=self._run(runner, request))
+                done += 1
+        except (ConnectionError, OSError, _DriverGone):
+            pass  # the driver went away; nothing left to do
+        finally:
+            self.current["trial_id"] = None
+            if self.current["interrupter"] is not None:
+                self.current["interrupter"].close()
+            self.stop.set()
+            self.conn.close()
+        return done
+
+    def _run(self, runner: TrialRunner, request: dict[str, Any]) -> TrialOutcome:
+        """Run the trial of the ``trial`` message ``request``."""
+        trial_id = request["trial_id"]
+        decide = functools.partial(self._decide, trial_id)
+        notify = functools.partial(self._notify, trial_id)
+        self.current.update(trial_id=trial_id, local_dir=None)
+        if self.shared_filesystem:
+            result = runner.run(request, decide, notify)
+        else:
+            result = self._run_shipped(runner, request, decide, notify)
+        self.current["trial_id"] = None
+        return cast(TrialOutcome, result)
+
+    def _run_shipped(self, runner: TrialRunner, request: dict[str, Any], decide: Decide,
+                     notify: Callable[[str], None]) -> dict[str, Any]:
+        """Run the trial in a temporary folder, whose files travel back in its outcome (this worker does
+        not see the driver's disk)."""
+        from unison import trialfiles
+
+        local_dir = tempfile.mkdtemp(prefix=f"unison-trial-{request['trial_id']}-")
+        self.current["local_dir"] = local_dir
+        try:
+            result = runner.run({**request, "trial_dir": local_dir}, decide, notify)
+            result["files"], skipped = trialfiles.collect(Path(local_dir), self.ship_limit)
+            if skipped:
+                result["files_skipped"] = skipped
+        finally:
+            self.current["local_dir"] = None
+            shutil.rmtree(local_dir, ignore_errors=True)
+        return result
+
+    def _decide(self, trial_id: int, step: int, metrics: dict[str, float]) -> str | None:
+        """Send the driver a report and wait for its decision; a trial it hands over meanwhile is held."""
+        self.conn.send(ReportMessage(t=REPORT, trial_id=trial_id, step=step, metrics=metrics))
+        reply = _next(self.inbox)
+        while reply.get("t") == TRIAL:
+            self.held.append(reply)
+            reply = _next(self.inbox)
+        if reply.get("t") != DECISION:
+            raise ConnectionError(f"expected the driver's decision, got a {reply.get('t')!r} message")
+        if reply.get("error"):  # the experiment's first report lacks the optimized metric
+            from unison.errors import MetricNotReported
+
+            raise MetricNotReported(reply["error"])
+        return reply["stop"]
+
+    def _notify(self, trial_id: int, error: str) -> None:
+        """Tell the driver this rank's function raised, before it cleans up."""
+        self.conn.send(RankFailedMessage(t=RANK_FAILED, trial_id=trial_id, error=error))
 
 
 class _Endpoint:
@@ -316,10 +387,13 @@ class _Endpoint:
         self.address = str(conn.sock.getsockname()[0])
         self.gpus = gpu_count() if framework == "torch" else 0
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, message: ReadyMessage) -> None:
+        """Add this endpoint to ``message``, with a port free now."""
         from unison.worker.rank import free_port
 
-        return {"address": self.address, "port": free_port(self.address), "gpus": self.gpus}
+        message["address"] = self.address
+        message["port"] = free_port(self.address)
+        message["gpus"] = self.gpus
 
 
 def main() -> None:

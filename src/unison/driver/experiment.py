@@ -1,0 +1,263 @@
+"""Running a plan as an experiment: its directory, its driver, its dispatch, its result.
+
+:func:`run_experiment` is what ``unison.run`` hands a search, an ablation or a distributed run to,
+once the context has become a :class:`~unison.driver.plan.Plan` and the backend an instance.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unison._version import __version__
+from unison.backends.base import Backend
+from unison.driver.driver import SearchDriver
+from unison.driver.messages import closing_message, resume_command, resume_hint
+from unison.driver.plan import Plan
+from unison.driver.progress import make_progress
+from unison.driver.store import ExperimentStore
+from unison.errors import SearchAborted
+from unison.result import SearchResult
+from unison.worker.injection import check_injectable
+
+
+@dataclass
+class UserCode:
+    """What the user passed to ``unison.run``: the training function and its generators."""
+
+    fn: Callable[..., Any]
+    model: Any = None
+    data: Any = None
+
+
+def versions() -> dict[str, str]:
+    """The versions an experiment records in ``experiment.json``."""
+    return {"unison": __version__, "python": platform.python_version()}
+
+
+def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | Path | None = None,
+                   name: str | None = None, resume_path: str | Path | None = None,
+                   progress: bool | None = None) -> Any:
+    """Run ``plan`` on ``backend`` (or finish the experiment in ``resume_path``); return what the plan
+    presents (a result object), raising the plan's error if the experiment aborted."""
+    gang_slots = _check_backend(plan, backend)  # before anything is written: it may fail
+    names = check_injectable(code.fn, plan.hparam_names, code.model is not None or bool(plan.variants),
+                             code.data is not None, plan.search.conditional_names)
+    if plan.check_names is not None:
+        plan.check_names(code.fn, names)
+    parts = _payload_parts(code, names, plan)
+    payload, payload_error = _payload(parts, backend.in_process)
+    store, meta, events = _open_store(code, plan, storage, name, resume_path)
+    try:  # from here on the store holds the lock: release it if the experiment cannot start
+        driver = SearchDriver(plan.search, store, meta["seed"], plan.trial_spec)
+        driver.require_metric = plan.require_metric
+        driver.replay(events)
+        workers = _size(driver, plan, backend, gang_slots)
+        store.write_experiment({**meta, "status": "running", "backend": repr(backend), "workers": workers,
+                                "argv": sys.argv, "payload_error": payload_error})
+        store.append({"e": "status", "status": "resumed" if events else "running", "t": time.time()})
+        show = make_progress(progress, plan.search.metric)
+        show.start(_headline(meta["name"], plan, driver, backend, workers, store.path))
+    except BaseException:
+        store.close()
+        raise
+    run = _Run(code, plan, backend, driver, store, show, parts, payload is not None)
+    try:
+        result = run.dispatch(payload, workers)
+    except SearchAborted as exc:
+        if plan.on_abort is not None:
+            raise plan.on_abort(exc) from None
+        raise
+    return plan.present(result)
+
+
+def _check_backend(plan: Plan, backend: Backend) -> int:
+    """The worker slots a trial of ``k > 1`` ranks may use (0 for ordinary trials); raise if ``backend``
+    cannot run the plan's trials."""
+    k = plan.workers_per_trial
+    if k == 1:
+        return 0
+    if backend.in_process:
+        what = "unison.Distributed" if plan.kind == "distributed" else f"Search(workers_per_trial={k})"
+        raise ValueError(f"{what} runs each trial as {k} processes: use backend='local' or 'spark', not "
+                         f"{backend.name!r}")
+    gang_slots = backend.gang_slots(k)
+    if gang_slots < k:
+        raise ValueError(f"a trial of {k} ranks needs {k} worker slots, but {backend!r} has {gang_slots}: "
+                         f"give the backend more workers, or use fewer ranks per trial")
+    return gang_slots
+
+
+def _payload_parts(code: UserCode, names: list[str], plan: Plan) -> dict[str, Any]:
+    """What workers load (the function, its generators, the data, how to judge a trial) and the pickled
+    context (bytes, unpickled only by ``unison resume DIR``)."""
+    import cloudpickle
+
+    try:
+        context = None if plan.context is None else cloudpickle.dumps(plan.context)
+    except Exception:  # noqa: BLE001 - e.g. a custom optimizer holding a lock: resume needs Python then
+        context = None
+    return {"fn": code.fn, "names": names, "metric": plan.search.metrics, "model_fn": code.model,
+            "data": code.data, "variants": plan.variants, "distributed": plan.workers_per_trial > 1,
+            "require_metric": plan.require_metric,
+            "framework": plan.dist_options.get("framework", "torch"), "context": context}
+
+
+def _payload(parts: dict[str, Any], in_process: bool) -> tuple[bytes | None, str | None]:
+    """``payload.bin``'s bytes. Every experiment stores it, so any can be resumed from the command line.
+    An inline experiment whose function cannot be pickled still runs: ``(None, why)``, and only Python
+    can resume it."""
+    from unison.payload import dumps_payload
+
+    try:
+        return dumps_payload(parts), None
+    except TypeError as exc:
+        if not in_process:
+            raise
+        return None, str(exc)
+
+
+Opened = tuple[ExperimentStore, dict[str, Any], list[dict[str, Any]]]
+
+
+def _open_store(code: UserCode, plan: Plan, storage: str | Path | None, name: str | None,
+                resume_path: str | Path | None) -> Opened:
+    """A new experiment directory, or the one in ``resume_path`` after checking it holds this plan;
+    with its ``experiment.json`` (``meta``) and journal. The store is locked until it is closed."""
+    if resume_path is None:
+        name = name or str(getattr(code.fn, "__name__", plan.kind))
+        store = ExperimentStore.create(storage, name)
+        seed = plan.search.seed if plan.search.seed is not None else secrets.randbits(31)
+        meta = {"kind": plan.kind, "name": name, plan.kind: plan.declaration, "seed": seed,
+                "function": getattr(code.fn, "__qualname__", repr(code.fn)), "created": time.time(),
+                "versions": versions()}
+        return store, meta, []
+    store = ExperimentStore(resume_path)
+    meta = store.read_experiment()
+    if meta.get("kind") != plan.kind:
+        raise ValueError(f"{resume_path} holds a {meta.get('kind')!r} experiment, not a {plan.kind}")
+    if meta[plan.kind] != json.loads(json.dumps(plan.declaration)):
+        raise ValueError(
+            f"the {plan.kind} differs from the one stored in {resume_path}: pass the same one"
+            + (f", or call unison.resume({str(resume_path)!r}, fn) to use the stored one"
+               if plan.kind == "search" else "")
+        )
+    store.lock()  # unison.ExperimentLocked if another driver runs it
+    return store, meta, store.read_journal()
+
+
+def _size(driver: SearchDriver, plan: Plan, backend: Backend, gang_slots: int) -> int:
+    """How many workers to start, and how many trials the driver runs at once."""
+    search, k = plan.search, plan.workers_per_trial
+    remaining = driver.planned - sum(driver.counts.values())
+    if k > 1:  # trials of k ranks: floor(slots / k) at once, k workers each
+        at_once = max(1, min(gang_slots // k, remaining, search.max_concurrent or remaining))
+        driver.concurrency = at_once
+        return at_once * k
+    workers = max(1, min(backend.slots(), remaining, search.max_concurrent or remaining))
+    # Inline runs one trial at a time but may hold max_concurrent suggestions open (see run_inline).
+    driver.concurrency = search.max_concurrent or workers
+    return workers
+
+
+def _headline(name: str, plan: Plan, driver: SearchDriver, backend: Backend, workers: int, path: Path) -> str:
+    k = plan.workers_per_trial
+    if plan.kind == "distributed":
+        return f"unison: {name}: distributed run of {k} ranks on {backend!r} -> {path}"
+    return (f"unison: {name}: {driver.planned} trials on {backend!r} with {workers} slot(s)"
+            + (f", {k} ranks per trial" if k > 1 else "") + f" -> {path}")
+
+
+@dataclass
+class _Run:
+    """One started experiment: dispatch its trials, then record how it ended, whatever happened."""
+
+    code: UserCode
+    plan: Plan
+    backend: Backend
+    driver: SearchDriver
+    store: ExperimentStore
+    show: Any
+    parts: dict[str, Any]  # the payload's parts: the inline backend runs them in this process
+    from_shell: bool  # payload.bin was written: `unison resume DIR` works
+
+    def dispatch(self, payload: bytes | None, workers: int) -> SearchResult:
+        """Serve every trial; the result, once the experiment's end is recorded."""
+        status, ended = "failed", False
+        try:
+            if payload is not None:  # before any trial starts: `unison resume DIR` loads it
+                (self.store.path / "payload.bin").write_bytes(payload)
+            if not self.driver.finished:
+                self._serve(workers)
+            status = "aborted" if self.driver.abort_error is not None else "completed"
+            ended = True
+        except KeyboardInterrupt as exc:
+            status = "interrupted"
+            # For the command line's one-line message: where the experiment is and the command resuming it.
+            exc.unison_experiment = self.store.path  # type: ignore[attr-defined]
+            exc.unison_resume = (  # type: ignore[attr-defined]
+                resume_command(self.store.path, self.backend) if self.from_shell else None)
+            raise
+        except OSError as exc:  # a full disk anywhere in the experiment: say so, and that resume continues it
+            full = self.store.storage_full(exc)
+            if full is None:
+                raise
+            status = "interrupted"
+            if full is exc:
+                raise
+            raise full from None  # its message names the file; __context__ keeps the original
+        finally:
+            result = self._record_end(status, ended)
+        if self.driver.abort_error is not None:
+            raise self.driver.abort_error
+        return result
+
+    def _serve(self, workers: int) -> None:
+        from unison.driver.dispatch import RemoteLoop, run_inline
+
+        plan, driver = self.plan, self.driver
+        if self.backend.in_process:
+            from unison.worker.runtime import TrialRunner
+
+            run_inline(driver, TrialRunner.from_parts(self.parts, interrupt_propagates=True), self.show)
+        else:
+            RemoteLoop(driver, self.backend, self.store.path / "payload.bin", self.store.path / "workers",
+                       self.show, workers_per_trial=plan.workers_per_trial, dist_options=plan.dist_options,
+                       barrier=plan.kind == "distributed").run(workers)
+
+    def _record_end(self, status: str, ended: bool) -> SearchResult:
+        """Write the experiment's end (journal, ``experiment.json``, ``result.json``), release its lock,
+        and close the progress display with a closing message."""
+        driver, store, plan = self.driver, self.store, self.plan
+        # A trial handed to a busy worker but never started is not part of the record (resume runs it).
+        rows = [t.row() for t in sorted(driver.trials.values(), key=lambda t: t.trial_id)
+                if t.status != "reserved"]
+        result = plan.make_result(store.path, rows, status)
+        try:
+            store.append({"e": "status", "status": status, "t": time.time()})
+            store.update_experiment(status=status)
+            store.write_result({
+                "status": status, "counts": driver.counts, "planned": driver.planned,
+                "best": None if result.best is None else vars(result.best),
+                "pareto": [vars(b) for b in result.pareto] if plan.search.is_multi_objective else None,
+                "elapsed": driver.summary()["elapsed"],
+                **result.summary_extra(),
+            })
+        except OSError:
+            if ended:  # nothing else went wrong: this is the error to raise
+                raise
+            # best effort (e.g. on a full disk): the error that ended the experiment is the one raised
+        finally:
+            store.close()  # releases the lock
+        hint = (resume_hint(self.code.fn, self.code.model, self.code.data, store.path, plan, self.backend,
+                            self.from_shell) if status == "interrupted" else None)
+        closing = closing_message(status, result, store.path, driver, plan.kind, hint)
+        self.show.close(driver.summary(), closing)
+        return result

@@ -1,0 +1,95 @@
+"""A single run: the training function called once in this process, through the same
+:class:`~unison.worker.runtime.TrialRunner` as every trial, with its record in an experiment directory.
+
+Output is not captured and an exception reaches the caller unchanged, so ``print``, ``pdb`` and
+tracebacks behave as plain Python; what the function returns is checked as a trial's result is.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from unison.driver.experiment import UserCode, versions
+from unison.driver.store import ExperimentStore
+from unison.result import RunResult
+from unison.worker.injection import check_injectable
+from unison.worker.runtime import TrialCall, TrialRunner
+
+if TYPE_CHECKING:
+    from unison.contexts.single import SingleRun
+
+
+def run_single(code: UserCode, run: SingleRun, storage: str | Path | None = None,
+               name: str | None = None) -> RunResult:
+    """Call ``code.fn`` once with ``run.hparams``; its metrics and value, or its exception, raised."""
+    names = check_injectable(code.fn, run.hparams, code.model is not None, code.data is not None)
+    name = name or str(getattr(code.fn, "__name__", "run"))
+    store = ExperimentStore.create(storage, name)  # locked until closed
+    store.resumable = False
+    try:
+        store.write_experiment({"kind": "single", "name": name, "status": "running", "hparams": run.hparams,
+                                "seed": run.seed, "created": time.time(), "versions": versions()},
+                               durable=False)  # a single run is not resumed: only its outcome is fsynced
+        runner = TrialRunner(code.fn, names, run.metric or "value", code.model, code.data,
+                             capture_output=False, require_metric=False)
+        trial = {"trial_id": 0, "hparams": run.hparams, "trial_dir": str(store.trial_dir(0)),
+                 "seed": run.seed}
+        store.append({"e": "start", "id": 0, "hparams": run.hparams, "attempt": 0, "worker": "inline",
+                      "t": time.time()})
+        call = _call(runner, trial, store)
+        return _record(call, run, store)
+    finally:
+        store.close()
+
+
+def _call(runner: TrialRunner, trial: dict[str, Any], store: ExperimentStore) -> TrialCall:
+    """Run the function; on Ctrl-C or an exception, record how it ended and raise it again."""
+    start = time.perf_counter()
+    try:
+        call = runner.call(trial, decide=None)
+    except KeyboardInterrupt:
+        _record_failure(store, "interrupted", "KeyboardInterrupt", time.perf_counter() - start)
+        raise
+    if call.error is not None:
+        _record_failure(store, "failed", call.outcome["error"], call.outcome["duration"],
+                        call.outcome.get("steps"))
+        raise call.error
+    return call
+
+
+def _record_failure(store: ExperimentStore, status: str, error: str, duration: float,
+                    steps: int | None = None) -> None:
+    try:
+        store.append({"e": "end", "id": 0, "status": status, "error": error, "duration": duration,
+                      **({"steps": steps} if steps is not None else {})})
+        store.update_experiment(status=status)
+    except OSError:
+        pass  # e.g. a full disk: the function's own error is the one to raise
+
+
+def _record(call: TrialCall, run: SingleRun, store: ExperimentStore) -> RunResult:
+    """Record a returned call: its metrics and value, or why what it returned is not a result."""
+    outcome = call.outcome
+    duration = outcome["duration"]
+    completed = outcome["status"] == "completed"  # else what it returned is not a result: a failure
+    problem = None if completed else outcome.get("error")
+    metrics: dict[str, float] = outcome["metrics"] if completed else {}
+    if completed and run.metric is not None and metrics and run.metric not in metrics:
+        problem = (f"metric={run.metric!r} is not among the returned keys {sorted(metrics)}: name one of "
+                   f"them, or leave metric= unset")
+    if problem is not None:
+        store.append({"e": "end", "id": 0, "status": "failed", "error": problem, "duration": duration})
+        store.update_experiment(status="failed")
+        raise ValueError(problem)
+    if run.metric is not None and run.metric in metrics:
+        value: float | None = metrics[run.metric]
+    else:
+        value = next(iter(metrics.values())) if len(metrics) == 1 else None
+    store.append({"e": "end", "id": 0, "status": "completed", "metrics": metrics, "duration": duration,
+                  "steps": outcome["steps"], "last_step": outcome["last_step"]})
+    store.write_result({"status": "completed", "metrics": metrics, "value": value, "duration": duration},
+                       sync_dir=False)  # update_experiment fsyncs the directory
+    store.update_experiment(status="completed")
+    return RunResult(metrics=metrics, value=value, returned=call.returned, path=store.path, duration=duration)
