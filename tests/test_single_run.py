@@ -65,3 +65,12 @@ def test_a_keyboard_interrupt_in_a_single_run_reaches_the_caller_and_is_recorded
         unison.run(train, storage=tmp_path)
     (experiment,) = tmp_path.iterdir()
     assert json.loads((experiment / "experiment.json").read_text())["status"] == "interrupted"
+
+
+def test_hyperparameters_passed_as_the_context_say_where_they_go(tmp_path):
+    with pytest.raises(TypeError, match=r"context must be None, a unison.Search, .* got dict; to run once "
+                                        r"with these hyperparameters, pass them as hparams="):
+        unison.run(lambda lr: lr, {"lr": 0.1}, storage=tmp_path)
+    with pytest.raises(TypeError, match=r"got str$"):
+        unison.run(lambda: 1.0, "search", storage=tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing was written

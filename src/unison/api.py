@@ -23,8 +23,6 @@ from unison.driver.single import run_single
 from unison.driver.store import ExperimentStore
 from unison.result import RunResult, SearchResult
 
-CONTEXTS = (Search, Ablation, Distributed)
-
 
 def run(
     fn: Callable[..., Any],
@@ -78,10 +76,12 @@ def run(
                 "a single run executes in this process; backend= applies to a search (unison.Search)"
             )
         return run_single(code, SingleRun(hparams, metric), storage, name)
-    if not isinstance(context, CONTEXTS):
+    if not callable(getattr(context, "to_plan", None)):  # a context is anything that makes a plan
+        hint = ("; to run once with these hyperparameters, pass them as hparams=..."
+                if isinstance(context, dict) else "")
         raise TypeError(
             f"unison.run: context must be None, a unison.Search, a unison.Ablation or a unison.Distributed, "
-            f"got {type(context).__name__}"
+            f"got {type(context).__name__}{hint}"
         )
     if hparams is not None:
         raise ValueError("hparams= is for a single run; a Search takes its hyperparameters from its space")
