@@ -3,6 +3,8 @@ accepted, anything else refused with a message; the driver stops on a ``Stop`` w
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import unison
@@ -27,10 +29,10 @@ def train(q, reporter):
     return {"acc": q}
 
 
-def run(scheduler: unison.Scheduler, tmp_path) -> unison.SearchResult:
+def run(scheduler: unison.Scheduler, tmp_path, backend: str = "inline") -> unison.SearchResult:
     search = unison.Search({"q": unison.choice([0.1, 0.2, 0.3])}, metric="acc", optimizer="grid",
                            scheduler=scheduler)
-    return unison.run(train, search, backend="inline", storage=tmp_path, progress=False)
+    return unison.run(train, search, backend=backend, storage=tmp_path, progress=False)
 
 
 def test_the_decisions_are_explicit_and_public():
@@ -86,8 +88,11 @@ def test_the_driver_stops_on_a_stop_whatever_its_truth_value(tmp_path):
     assert rows[1]["status"] == "stopped" and rows[1]["stop_reason"] == "truthy"
 
 
-def test_a_scheduler_returning_something_else_fails_the_trial_with_the_message(tmp_path):
-    rows = run(StopTrialOneAt("nope", "nope"), tmp_path).rows
-    assert [row["status"] for row in rows] == ["failed"] * 3
-    assert all("TypeError: StopTrialOneAt.on_report returned 'nope' (str)" in row["error"] for row in rows)
-    assert MESSAGE in rows[0]["error"]
+@pytest.mark.parametrize("backend", ["inline", pytest.param("local", marks=pytest.mark.slow)])
+def test_a_scheduler_returning_something_else_aborts_the_search_with_the_message(tmp_path, backend):
+    with pytest.raises(unison.SearchAborted, match=r"the scheduler cannot decide: StopTrialOneAt.on_report "
+                                                   r"returned 'nope' \(str\)") as info:
+        run(StopTrialOneAt("nope", "nope"), tmp_path, backend)
+    assert MESSAGE in str(info.value)
+    (experiment,) = tmp_path.iterdir()
+    assert json.loads((experiment / "result.json").read_text())["status"] == "aborted"

@@ -240,7 +240,12 @@ class SearchDriver:
         value = metrics.get(self.search.metrics[0])
         if self.scheduler is None or value is None or not math.isfinite(value):
             return None
-        decision = decision_of(self.scheduler.on_report(trial_id, step, value), type(self.scheduler).__name__)
+        returned = self.scheduler.on_report(trial_id, step, value)
+        try:
+            decision = decision_of(returned, type(self.scheduler).__name__)
+        except TypeError as exc:  # a broken scheduler: every trial would meet it, on every backend
+            self.abort(SearchAborted(f"the scheduler cannot decide: {exc}"))
+            return None
         if not isinstance(decision, Stop):
             return None
         return decision.reason or f"stopped by the scheduler at step {step}"
