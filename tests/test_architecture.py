@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("backends", ("unison.backends", "unison.spark_standalone")),
     ("records", ("unison.driver.store", "unison.driver.server", "unison.driver.progress")),
     ("results", ("unison.result",)),
-    ("driver", ("unison.driver",)),
+    ("driver", ("unison.driver", "unison.callbacks")),
     ("contexts", ("unison.contexts",)),
     ("front", ("unison.api", "unison.cli", "unison.demo", "unison")),
 ]

@@ -18,6 +18,7 @@ _PUBLIC = {
     "unison.backends.inline": ("Inline",),
     "unison.backends.local": ("Local",),
     "unison.backends.spark": ("Spark",),
+    "unison.callbacks": ("Callback",),
     "unison.worker.ctx": ("Context",),
     "unison.contexts.ablation": ("Ablation", "Ablator", "Component", "LeaveOneOut"),
     "unison.contexts.distributed": ("Distributed",),
@@ -61,6 +62,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from unison.backends.inline import Inline  # noqa: F401
     from unison.backends.local import Local  # noqa: F401
     from unison.backends.spark import Spark  # noqa: F401
+    from unison.callbacks import Callback  # noqa: F401
     from unison.contexts.ablation import Ablation, Ablator, Component, LeaveOneOut  # noqa: F401
     from unison.contexts.distributed import Distributed  # noqa: F401
     from unison.contexts.search import Search  # noqa: F401

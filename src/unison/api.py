@@ -13,6 +13,7 @@ from typing import Any
 
 from unison.backends import resolve_backend
 from unison.backends.base import Backend
+from unison.callbacks import Callback, resolve_callbacks
 from unison.contexts.ablation import Ablation
 from unison.contexts.distributed import Distributed
 from unison.contexts.search import Search
@@ -37,6 +38,7 @@ def run(
     metric: str | None = None,
     resume: str | Path | None = None,
     progress: bool | None = None,
+    callbacks: list[Callback | str] | None = None,
 ) -> RunResult | SearchResult:
     """Run the training function ``fn`` once, or as the experiment ``context`` describes.
 
@@ -60,12 +62,16 @@ def run(
         metric: for a single run, which entry of a returned dict is ``result.value``.
         resume: an experiment directory to finish instead of starting a new one.
         progress: show live progress (default: when a search runs; ``False`` silences it).
+        callbacks: :class:`unison.Callback` instances (or their names) told, in the driver, of the
+            experiment's start, each trial's start, reports and end, and the experiment's end; the
+            names in the environment variable ``UNISON_CALLBACKS`` (comma-separated) are added.
     """
     if not callable(fn):
         raise TypeError(f"unison.run needs a training function as its first argument, got {fn!r}")
     if model is not None and not callable(model):
         raise TypeError(f"model= must be a model generator (a function hparams -> model), got {model!r}")
     code = UserCode(fn, model, data)
+    callback_list = resolve_callbacks(callbacks)  # before anything is written: a name may be unknown
     if context is None:
         if resume is not None:
             raise ValueError(
@@ -75,7 +81,7 @@ def run(
             raise ValueError(
                 "a single run executes in this process; backend= applies to a search (unison.Search)"
             )
-        return run_single(code, SingleRun(hparams, metric), storage, name)
+        return run_single(code, SingleRun(hparams, metric), storage, name, callback_list)
     if not callable(getattr(context, "to_plan", None)):  # a context is anything that makes a plan
         hint = ("; to run once with these hyperparameters, pass them as hparams=..."
                 if isinstance(context, dict) else "")
@@ -89,7 +95,7 @@ def run(
         raise ValueError("metric= is for a single run; pass unison.Distributed(..., metric=...) instead")
     plan = context.to_plan(model, data)
     result: RunResult | SearchResult = run_experiment(code, plan, resolve_backend(backend), storage, name,
-                                                      resume, progress)
+                                                      resume, progress, callback_list)
     return result
 
 
@@ -101,8 +107,10 @@ def resume(
     data: Any = None,
     backend: str | Backend | None = None,
     progress: bool | None = None,
+    callbacks: list[Callback | str] | None = None,
 ) -> SearchResult:
-    """Finish the search stored in ``path``: trials that ended are kept, the rest run."""
+    """Finish the search stored in ``path``: trials that ended are kept, the rest run. ``callbacks``
+    (as in :func:`run`) hear only of what happens from now on."""
     meta = ExperimentStore(path).read_experiment()
     if meta.get("kind") == "ablation":
         raise ValueError(
@@ -113,6 +121,7 @@ def resume(
     if meta.get("kind") != "search":
         raise ValueError(f"{path} holds a {meta.get('kind')!r} experiment; only searches can be resumed")
     search = Search.from_dict(meta["search"])
-    result = run(fn, search, model=model, data=data, backend=backend, resume=path, progress=progress)
+    result = run(fn, search, model=model, data=data, backend=backend, resume=path, progress=progress,
+                 callbacks=callbacks)
     assert isinstance(result, SearchResult)
     return result

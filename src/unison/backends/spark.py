@@ -1,6 +1,6 @@
 """The Spark backend: one long-lived Spark task per slot, each running the worker runtime.
 
-Every slot is a one-task Spark job whose task runs :func:`unison.worker.serve`, the same loop as a
+Every slot is a one-task Spark job whose task runs :func:`unison.worker.serve.serve`, the same loop as a
 local worker process: it connects back to the driver over the authenticated protocol and pulls
 trials until the driver says shut down. The driver decides what runs, so a task that Spark
 relaunches (a retry, a lost executor) is simply a new worker and never re-runs a finished trial; a

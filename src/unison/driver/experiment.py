@@ -18,6 +18,8 @@ from typing import Any
 
 from unison._version import __version__
 from unison.backends.base import Backend
+from unison.callbacks import Callback, ExperimentInfo
+from unison.driver.callbacks_runner import CallbackRunner
 from unison.driver.driver import SearchDriver
 from unison.driver.messages import closing_message, resume_command, resume_hint
 from unison.driver.plan import Plan
@@ -44,9 +46,10 @@ def versions() -> dict[str, str]:
 
 def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | Path | None = None,
                    name: str | None = None, resume_path: str | Path | None = None,
-                   progress: bool | None = None) -> Any:
+                   progress: bool | None = None, callbacks: list[Callback] | None = None) -> Any:
     """Run ``plan`` on ``backend`` (or finish the experiment in ``resume_path``); return what the plan
-    presents (a result object), raising the plan's error if the experiment aborted."""
+    presents (a result object), raising the plan's error if the experiment aborted. ``callbacks`` hear
+    of every event journaled from the moment the experiment is opened."""
     gang_slots = _check_backend(plan, backend)  # before anything is written: it may fail
     names = check_injectable(code.fn, plan.hparam_names, code.model is not None or bool(plan.variants),
                              code.data is not None, plan.search.conditional_names)
@@ -55,7 +58,11 @@ def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | 
     parts = _payload_parts(code, names, plan)
     payload, payload_error = _payload(parts, backend.in_process)
     store, meta, events = _open_store(code, plan, storage, name, resume_path)
+    runner = None
     try:  # from here on the store holds the lock: release it if the experiment cannot start
+        declaration = json.loads(json.dumps(meta[plan.kind], default=str))  # the callbacks' own copy
+        runner = CallbackRunner.start(callbacks or [], ExperimentInfo(
+            meta["name"], plan.kind, store.path, declaration, repr(backend), bool(events)), store)
         driver = SearchDriver(plan.search, store, meta["seed"], plan.trial_spec)
         driver.require_metric = plan.require_metric
         driver.replay(events)
@@ -66,9 +73,11 @@ def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | 
         show = make_progress(progress, plan.search.metric)
         show.start(_headline(meta["name"], plan, driver, backend, workers, store.path))
     except BaseException:
+        if runner is not None:
+            runner.close(None)
         store.close()
         raise
-    run = _Run(code, plan, backend, driver, store, show, parts, payload is not None)
+    run = _Run(code, plan, backend, driver, store, show, parts, payload is not None, runner)
     try:
         result = run.dispatch(payload, workers)
     except SearchAborted as exc:
@@ -187,6 +196,7 @@ class _Run:
     show: Any
     parts: dict[str, Any]  # the payload's parts: the inline backend runs them in this process
     from_shell: bool  # payload.bin was written: `unison resume DIR` works
+    callbacks: CallbackRunner | None = None  # closed once the experiment's end is recorded
 
     def dispatch(self, payload: bytes | None, workers: int) -> SearchResult:
         """Serve every trial; the result, once the experiment's end is recorded."""
@@ -255,7 +265,11 @@ class _Run:
                 raise
             # best effort (e.g. on a full disk): the error that ended the experiment is the one raised
         finally:
-            store.close()  # releases the lock
+            try:
+                if self.callbacks is not None:  # with the lock held: a callback may write its own files
+                    self.callbacks.close(result)
+            finally:
+                store.close()  # releases the lock
         hint = (resume_hint(self.code.fn, self.code.model, self.code.data, store.path, plan, self.backend,
                             self.from_shell) if status == "interrupted" else None)
         closing = closing_message(status, result, store.path, driver, plan.kind, hint)

@@ -7,10 +7,13 @@ tracebacks behave as plain Python; what the function returns is checked as a tri
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unison.callbacks import Callback, ExperimentInfo
+from unison.driver.callbacks_runner import CallbackRunner
 from unison.driver.experiment import UserCode, versions
 from unison.driver.store import ExperimentStore
 from unison.result import RunResult
@@ -22,13 +25,18 @@ if TYPE_CHECKING:
 
 
 def run_single(code: UserCode, run: SingleRun, storage: str | Path | None = None,
-               name: str | None = None) -> RunResult:
-    """Call ``code.fn`` once with ``run.hparams``; its metrics and value, or its exception, raised."""
+               name: str | None = None, callbacks: list[Callback] | None = None) -> RunResult:
+    """Call ``code.fn`` once with ``run.hparams``; its metrics and value, or its exception, raised.
+    ``callbacks`` hear of its start, its reports and its end."""
     names = check_injectable(code.fn, run.hparams, code.model is not None, code.data is not None)
     name = name or str(getattr(code.fn, "__name__", "run"))
     store = ExperimentStore.create(storage, name)  # locked until closed
     store.resumable = False
+    callback_runner, result = None, None
     try:
+        declaration = json.loads(json.dumps({"hparams": run.hparams, "seed": run.seed}, default=str))
+        callback_runner = CallbackRunner.start(callbacks or [], ExperimentInfo(
+            name, "single", store.path, declaration), store, seed=run.seed)
         store.write_experiment({"kind": "single", "name": name, "status": "running", "hparams": run.hparams,
                                 "seed": run.seed, "created": time.time(), "versions": versions()},
                                durable=False)  # a single run is not resumed: only its outcome is fsynced
@@ -38,17 +46,29 @@ def run_single(code: UserCode, run: SingleRun, storage: str | Path | None = None
                  "seed": run.seed}
         store.append({"e": "start", "id": 0, "hparams": run.hparams, "attempt": 0, "worker": "inline",
                       "t": time.time()})
-        call = _call(runner, trial, store)
-        return _record(call, run, store)
+        call = _call(runner, trial, store, callback_runner)
+        result = _record(call, run, store)
+        return result
     finally:
-        store.close()
+        try:
+            if callback_runner is not None:
+                callback_runner.close(result)
+        finally:
+            store.close()
 
 
-def _call(runner: TrialRunner, trial: dict[str, Any], store: ExperimentStore) -> TrialCall:
-    """Run the function; on Ctrl-C or an exception, record how it ended and raise it again."""
+def _call(runner: TrialRunner, trial: dict[str, Any], store: ExperimentStore,
+          callback_runner: CallbackRunner | None) -> TrialCall:
+    """Run the function; on Ctrl-C or an exception, record how it ended and raise it again. Its reports
+    reach ``callback_runner`` (they are not in the journal, only in ``metrics.jsonl``); nothing stops it."""
     start = time.perf_counter()
+
+    def decide(step: int, metrics: dict[str, float]) -> None:
+        assert callback_runner is not None
+        callback_runner.feed({"e": "report", "id": 0, "step": step, "metrics": metrics})
+
     try:
-        call = runner.call(trial, decide=None)
+        call = runner.call(trial, decide=None if callback_runner is None else decide)
     except KeyboardInterrupt:
         _record_failure(store, "interrupted", "KeyboardInterrupt", time.perf_counter() - start)
         raise

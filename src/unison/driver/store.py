@@ -131,6 +131,9 @@ class ExperimentStore:
         self._journal_dir_pending = False  # a new journal's directory entry is not fsynced yet
         self._size = 0  # the journal's size after the last complete event
         self._lock_fd: int | None = None
+        # Called with each event's line (JSON, ending in a newline) once it is in the journal, on the
+        # thread that appended it: a listener must be quick and must not raise.
+        self.listeners: list[Callable[[bytes], None]] = []
 
     @classmethod
     def create(cls, storage: str | Path | None, name: str) -> ExperimentStore:
@@ -352,7 +355,7 @@ class ExperimentStore:
         """Append one event to the journal as one whole line. A ``status`` event is fsynced before
         this returns, an ``end`` event by a background thread soon after (the next ``status`` event
         and :meth:`close` wait for it). A write that fails leaves no part of the line behind; a full
-        disk raises :class:`unison.StorageFull`."""
+        disk raises :class:`unison.StorageFull`. Then each of :attr:`listeners` gets the line."""
         line = (json.dumps(event, default=str) + "\n").encode("utf-8")
         if self._fd is None:
             self._open_journal()
@@ -378,6 +381,8 @@ class ExperimentStore:
             if self._syncer is None:
                 self._syncer = _Syncer(fd, str(self.journal_file), self._sync_journal_dir)
             self._syncer.ask()
+        for listener in self.listeners:
+            listener(line)
 
     def _open_journal(self) -> None:
         """Open the journal for append, first making it end on a line boundary: a complete last
