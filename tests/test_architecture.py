@@ -37,7 +37,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("backends", ("unison.backends", "unison.spark_standalone")),
     ("records", ("unison.driver.store", "unison.driver.server", "unison.driver.progress")),
     ("results", ("unison.result",)),
-    ("driver", ("unison.driver", "unison.callbacks")),
+    ("driver", ("unison.driver", "unison.callbacks", "unison.mlflow_logger",
+                "unison.tensorboard_logger")),
     ("contexts", ("unison.contexts",)),
     ("front", ("unison.api", "unison.cli", "unison.demo", "unison")),
 ]

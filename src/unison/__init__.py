@@ -19,6 +19,8 @@ _PUBLIC = {
     "unison.backends.local": ("Local",),
     "unison.backends.spark": ("Spark",),
     "unison.callbacks": ("Callback",),
+    "unison.mlflow_logger": ("MLflowLogger",),
+    "unison.tensorboard_logger": ("TensorBoardLogger",),
     "unison.worker.ctx": ("Context",),
     "unison.contexts.ablation": ("Ablation", "Ablator", "Component", "LeaveOneOut"),
     "unison.contexts.distributed": ("Distributed",),
@@ -75,6 +77,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         TrialStopped,
         WorkerError,
     )
+    from unison.mlflow_logger import MLflowLogger  # noqa: F401
     from unison.optimizers import GridSearch, Optimizer, OptunaOptimizer, RandomSearch  # noqa: F401
     from unison.result import AblationResult, Best, RunResult, SearchResult  # noqa: F401
     from unison.schedulers import (  # noqa: F401
@@ -87,5 +90,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         Stop,
     )
     from unison.space import choice, integer, loguniform, uniform  # noqa: F401
+    from unison.tensorboard_logger import TensorBoardLogger  # noqa: F401
     from unison.worker.ctx import Context  # noqa: F401
     from unison.worker.reporter import Reporter  # noqa: F401

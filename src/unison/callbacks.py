@@ -9,7 +9,7 @@ callback sees what is recorded, cannot change it, and never slows the trials.
 A built-in callback is one entry of :data:`BUILTIN_CALLBACKS`: a name and a factory that takes no
 argument and returns the callback. The factory runs before anything is written, so one needing an
 extra imports it there and fails with the ``pip install`` line to run, e.g.
-``BUILTIN_CALLBACKS["mlflow"] = _lazy("unison.tracking.mlflow", "MLflowLogger")``.
+``BUILTIN_CALLBACKS["mlflow"] = _lazy("unison.mlflow_logger", "MLflowLogger")`` (see the end of this module).
 """
 
 from __future__ import annotations
@@ -123,6 +123,8 @@ def _lazy(module: str, name: str) -> Callable[[], Callback]:
 
 # name -> a factory with no arguments; see the module docstring for how to add one
 BUILTIN_CALLBACKS: dict[str, Callable[[], Callback]] = {}
+BUILTIN_CALLBACKS["mlflow"] = _lazy("unison.mlflow_logger", "MLflowLogger")
+BUILTIN_CALLBACKS["tensorboard"] = _lazy("unison.tensorboard_logger", "TensorBoardLogger")
 
 _ACCEPTED = "a unison.Callback instance"
 
