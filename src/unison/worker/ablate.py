@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from unison.worker.injection import call_generator
+from unison.worker.generators import call_generator
 
 
 def feature_names(data: Any) -> list[str] | None:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from unison._validate import INJECTABLE
-from unison.worker.generators import call_generator, once, takes_no_arguments  # noqa: F401
+from unison.worker.generators import call_generator
 
 if TYPE_CHECKING:
     from unison.worker.ctx import Context

@@ -18,7 +18,8 @@ from typing import Any
 from unison.errors import TrialStopped
 from unison.worker.ablate import component_generators
 from unison.worker.ctx import Context, _default_device
-from unison.worker.injection import build_arguments, once, takes_no_arguments
+from unison.worker.generators import once, takes_no_arguments
+from unison.worker.injection import build_arguments
 from unison.worker.logs import LazyLog
 from unison.worker.metrics import MAX_ERROR_CHARS, normalize_metrics
 from unison.worker.rank import RankSession
