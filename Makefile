@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean .venv-airflow
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/unison demo
@@ -25,5 +25,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,demo]'
 	touch $@
 
+# Airflow pins many packages of its own, so it lives in a virtualenv apart from .venv (tests/test_airflow.py
+# runs examples/airflow/unison_dag.py from it). Built once: the stamp file marks a complete install.
+AIRFLOW_VENV ?= .venv-airflow
+AIRFLOW_VERSION ?= 3.3.2
+
+.venv-airflow: $(AIRFLOW_VENV)/.installed
+
+$(AIRFLOW_VENV)/.installed:
+	$(PYTHON) -m venv --clear $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AIRFLOW_VENV)/bin/python -m pip install -q 'apache-airflow==$(AIRFLOW_VERSION)'
+	touch $@
+
 clean:
-	rm -rf $(VENV) unison-runs .pytest_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) unison-runs .pytest_cache

@@ -389,13 +389,13 @@ def test_an_ablation_starts_from_a_search_result(tmp_path):
 
 
 # ---------------------------------------------------------------------------- result, plot, CLI
-def test_plot_writes_a_png_into_the_experiment_directory(tmp_path):
+def test_plot_draws_the_chart_and_saves_ablation_png(tmp_path):
+    pytest.importorskip("plotly")
     pytest.importorskip("matplotlib")
     result = run_inline(fit_r2, feature_study(repeats=2), tmp_path, data=tabular())
-    path = result.plot()
-    assert path == result.path / "ablation.png"
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert result.plot(tmp_path / "elsewhere.png").is_file()
+    assert {trace.meta["effect"] for trace in result.plot().data} >= {"worse"}
+    result.plot(path=result.path / "ablation.png")
+    assert (result.path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_result_json_reload_show_and_ls(tmp_path, capsys):

@@ -36,11 +36,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("worker", ("unison.worker",)),
     ("backends", ("unison.backends", "unison.spark_standalone")),
     ("records", ("unison.driver.store", "unison.driver.server", "unison.driver.progress")),
-    ("results", ("unison.result",)),
+    ("results", ("unison.result", "unison.curves", "unison.optuna_study", "unison.plots",
+                 "unison.report", "unison.loading")),
     ("driver", ("unison.driver", "unison.callbacks", "unison.mlflow_logger",
                 "unison.tensorboard_logger")),
     ("contexts", ("unison.contexts",)),
-    ("front", ("unison.api", "unison.cli", "unison.demo", "unison")),
+    ("front", ("unison.api", "unison.cli", "unison.demo", "unison.notebook", "unison")),
 ]
 
 

@@ -73,11 +73,6 @@ def check_against_record(rec: Recorder, path: Path, kind: str) -> None:
     assert len(rec.threads) == 1 and threading.get_ident() not in rec.threads
     heard = [(c[0], c[1].trial_id) for c in rec.calls[1:-1]]
     recorded = [(e["e"], e["id"]) for e in journal(path) if e["e"] in ("start", "report", "end")]
-    if kind == "single":  # a single run's reports go to metrics.jsonl only
-        recorded = [e for e in recorded if e[0] != "report"]
-        heard_reports = [e for e in heard if e[0] == "report"]
-        heard = [e for e in heard if e[0] != "report"]
-        assert len(heard_reports) == len(reports_on_disk(path / "trials" / "0000"))
     assert heard == recorded
     ends = {e["id"]: e for e in journal(path) if e["e"] == "end"}
     for _, trial in rec.of_kind("end"):

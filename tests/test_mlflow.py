@@ -154,7 +154,8 @@ def test_an_ablation_is_logged_with_component_seed_and_its_table(tmp_path):
                              row["metrics"]["score"]) for row in result.rows)
     assert len(logged) == 6
     assert parent.data.tags["unison.kind"] == "ablation"
-    assert {"ablation.csv", "result.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"ablation.csv", "ablation.png", "result.json"} <= artifacts
     table = pd.read_csv(client.download_artifacts(parent.info.run_id, "ablation.csv", str(tmp_path)))
     assert list(table["component"]) == list(result.ablation["component"])
     assert np.allclose(table["mean"], result.ablation["mean"])
@@ -313,3 +314,96 @@ def test_long_values_are_cut_to_mlflows_limits(tmp_path):
     assert parent.data.params["space.name.values"].endswith("...")
     error = children[1].data.tags["unison.error"]
     assert error.startswith("...") and error.endswith("the end of the message\n") and len(error) == 5000
+
+
+def test_a_long_trial_shows_up_running_with_its_reports_while_it_runs(tmp_path):
+    """A trial's run is made within a few seconds of its start, before it ends, with no other event to
+    prompt it (the callbacks' idle flush); its start and end times are the trial's own."""
+    uri, client = sqlite_store(tmp_path)
+    experiment_id = client.get_experiment_by_name("unison-test").experiment_id
+
+    def watched(lr, reporter):
+        reporter.report(step=0, loss=lr)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the trial waits until MLflow shows it running
+            runs = client.search_runs([experiment_id], "tags.`unison.trial_id` = '0'")
+            if runs and runs[0].info.status == "RUNNING" and runs[0].data.metrics.get("loss") == lr:
+                return {"loss": lr, "seen_running_after_s": 20 - (deadline - time.monotonic())}
+            time.sleep(0.2)
+        raise AssertionError("the trial's run did not appear in MLflow while it ran")
+
+    search = unison.Search({"lr": unison.choice([0.5])}, metric="loss", optimizer="grid", trials=1)
+    result = unison.run(watched, search, backend="inline", storage=tmp_path / "runs", progress=False,
+                        callbacks=[unison.MLflowLogger(uri, "unison-test")])
+    assert result.best is not None and result.best.metrics["seen_running_after_s"] < 10
+    _, children = run_tree(client, "unison-test")
+    run = children[0]
+    start = next(json.loads(line) for line in (result.path / "journal.jsonl").read_text().splitlines()
+                 if json.loads(line).get("e") == "start")
+    assert run.info.start_time == int(start["t"] * 1000)
+    duration = result.rows[0]["duration"]
+    assert abs(run.info.end_time - (start["t"] + duration) * 1000) <= 1
+    assert run.info.status == "FINISHED"
+
+
+# ----------------------------------------------------------------------------- unison export mlflow
+def test_export_backfills_a_search_run_without_tracking_as_if_logged_live(tmp_path, capsys):
+    from unison.cli import main
+
+    result = unison.run(quality_train, quality_search(), backend="inline", storage=tmp_path / "runs",
+                        progress=False)
+    assert not (result.path / "mlflow.json").exists()
+    uri, client = sqlite_store(tmp_path)
+    assert main(["export", "mlflow", str(result.path), "--tracking-uri", uri,
+                 "--experiment-name", "unison-test"]) == 0
+    parent = check_search(client, "unison-test", result, tmp_path)  # what a live logger writes
+    said = capsys.readouterr().out
+    assert f"the run {parent.info.run_id} and 4 nested trial run(s)" in said
+
+    assert main(["export", "mlflow", str(result.path), "--tracking-uri", uri]) == 1  # not twice
+    assert f"already, as the run {parent.info.run_id}" in capsys.readouterr().err
+    assert len(client.search_runs([parent.info.experiment_id])) == 5
+
+
+def test_export_of_a_single_run_logs_its_reports_from_its_trial_folder(tmp_path):
+    from unison.cli import main
+
+    def train(lr, reporter):
+        for step in range(4):
+            reporter.report(step=step, loss=lr / (step + 1))
+        return {"loss": lr / 4}
+
+    result = unison.run(train, hparams={"lr": 0.8}, storage=tmp_path / "runs")
+    uri, client = sqlite_store(tmp_path)
+    assert main(["export", "mlflow", str(result.path), "--tracking-uri", uri, "--experiment-name",
+                 "unison-test", "--no-artifacts"]) == 0
+    parent, children = run_tree(client, "unison-test")
+    assert parent.data.tags["unison.kind"] == "single" and parent.data.params["hparams.lr"] == "0.8"
+    history = client.get_metric_history(children[0].info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, 0.8 / (s + 1)) for s in range(4)]
+    seed = json.loads((result.path / "experiment.json").read_text())["seed"]
+    assert children[0].data.params == {"lr": "0.8", "seed": str(seed)}
+    assert children[0].info.status == "FINISHED"
+    assert client.list_artifacts(children[0].info.run_id) == []
+
+
+def test_export_names_what_is_wrong(tmp_path, capsys):
+    from unison.cli import main
+
+    assert main(["export", "mlflow", str(tmp_path)]) == 1
+    assert "is not an experiment directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "wandb", str(tmp_path)])
+    assert "invalid choice: 'wandb'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_tracking_example_runs_and_reads_mlflow_back(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "tracking.py"
+    done = subprocess.run([sys.executable, str(example), "4"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 nested trial runs" in done.stdout
+    assert done.stdout.count(" reports, lr=") == 4
+    assert "TensorBoard runs: ['0000', '0001', '0002', '0003']" in done.stdout
+    assert (tmp_path / "mlflow.db").is_file()

@@ -13,24 +13,26 @@ from typing import TYPE_CHECKING, Any
 from unison._version import __version__
 
 _PUBLIC = {
-    "unison.api": ("run", "resume"),
+    "unison.api": ("load", "replay", "resume", "run"),
     "unison.backends.base": ("Backend",),
     "unison.backends.inline": ("Inline",),
     "unison.backends.local": ("Local",),
     "unison.backends.spark": ("Spark",),
     "unison.callbacks": ("Callback",),
     "unison.mlflow_logger": ("MLflowLogger",),
+    "unison.notebook": ("context_backend",),
     "unison.tensorboard_logger": ("TensorBoardLogger",),
     "unison.worker.ctx": ("Context",),
     "unison.contexts.ablation": ("Ablation", "Ablator", "Component", "LeaveOneOut"),
     "unison.contexts.distributed": ("Distributed",),
+    "unison.contexts.pipeline": ("Pipeline",),
     "unison.contexts.search": ("Search",),
     "unison.errors": (
         "ExperimentLocked", "MetricNotReported", "RunFailed", "SearchAborted", "StorageFull", "TrialStopped",
         "WorkerError",
     ),
     "unison.optimizers": ("GridSearch", "Optimizer", "OptunaOptimizer", "RandomSearch"),
-    "unison.result": ("AblationResult", "Best", "RunResult", "SearchResult"),
+    "unison.result": ("AblationResult", "Best", "PipelineResult", "RunResult", "SearchResult"),
     "unison.worker.reporter": ("Reporter",),
     "unison.schedulers": ("ASHA", "CONTINUE", "Continue", "Hyperband", "MedianStopping", "Scheduler", "Stop"),
     "unison.space": ("choice", "integer", "loguniform", "uniform"),
@@ -58,8 +60,15 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext unison``: registers the cell magic ``%%context`` (see :mod:`unison.notebook`)."""
+    from unison.notebook import load_ipython_extension as load
+
+    load(ipython)
+
+
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from unison.api import resume, run  # noqa: F401
+    from unison.api import load, replay, resume, run  # noqa: F401
     from unison.backends.base import Backend  # noqa: F401
     from unison.backends.inline import Inline  # noqa: F401
     from unison.backends.local import Local  # noqa: F401
@@ -67,6 +76,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from unison.callbacks import Callback  # noqa: F401
     from unison.contexts.ablation import Ablation, Ablator, Component, LeaveOneOut  # noqa: F401
     from unison.contexts.distributed import Distributed  # noqa: F401
+    from unison.contexts.pipeline import Pipeline  # noqa: F401
     from unison.contexts.search import Search  # noqa: F401
     from unison.errors import (  # noqa: F401
         ExperimentLocked,
@@ -78,8 +88,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         WorkerError,
     )
     from unison.mlflow_logger import MLflowLogger  # noqa: F401
+    from unison.notebook import context_backend  # noqa: F401
     from unison.optimizers import GridSearch, Optimizer, OptunaOptimizer, RandomSearch  # noqa: F401
-    from unison.result import AblationResult, Best, RunResult, SearchResult  # noqa: F401
+    from unison.result import AblationResult, Best, PipelineResult, RunResult, SearchResult  # noqa: F401
     from unison.schedulers import (  # noqa: F401
         ASHA,
         CONTINUE,

@@ -1,4 +1,5 @@
-"""``unison.run`` and ``unison.resume``: check the call, turn the context into a plan, hand it over.
+"""``unison.run`` and ``unison.resume``: check the call, turn the context into a plan, hand it over;
+``unison.load``: a past experiment's result, by directory or by name.
 
 A single run goes to :func:`unison.driver.single.run_single`; a search, an ablation and a distributed
 run each become a :class:`~unison.driver.plan.Plan` (``context.to_plan``) that
@@ -16,18 +17,20 @@ from unison.backends.base import Backend
 from unison.callbacks import Callback, resolve_callbacks
 from unison.contexts.ablation import Ablation
 from unison.contexts.distributed import Distributed
+from unison.contexts.pipeline import Pipeline, run_pipeline, stored_pipeline
 from unison.contexts.search import Search
 from unison.contexts.single import SingleRun
 from unison.driver.experiment import UserCode, run_experiment
 from unison.driver.messages import resume_command
 from unison.driver.single import run_single
 from unison.driver.store import ExperimentStore
-from unison.result import RunResult, SearchResult
+from unison.loading import find_experiment, load_result
+from unison.result import PipelineResult, RunResult, SearchResult
 
 
 def run(
     fn: Callable[..., Any],
-    context: Search | Ablation | Distributed | None = None,
+    context: Search | Ablation | Distributed | Pipeline | None = None,
     *,
     hparams: dict[str, Any] | None = None,
     model: Callable[..., Any] | None = None,
@@ -39,7 +42,7 @@ def run(
     resume: str | Path | None = None,
     progress: bool | None = None,
     callbacks: list[Callback | str] | None = None,
-) -> RunResult | SearchResult:
+) -> RunResult | SearchResult | PipelineResult:
     """Run the training function ``fn`` once, or as the experiment ``context`` describes.
 
     Args:
@@ -82,12 +85,18 @@ def run(
                 "a single run executes in this process; backend= applies to a search (unison.Search)"
             )
         return run_single(code, SingleRun(hparams, metric), storage, name, callback_list)
+    if isinstance(context, Pipeline):
+        if hparams is not None or metric is not None:
+            raise ValueError("hparams= and metric= are for a single run; a Pipeline's stages take theirs "
+                             "from their declarations (or from the search stage before them)")
+        return run_pipeline(code, context, resolve_backend(backend), storage, name, resume, progress,
+                            callback_list)
     if not callable(getattr(context, "to_plan", None)):  # a context is anything that makes a plan
         hint = ("; to run once with these hyperparameters, pass them as hparams=..."
                 if isinstance(context, dict) else "")
         raise TypeError(
-            f"unison.run: context must be None, a unison.Search, a unison.Ablation or a unison.Distributed, "
-            f"got {type(context).__name__}{hint}"
+            f"unison.run: context must be None, a unison.Search, a unison.Ablation, a unison.Distributed or "
+            f"a unison.Pipeline, got {type(context).__name__}{hint}"
         )
     if hparams is not None:
         raise ValueError("hparams= is for a single run; a Search takes its hyperparameters from its space")
@@ -108,10 +117,16 @@ def resume(
     backend: str | Backend | None = None,
     progress: bool | None = None,
     callbacks: list[Callback | str] | None = None,
-) -> SearchResult:
+) -> SearchResult | PipelineResult:
     """Finish the search stored in ``path``: trials that ended are kept, the rest run. ``callbacks``
-    (as in :func:`run`) hear only of what happens from now on."""
+    (as in :func:`run`) hear only of what happens from now on. A pipeline's directory: its completed
+    stages are read back, the interrupted one resumes, the later ones run (with the stored pipeline)."""
     meta = ExperimentStore(path).read_experiment()
+    if meta.get("kind") == "pipeline":
+        flow = run(fn, stored_pipeline(path), model=model, data=data, backend=backend, resume=path,
+                   progress=progress, callbacks=callbacks)
+        assert isinstance(flow, PipelineResult)
+        return flow
     if meta.get("kind") == "ablation":
         raise ValueError(
             f"{path} holds an ablation: resume it with unison.run(fn, ablation, model=..., data=..., "
@@ -125,3 +140,50 @@ def resume(
                  callbacks=callbacks)
     assert isinstance(result, SearchResult)
     return result
+
+
+def replay(
+    experiment_dir: str | Path,
+    trial_id: int,
+    fn: Callable[..., Any] | None = None,
+    *,
+    model: Callable[..., Any] | None = None,
+    data: Any = None,
+    storage: str | Path | None = None,
+) -> RunResult:
+    """Run trial ``trial_id`` of the experiment in ``experiment_dir`` again, in this process, to debug it:
+    the same hyperparameters, ``ctx.seed`` and ablated component, through the same injection as every
+    trial, with output on the terminal and ``pdb`` usable; an exception of the function is raised as a
+    plain call raises it. Returns a :class:`RunResult` (``metrics`` as the trial's row holds them,
+    ``returned`` what the function returned, ``path`` the replay's own directory).
+
+    Args:
+        experiment_dir: a search's, ablation's, distributed or single run's directory; only read.
+        trial_id: the trial's number (the ``trial_id`` column of ``r.trials``).
+        fn: the training function to run (e.g. with a fix); default: the one stored in ``payload.bin``.
+        model, data: the model generator and data (generator); default: the stored ones. For a trial of
+            a model variant, ``model`` is that variant's generator.
+        storage: where the replay is recorded, as a single run named ``<name>-replay-<trial_id>``
+            (default: the folder holding ``experiment_dir``).
+    """
+    from unison.driver.rerun import prepare_replay
+
+    return prepare_replay(experiment_dir, trial_id, fn, model, data).run(storage)
+
+
+def load(path_or_name: str | Path,
+         storage: str | Path | None = None) -> RunResult | SearchResult | PipelineResult:
+    """A past experiment as its result object, as ``unison.run`` returned it: a :class:`SearchResult`
+    for a search, an :class:`AblationResult` for an ablation, a :class:`RunResult` for a single or a
+    distributed run (one that did not complete raises :class:`unison.RunFailed`, as the run did), a
+    :class:`PipelineResult` for a pipeline.
+    Finished or not: a search still running shows its trials so far.
+
+    Args:
+        path_or_name: an experiment directory, or the name an experiment was given
+            (``unison.run(..., name=...)``, by default the training function's name): the newest
+            experiment of that name under ``storage``.
+        storage: the folder holding experiment directories, as passed to ``unison.run(storage=...)``
+            (default ``./unison-runs``); only used to find a name.
+    """
+    return load_result(find_experiment(path_or_name, storage))

@@ -24,6 +24,7 @@ from typing import Any
 from unison._validate import lookup
 
 ENVIRONMENT_VARIABLE = "UNISON_CALLBACKS"
+IDLE_S = 1.0  # Callback.flush is called when no event came for this long
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class TrialInfo:
         trial_dir: the trial's folder (logs, ``metrics.jsonl``, what the function wrote in it).
         component: an ablation trial's component (its name), else ``None``.
         seed: an ablation trial's seed, a single run's seed, else ``None``.
+        started: when the attempt started (unix seconds, as the journal records it), if known.
     """
 
     trial_id: int
@@ -83,6 +85,7 @@ class TrialInfo:
     host: str | None = None
     component: str | None = None
     seed: int | None = None
+    started: float | None = None
 
 
 class Callback:
@@ -91,8 +94,9 @@ class Callback:
     The methods are called in the driver, on one thread of their own, in the order the events were
     recorded: ``on_experiment_start``, then for each trial ``on_trial_start``, its ``on_report`` calls and
     ``on_trial_end``, then ``on_experiment_end``. A trial run again after its worker was lost gets
-    ``on_trial_start`` again (with ``attempt`` + 1). A method that raises is reported once, in a warning,
-    and that callback is called no more; the experiment goes on.
+    ``on_trial_start`` again (with ``attempt`` + 1). ``flush`` is called whenever no event came for
+    :data:`IDLE_S` seconds. A method that raises is reported once, in a warning, and that callback is
+    called no more; the experiment goes on.
     """
 
     def on_experiment_start(self, experiment: ExperimentInfo) -> None:
@@ -106,6 +110,10 @@ class Callback:
 
     def on_trial_end(self, trial: TrialInfo) -> None:
         """The trial ended: ``trial.status``, ``metrics``, ``stop_reason``, ``error``, ``duration``."""
+
+    def flush(self) -> None:
+        """No event came for :data:`IDLE_S` seconds: a callback that holds events back (to send them in
+        batches) sends them now."""
 
     def on_experiment_end(self, result: Any) -> None:
         """The experiment ended: ``result`` is its :class:`unison.SearchResult` (an ablation's

@@ -1,4 +1,5 @@
-"""The ``unison`` command: ``demo``, ``ls``, ``show``, ``resume`` and ``spark-standalone``.
+"""The ``unison`` command: ``demo``, ``ls``, ``show``, ``report``, ``resume``, ``replay``, ``export``,
+``notebook`` and ``spark-standalone``.
 
 Ctrl-C ends any command with one line (what was interrupted, the command that resumes it) and exit
 status 130, without a traceback.
@@ -8,14 +9,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unison.backends.base import Backend
 from unison.driver.store import DEFAULT_STORAGE, ExperimentStore
-from unison.result import AblationResult, RunResult, SearchResult
+from unison.result import AblationResult, PipelineResult, RunResult, SearchResult
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -28,10 +36,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = unison.run(demo.train, search, data=demo.load_digits_split, backend=backend,
                         storage=args.storage, name="digits-demo")
     assert isinstance(result, SearchResult)  # unison.run with a Search returns one
-    columns = ["trial_id", "status", *demo.SPACE, "accuracy", "steps", "duration", "worker"]
-    top = result.trials.sort_values("accuracy", ascending=False).head(5)[columns]
+    top = result.trials.sort_values("accuracy", ascending=False, kind="stable").head(5).reset_index(drop=True)
     print("\nthe five best trials:")
-    print(top.to_string(index=False))
+    _print_trials(result, top, 5, max(40, shutil.get_terminal_size().columns))
     print(f"\nexperiment directory: {result.path}")
     print(f"inspect it with: unison show {result.path}")
     return 0
@@ -61,9 +68,10 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     kind = meta.get("kind")
-    if kind not in ("search", "ablation", "distributed"):
+    if kind not in ("search", "ablation", "distributed", "pipeline"):
         print(f"error: {path} holds a {kind!r} experiment: a single run has nothing to resume (run it "
-              f"again); `unison resume` continues searches, ablations and distributed runs", file=sys.stderr)
+              f"again); `unison resume` continues searches, ablations, distributed runs and pipelines",
+              file=sys.stderr)
         return 1
     if meta.get("status") == "completed":
         print(f"{path}: the {kind} already completed; nothing to resume (see: unison show {path})")
@@ -93,7 +101,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
               f"variants and custom ablators are code). Resume it from Python, passing the same one: "
               f"unison.run(train, study, model=..., data=..., resume={str(path)!r})", file=sys.stderr)
         return 1
-    result: RunResult | SearchResult
+    result: RunResult | SearchResult | PipelineResult
     if context is None:
         result = unison.resume(path, fn, **generators, backend=backend)
     else:
@@ -102,6 +110,41 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         print(f"metrics: {json.dumps(result.metrics)}")
     print(f"\nexperiment directory: {result.path}")
     print(f"inspect it with: unison show {result.path}")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    """Run one trial again in this process, with the function, generators and data stored in
+    ``payload.bin``: its metrics, or its traceback (and with ``--pdb`` a post-mortem) and exit status 1."""
+    import traceback
+
+    from unison.driver.rerun import ReplayFailed, prepare_replay, user_traceback
+
+    try:
+        replay = prepare_replay(args.experiment, args.trial)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    component = replay.message.get("component")
+    print(f"unison: replaying trial {replay.trial_id} of {replay.source}: hparams "
+          f"{json.dumps(replay.message['hparams'], default=str)}, seed {replay.message.get('seed')}"
+          + (f", component {component.get('name')!r}" if isinstance(component, dict) else ""),
+          file=sys.stderr)
+    try:
+        result = replay.run()
+    except ReplayFailed as exc:
+        print(f"error: {exc}\nreplay directory: {replay.path}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the function's own: its traceback, as Python prints it
+        traceback.print_exception(type(exc), exc, user_traceback(exc))
+        print(f"replay directory: {replay.path}", file=sys.stderr, flush=True)
+        if args.pdb:
+            import pdb
+
+            pdb.post_mortem(exc.__traceback__)
+        return 1
+    print(f"metrics: {json.dumps(result.metrics)}")
+    print(f"replay directory: {result.path}")
     return 0
 
 
@@ -123,6 +166,10 @@ def _summary(path: Path) -> dict[str, Any] | None:
             best = f"{len(loaded.pareto)} on the Pareto front"
         else:
             best = "-" if loaded.best is None else f"{metric}={loaded.best.metric:.6g}"
+    elif meta.get("kind") == "pipeline":
+        stages = PipelineResult.load(path).records
+        trials = f"{sum(s.status == 'completed' for s in stages)}/{len(stages)} stages"
+        best = stages[-1].summary() if stages else "-"
     else:
         trials, best = "1", json.dumps(result.get("metrics")) if result else "-"
     return {
@@ -170,45 +217,252 @@ def _cmd_show(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"experiment {path}  kind={meta.get('kind')}  status={meta.get('status')}  "
-          f"backend={meta.get('backend', '-')}")
+    width = None if args.wide else max(40, shutil.get_terminal_size().columns)
+    _print_header(path, meta, width)
+    if meta.get("kind") == "pipeline":
+        _print_pipeline(PipelineResult.load(path), width)
+        return 0
     if meta.get("kind") not in ("search", "ablation"):
-        print(json.dumps(store.read_result() or {}, indent=2))
+        _print_run(store, meta, width)
         return 0
     result = SearchResult.load(path)
     frame = result.trials
     if frame.empty:
         print("no trials recorded yet")
         return 0
-    import pandas as pd
-
-    with pd.option_context("display.max_rows", args.rows, "display.max_columns", None, "display.width", 200):
-        print(frame.drop(columns=["error"]).to_string(index=False, max_rows=args.rows))
+    _print_trials(result, frame, args.rows, width)
     failed = frame[frame["status"] == "failed"]
     for _, row in failed.head(3).iterrows():
-        print(f"trial {row['trial_id']} failed: {row['error']}")
+        _say(f"trial {row['trial_id']} failed: {row['error']}", width)
     if isinstance(result, AblationResult):
-        _print_ablation(result)
+        _print_ablation(result, width)
     elif len(result.metrics) > 1:
-        print(f"\nPareto front of {result.metrics} ({result.modes}):")
+        print()
+        _say(f"Pareto front of {result.metrics} ({result.modes}):", width)
         for best in result.pareto:
-            print(f"  trial {best.trial_id}: {dict(zip(result.metrics, best.metric, strict=True))} "
-                  f"with {best.hparams}")
+            _say(f"  trial {best.trial_id}: {dict(zip(result.metrics, best.metric, strict=True))} "
+                 f"with {best.hparams}", width)
     elif result.best is not None:
-        print(f"\nbest trial {result.best.trial_id}: {result.metric}={result.best.metric:.6g} "
-              f"with {result.best.hparams}")
+        print()
+        _say(f"best trial {result.best.trial_id}: {result.metric}={result.best.metric:.6g} "
+             f"with {result.best.hparams}", width)
     return 0
 
 
-def _print_ablation(result: AblationResult) -> None:
-    """The ablation table (one row per component, the baseline first) and its headline."""
-    import pandas as pd
+def _print_pipeline(result: PipelineResult, width: int | None) -> None:
+    """Each stage of a pipeline: its status, its best trial (an ablation's headline, a run's metrics)
+    and the command showing its trials."""
+    for n, stage in enumerate(result.records, start=1):
+        _say(f"stage {n} {stage.name} ({stage.kind}, {stage.status}): {stage.summary()}", width)
+        _say(f"    unison show {stage.path}", width, indent="      ")
 
-    print(f"\nablation of {result.metric} ({result.mode}; diff = component minus baseline, paired by "
-          f"seed; rank 1 = most important):")
-    with pd.option_context("display.max_columns", None, "display.width", 200):
-        print(result.ablation.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
-    print(result.headline())
+
+def _say(text: str, width: int | None, indent: str = "    ") -> None:
+    """Print ``text`` wrapped at ``width`` columns, its later lines indented (whole if ``width`` is None)."""
+    if width is None or len(text) <= width:
+        print(text)
+        return
+    print(textwrap.fill(text, width=width, subsequent_indent=indent, break_on_hyphens=False))
+
+
+def _print_header(path: Path, meta: dict[str, Any], width: int | None) -> None:
+    """What the experiment is, then the versions and git commit it recorded. The path is never cut."""
+    fields = f"kind={meta.get('kind')}  status={meta.get('status')}  backend={meta.get('backend', '-')}"
+    if width is None or len(f"experiment {path}  {fields}") <= width:
+        print(f"experiment {path}  {fields}")
+    else:
+        print(f"experiment {path}")
+        _say(f"  {fields}", width)
+    recorded = ", ".join(f"{name} {version}" for name, version in (meta.get("versions") or {}).items())
+    git = meta.get("git")
+    if git:
+        dirty = " with uncommitted changes" if git.get("dirty") else ""
+        recorded += f"; git commit {str(git.get('commit'))[:12]}{dirty}"
+    if recorded:
+        _say(f"  recorded: {recorded}", width)
+
+
+# How a trial ran: after its hyperparameters and metrics, in this order.
+_RUN_COLUMNS = ("steps", "duration", "stop_reason", "last_step", "worker", "host", "pid", "attempts")
+_INTEGER_COLUMNS = frozenset({"trial_id", "steps", "last_step", "pid", "attempts", "seed"})
+_MAX_CELL = 40  # a longer text is cut to this many characters unless --wide
+_MIN_CUT = 12  # a text column that does not fit whole is cut to the room left, if at least this much
+
+
+def _cell(value: Any, column: str = "") -> str:
+    """A table cell: empty for a missing value, whole numbers as integers, other floats to 6 digits."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        if column in _INTEGER_COLUMNS and value.is_integer():
+            return str(int(value))
+        if column.startswith("duration"):  # seconds: to the millisecond
+            return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.0f}"
+        return f"{value:.6g}"
+    if isinstance(value, (str, int)):  # bool too: True, not true
+        return str(value)
+    return json.dumps(value, default=str)  # a list or dict choice, as it was declared
+
+
+def _column_order(result: SearchResult, frame: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The trial table's columns, the most telling first (id, status, component, objectives, steps,
+    seed, hyperparameters, the other metrics, how the trial ran; ``error`` is printed below the table),
+    and which of them are hyperparameters."""
+    def metric_column(name: str) -> str:
+        return f"metric:{name}" if f"metric:{name}" in frame.columns else name
+
+    reported = (metric_column(name) for row in result.rows for name in (row.get("metrics") or {}))
+    metrics = [c for c in dict.fromkeys(reported) if c in frame.columns]
+    objectives = [c for c in map(metric_column, result.metrics) if c in metrics]
+    first = [c for c in ("trial_id", "status", "component") if c in frame.columns]
+    taken = {*first, *metrics, *_RUN_COLUMNS, "error"}
+    hparams = [c for c in frame.columns if c not in taken]
+    if isinstance(result, AblationResult) and "seed" in hparams:  # what pairs an ablation's trials
+        hparams.insert(0, hparams.pop(hparams.index("seed")))
+    rest = [c for c in metrics if c not in objectives]
+    ran = [c for c in _RUN_COLUMNS if c in frame.columns]  # steps first: how far a stopped trial got
+    return [*first, *objectives, *ran[:1], *hparams, *rest, *ran[1:]], hparams
+
+
+def _print_trials(result: SearchResult, frame: pd.DataFrame, max_rows: int, width: int | None) -> None:
+    """The trial table, at most ``width`` columns wide: the columns that fit, in order of importance,
+    the hyperparameters every trial shares on a line above it, the columns left out named below it.
+    ``width=None``: every column of ``result.trials``, whole."""
+    order, hparams = (list(frame.columns), []) if width is None else _column_order(result, frame)
+    values = {c: frame[c].tolist() for c in order}
+    cells = {c: [_cell(v, c) for v in values[c]] for c in order}
+    numeric = {c: all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                      for v, text in zip(values[c], cells[c], strict=True) if text) for c in order}
+    hidden: list[str] = []
+    if width is not None:
+        shared = [c for c in hparams if len(frame) > 1 and len(set(cells[c])) == 1 and cells[c][0]]
+        if shared:
+            _say("same in every trial: " + ", ".join(f"{c}={cells[c][0]}" for c in shared), width)
+        # a column with nothing in it (no trial stopped, say) says nothing
+        order = [c for c in order if c not in shared and any(cells[c])]
+    picked = _rows_shown(len(frame), max_rows)
+    longest = 10**9 if width is None else _MAX_CELL
+    cells = {c: [_cut(cells[c][i], longest) for i in picked] for c in order}
+    widths = {c: max(len(c), *map(len, cells[c])) for c in order}
+    if width is not None:
+        order, hidden = _fit(order, widths, numeric, width)
+    for line in _render(order, cells, numeric, widths):
+        print(line)
+    if len(picked) < len(frame):
+        print(f"({len(frame) - len(picked)} of {len(frame)} trials not shown: --rows N shows more)")
+    if hidden:
+        names = ", ".join(hidden[:6]) + (f" and {len(hidden) - 6} more" if len(hidden) > 6 else "")
+        _say(f"not shown (too wide for {width} columns): {names}; unison show --wide shows every column",
+             width)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _fit(order: list[str], widths: dict[str, int], numeric: dict[str, bool],
+         width: int) -> tuple[list[str], list[str]]:
+    """The columns of ``order`` that fit in ``width``, two spaces apart, and those that do not. A text
+    column that does not fit whole is narrowed to the room left (``widths`` changes) if that is at
+    least ``_MIN_CUT``; a number is never cut."""
+    shown: list[str] = []
+    hidden: list[str] = []
+    used = 0
+    for column in order:
+        room = width - used - (2 if shown else 0)
+        if widths[column] > room and not numeric[column] and room >= _MIN_CUT:
+            widths[column] = room
+        if widths[column] <= room:
+            used += widths[column] + (2 if shown else 0)
+            shown.append(column)
+        else:
+            hidden.append(column)
+    return shown, hidden
+
+
+def _rows_shown(count: int, max_rows: int) -> list[int]:
+    """Which rows of ``count`` to print: all of them, or the first and the last ``max_rows // 2``."""
+    if count <= max_rows:
+        return list(range(count))
+    head = max(1, max_rows // 2)
+    return [*range(head), *range(count - max(0, max_rows - head), count)]
+
+
+def _render(columns: list[str], cells: dict[str, list[str]], numeric: dict[str, bool],
+            widths: dict[str, int]) -> list[str]:
+    """The table's lines: a header, then one line per row; numbers aligned right, text left."""
+    def line(texts: list[str]) -> str:
+        padded = (_cut(t, widths[c]).rjust(widths[c]) if numeric[c] else _cut(t, widths[c]).ljust(widths[c])
+                  for c, t in zip(columns, texts, strict=True))
+        return "  ".join(padded).rstrip()
+
+    count = len(cells[columns[0]]) if columns else 0
+    return [line(columns), *(line([cells[c][i] for c in columns]) for i in range(count))]
+
+
+def _print_run(store: ExperimentStore, meta: dict[str, Any], width: int | None) -> None:
+    """A single or distributed run: its hyperparameters, its metrics, then its seed, value and duration,
+    and its error if it failed."""
+    kind = meta.get("kind")
+    declared = meta if kind == "single" else meta.get(str(kind)) or {}
+    outcome = store.read_result() or {}
+    end: dict[str, Any] = next((e for e in reversed(store.read_journal()) if e.get("e") == "end"), {})
+    _print_pairs("hyperparameters", declared.get("hparams") or {}, width)
+    _print_pairs("metrics", outcome.get("metrics") or end.get("metrics") or {}, width)
+    run = {"seed": meta.get("seed"), "ranks": declared.get("workers") if kind == "distributed" else None,
+           "value": outcome.get("value"), "duration (s)": outcome.get("duration", end.get("duration"))}
+    _print_pairs("run", {name: value for name, value in run.items() if value is not None}, width)
+    error = outcome.get("error") or end.get("error")
+    if error:
+        _say(f"error: {str(error).strip().splitlines()[-1]}", width)
+
+
+def _print_pairs(title: str, pairs: dict[str, Any], width: int | None) -> None:
+    """``title:``, then one ``name  value`` line per pair, the values aligned."""
+    print(f"{title}:" if pairs else f"{title}: (none)")
+    column = min(max(map(len, pairs), default=0), 30)
+    for name, value in pairs.items():
+        _say(f"  {name.ljust(column)}  {_cell(value, name)}", width, indent=" " * (column + 4))
+
+
+def _print_ablation(result: AblationResult, width: int | None) -> None:
+    """The ablation table (one row per component, the baseline first) and its headline; without the
+    spread of each mean (``std``, then ``ci_low`` and ``ci_high``) where the table is wider than ``width``."""
+    print()
+    _say(f"ablation of {result.metric} ({result.mode}; diff = component minus baseline, paired by seed; "
+         f"rank 1 = most important):", width)
+    table = result.ablation
+    for dropped in ([], ["std"], ["std", "ci_low", "ci_high"]):
+        text = table.drop(columns=dropped).to_string(index=False, na_rep="",
+                                                     float_format=lambda v: f"{v:.6g}")
+        if width is None or max(map(len, text.splitlines())) <= width:
+            break
+    print(text)
+    _say(result.headline(), width)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Write an experiment's report, one self-contained HTML file; ``--open`` opens it in a browser."""
+    from unison.report import write_report
+
+    try:
+        target = write_report(args.experiment, args.output)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"report written to {target}")
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(target.resolve().as_uri()):
+            print(f"no browser could be started here: open {target} in one", file=sys.stderr)
+    return 0
+
+
+def _cmd_notebook(args: argparse.Namespace) -> int:
+    from unison.notebook.execute import command
+
+    return command(args)
 
 
 def _cmd_spark_standalone(args: argparse.Namespace) -> int:
@@ -243,24 +497,70 @@ def _cmd_spark_standalone(args: argparse.Namespace) -> int:
         return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unison", description="Run and inspect unison experiments.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _cmd_export(args: argparse.Namespace) -> int:
+    from unison.api import load
+    from unison.driver.backfill import backfill
+    from unison.mlflow_logger import MLflowLogger
+
+    path = Path(args.experiment)
+    if not (path / "experiment.json").is_file():
+        print(f"error: {path} is not an experiment directory (it has no experiment.json)", file=sys.stderr)
+        return 1
+    try:
+        logger = MLflowLogger(args.tracking_uri, args.experiment_name, log_artifacts=not args.no_artifacts)
+    except (ImportError, ConnectionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    logged = logger.logged_run(path)
+    if logged is not None:
+        print(f"error: {path} is in MLflow at {logger.tracking_uri} already, as the run {logged} (see "
+              f"{path / 'mlflow.json'}); exporting it again would log every metric twice. Delete that run "
+              f"(or {path / 'mlflow.json'}) to export it again", file=sys.stderr)
+        return 1
+    trials = backfill(path, [logger], load(path))
+    print(f"exported {path} to MLflow at {logger.tracking_uri}: the run {logger.parent_run_id} and "
+          f"{trials} nested trial run(s)")
+    return 0
+
+
+def _add_demo_ls_show(sub: Any) -> None:
+    """The ``demo``, ``ls`` and ``show`` subcommands, added to ``sub`` (the subparsers)."""
     demo = sub.add_parser("demo", help="run a real small search (a NumPy MLP on the digits data)")
     demo.add_argument("--trials", type=int, default=40, help="number of trials (default 40)")
     demo.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU cores)")
-    demo.add_argument("--backend", choices=["local", "inline"], default="local")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--backend", choices=["local", "inline"], default="local",
+                      help="where trials run: local worker processes (default), or inline, one at a time "
+                           "in this process")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seeds the random search (default 0): a seed tries the same hyperparameters "
+                           "every time")
     demo.add_argument("--storage", default=None, help=f"where experiments go (default ./{DEFAULT_STORAGE})")
     demo.set_defaults(func=_cmd_demo)
     ls = sub.add_parser("ls", help="list experiments, their status and best result")
-    ls.add_argument("storage", nargs="?", default=DEFAULT_STORAGE)
+    ls.add_argument("storage", nargs="?", default=DEFAULT_STORAGE,
+                    help=f"the folder holding the experiments (default ./{DEFAULT_STORAGE})")
     ls.set_defaults(func=_cmd_ls)
     show = sub.add_parser("show", help="show an experiment's trial table and best trial (or "
                                           "ablation table)")
     show.add_argument("experiment", help="an experiment directory")
     show.add_argument("--rows", type=int, default=60, help="at most this many trial rows (default 60)")
+    show.add_argument("--wide", action="store_true",
+                      help="every column of the trial table, whole, however wide (default: as many as fit "
+                           "the terminal, the others named below the table)")
     show.set_defaults(func=_cmd_show)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unison", description="Run and inspect unison experiments.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo_ls_show(sub)
+    report = sub.add_parser("report", help="write an experiment's report: one self-contained HTML file with "
+                                           "its summary, best trial, sortable trial table and plots")
+    report.add_argument("experiment", help="an experiment directory")
+    report.add_argument("-o", "--output", default=None,
+                        help="the HTML file to write (default: report.html in the experiment directory)")
+    report.add_argument("--open", action="store_true", help="open the report in a web browser")
+    report.set_defaults(func=_cmd_report)
     resume = sub.add_parser("resume", help="finish an interrupted experiment with the function, model and "
                                            "data generators it stored (no Python needed)")
     resume.add_argument("experiment", help="an experiment directory")
@@ -270,10 +570,52 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--workers", type=int, default=None,
                         help="local worker processes (default: CPU cores)")
     resume.set_defaults(func=_cmd_resume)
+    replay = sub.add_parser("replay", help="run one trial of an experiment again in this process, to debug "
+                                           "it: the same hyperparameters, seed and ablated component, output "
+                                           "on the terminal")
+    replay.add_argument("experiment", help="an experiment directory")
+    replay.add_argument("trial", type=int, help="the trial's number (the trial_id column of `unison show`)")
+    replay.add_argument("--pdb", action="store_true",
+                        help="on an exception, start pdb's post-mortem debugger where it was raised")
+    replay.set_defaults(func=_cmd_replay)
+    export = sub.add_parser("export", help="log an experiment already run to a tracking system (as the "
+                                           "callbacks would have while it ran)")
+    export.add_argument("target", choices=["mlflow"], help="where to: mlflow (a parent run, a nested run "
+                                                            "per trial)")
+    export.add_argument("experiment", help="an experiment directory")
+    export.add_argument("--tracking-uri", default=None,
+                        help="the MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's default)")
+    export.add_argument("--experiment-name", default=None,
+                        help="the MLflow experiment (default: the unison experiment's name)")
+    export.add_argument("--no-artifacts", action="store_true",
+                        help="leave out the trials' files (logs, what the function wrote)")
+    export.set_defaults(func=_cmd_export)
+    notebook = sub.add_parser("notebook", help="run a notebook with papermill in a distribution context "
+                                               "(its %%%%context cells), its parameters injected")
+    notebook.add_argument("notebook", help="the .ipynb to run")
+    notebook.add_argument("--context", default=None,
+                          help="the notebook's parameter `context`: which %%%%context cells run (single, "
+                               "search, ablation, distributed, pipeline)")
+    notebook.add_argument("--backend", default=None,
+                          help="the notebook's parameter `backend`, which unison.context_backend() returns "
+                               "(local, inline, spark)")
+    notebook.add_argument("-p", "--parameter", action="append", metavar="KEY=VALUE",
+                          help="another parameter (repeatable); a VALUE that parses as JSON is that value, "
+                               "else a string")
+    notebook.add_argument("-o", "--output", default=None,
+                          help="also write the executed notebook here (it goes into every experiment "
+                               "directory the notebook made)")
+    notebook.add_argument("--kernel", default=None,
+                          help="the Jupyter kernel to run it in (default: the notebook's kernelspec)")
+    notebook.add_argument("--cwd", default=None,
+                          help="the kernel's working directory (default: the current one)")
+    notebook.set_defaults(func=_cmd_notebook)
     spark = sub.add_parser(
         "spark-standalone",
         help="start, stop or check a Spark standalone master and worker on 127.0.0.1 (from pip's pyspark)")
-    spark.add_argument("action", choices=["start", "stop", "status"])
+    spark.add_argument("action", choices=["start", "stop", "status"],
+                       help="start them (and wait until the worker registered), stop them, or say whether "
+                            "they run")
     spark.add_argument("--dir", default=None,
                        help="where pid files, logs and the worker's work folder go "
                             "(default ~/.cache/unison/spark-standalone)")
@@ -294,6 +636,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(_interrupted_line(exc), file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:  # `unison show DIR | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's last flush fails silently
+        return 0
     except Exception as exc:
         from unison.errors import ExperimentLocked, RunFailed, SearchAborted, StorageFull, WorkerError
 

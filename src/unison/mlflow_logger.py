@@ -76,11 +76,15 @@ class MLflowLogger(Callback):
         self._children: dict[int, str] = {}  # trial id -> child run id, as in mlflow.json
         self._open: set[int] = set()  # trials whose child run is running
         self._reported: dict[int, dict[str, tuple[int, float]]] = {}  # trial -> key -> (last step, value)
-        self._pending: dict[str, list[Any]] = {}  # run id -> reported metrics (mlflow Metric) not yet sent
+        self._waiting: dict[int, tuple[TrialInfo, float]] = {}  # started, no run yet: (trial, when noted)
+        self._artifact_uris: dict[str, str] = {}  # run id -> its artifact URI, for the runs created here
+        self._pending: dict[int, list[Any]] = {}  # trial id -> reported metrics (mlflow Metric) not yet sent
         self._pending_since = 0.0  # when the oldest of them was reported
         self._last_stamp = 0  # the last metric timestamp given (ms): each is later, so histories keep order
         if self.tracking_uri.startswith(("http://", "https://")):
             self.check()
+            # else MLflow prints two "View run/experiment at" lines for every trial that ends
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     def check(self) -> None:
         """Raise ``ConnectionError`` unless the HTTP(S) tracking server answers (one quick request)."""
@@ -97,15 +101,26 @@ class MLflowLogger(Callback):
                 f"({reason}). Start it (mlflow server --host HOST --port PORT) or pass the tracking_uri "
                 f"of a running one (or a local store such as sqlite:///mlflow.db)") from None
 
+    def logged_run(self, experiment_dir: str | Path) -> str | None:
+        """The parent run that ``experiment_dir/mlflow.json`` names in this tracking store, if it still
+        exists there (the experiment was logged or exported to it before), else ``None``."""
+        self._client = _import_mlflow().tracking.MlflowClient(self.tracking_uri)
+        self._path = Path(experiment_dir)
+        stored = self._read_run_ids()
+        parent = stored.get("parent") if stored.get("tracking_uri") == self.tracking_uri else None
+        return parent if isinstance(parent, str) and self._exists(parent) else None
+
+    @property
+    def parent_run_id(self) -> str | None:
+        """The parent run of the experiment being logged (or last logged)."""
+        return self._parent
+
     # ------------------------------------------------------------------------- the callback methods
     def on_experiment_start(self, experiment: ExperimentInfo) -> None:
         """Find or create the MLflow experiment; continue the parent run of ``mlflow.json`` or start one."""
-        mlflow = _import_mlflow()
-        self._client = mlflow.tracking.MlflowClient(self.tracking_uri)
-        self._path = Path(experiment.path)
+        parent = self.logged_run(experiment.path)
         stored = self._read_run_ids()
-        parent = stored.get("parent") if stored.get("tracking_uri") == self.tracking_uri else None
-        if parent is not None and self._exists(parent):
+        if parent is not None:
             self._parent = parent
             self._experiment_id = self._client.get_run(parent).info.experiment_id
             self._children = {int(k): v for k, v in (stored.get("trials") or {}).items()}
@@ -115,55 +130,42 @@ class MLflowLogger(Callback):
         found = self._client.get_experiment_by_name(name)
         experiment_id = found.experiment_id if found is not None else self._client.create_experiment(name)
         self._experiment_id = experiment_id
-        tags = {"mlflow.runName": self._path.name, "unison.kind": experiment.kind,
+        tags = {"mlflow.runName": Path(experiment.path).name, "unison.kind": experiment.kind,
                 "unison.backend": experiment.backend or "in the caller's process",
-                "unison.version": __version__, "unison.experiment_dir": str(self._path)}
+                "unison.version": __version__, "unison.experiment_dir": str(experiment.path)}
         run = self._client.create_run(experiment_id, tags=_clip_values(tags, MAX_TAG_VALUE))
         self._parent, self._children = run.info.run_id, {}
         self._log(self._parent, params=_flatten(experiment.declaration))
         self._write_run_ids()
 
     def on_trial_start(self, trial: TrialInfo) -> None:
-        """Start the trial's child run (or continue it: a new attempt, a resumed trial)."""
+        """Continue the trial's child run (a new attempt, a resumed trial), or note the trial: its run
+        is created at its end, or once it ran :data:`FLUSH_S` seconds, with all it has by then."""
         if self._parent is None:
             return
-        self._flush(due_only=True)
-        tags = {"unison.trial_id": str(trial.trial_id), "unison.attempt": str(trial.attempt),
-                "unison.worker": trial.worker, "unison.host": trial.host, "unison.status": trial.status}
-        params = dict(trial.hparams)
-        if trial.component is not None:
-            params["component"] = trial.component
-        if trial.seed is not None:
-            params.setdefault("seed", trial.seed)
+        self._reported[trial.trial_id] = {}
         run_id = self._children.get(trial.trial_id)
         if run_id is not None and self._exists(run_id):
             self._client.update_run(run_id, status="RUNNING")
+            self._open.add(trial.trial_id)
+            self._log(run_id, params=_flatten(_params(trial)), tags=_start_tags(trial))
         else:
-            name = f"trial {trial.trial_id:04d}" + (f" ({trial.component}, seed {trial.seed})"
-                                                    if trial.component is not None else "")
-            run = self._client.create_run(self._experiment_id, tags={
-                "mlflow.parentRunId": self._parent, "mlflow.runName": name})
-            run_id = self._children[trial.trial_id] = run.info.run_id
-            self._write_run_ids()
-        self._open.add(trial.trial_id)
-        self._reported[trial.trial_id] = {}
-        self._log(run_id, params=_flatten(params), tags=tags)
+            self._waiting[trial.trial_id] = (trial, time.time())
+        self._flush(due_only=True)
 
     def on_report(self, trial: TrialInfo, step: int, metrics: dict[str, float]) -> None:
-        """Log the report's metrics at ``step`` (reports go in batches, at least every :data:`FLUSH_S`
-        seconds while events come, and at the trial's end)."""
-        run_id = self._children.get(trial.trial_id)
-        if run_id is None:
+        """Keep the report's metrics at ``step``; they go in batches, at least every :data:`FLUSH_S`
+        seconds while the experiment runs, and at the trial's end."""
+        if trial.trial_id not in self._children and trial.trial_id not in self._waiting:
             return
         from mlflow.entities import Metric
 
         step = step if isinstance(step, int) else 0
         numbers = _numbers(metrics)
-        now = time.time()
         if not self._pending:
-            self._pending_since = now
+            self._pending_since = time.time()
         stamp = self._stamp()
-        pending = self._pending.setdefault(run_id, [])
+        pending = self._pending.setdefault(trial.trial_id, [])
         pending.extend(Metric(_key(k), v, stamp, step) for k, v in numbers.items())
         last = self._reported.setdefault(trial.trial_id, {})
         last.update({key: (step, value) for key, value in numbers.items()})
@@ -172,9 +174,6 @@ class MLflowLogger(Callback):
     def on_trial_end(self, trial: TrialInfo) -> None:
         """Log the final metrics (those not already the last reported value), the status tags and the
         trial's files; end the child run (FINISHED when completed or stopped, else FAILED)."""
-        run_id = self._children.get(trial.trial_id)
-        if run_id is None:
-            return
         last = self._reported.pop(trial.trial_id, {})
         final_step = max((step for step, _ in last.values()), default=0)
         final = {key: value for key, value in _numbers(trial.metrics).items()
@@ -185,11 +184,27 @@ class MLflowLogger(Callback):
         tags = {"unison.status": trial.status, "unison.stop_reason": trial.stop_reason,
                 "unison.error": error, "unison.worker": trial.worker,
                 "unison.duration_s": None if trial.duration is None else f"{trial.duration:.3f}"}
-        self._log(run_id, metrics=final, step=final_step, tags=tags, reported=self._pending.pop(run_id, []))
+        waiting = self._waiting.pop(trial.trial_id, None)
+        params: dict[str, Any] = {}
+        run_id = self._children.get(trial.trial_id)
+        if waiting is not None:  # a short trial: one run made with all it has
+            run_id, params = self._create(waiting[0], end_tags=tags), _flatten(_params(waiting[0]))
+            tags = {}
+        if run_id is None:
+            return
+        self._log(run_id, params=params, metrics=final, step=final_step, tags=tags,
+                  reported=self._pending.pop(trial.trial_id, []))
         if self.log_artifacts and trial.trial_dir.is_dir() and any(trial.trial_dir.iterdir()):
-            self._client.log_artifacts(run_id, str(trial.trial_dir))
-        self._client.set_terminated(run_id, _END_STATUS.get(trial.status, "FAILED"))
+            self._log_artifacts(run_id, trial.trial_dir)
+        ended = (trial.started + trial.duration if trial.started is not None and trial.duration is not None
+                 else time.time())
+        self._client.set_terminated(run_id, _END_STATUS.get(trial.status, "FAILED"), int(ended * 1000))
         self._open.discard(trial.trial_id)
+
+    def flush(self) -> None:
+        """Nothing happened for a second: create the runs of the trials waiting and send the reports."""
+        if self._parent is not None:
+            self._flush()
 
     def on_experiment_end(self, result: Any) -> None:
         """Tag the best trial, log the result's files, end the open runs and the parent run."""
@@ -225,18 +240,57 @@ class MLflowLogger(Callback):
         with tempfile.TemporaryDirectory(prefix="unison-mlflow-") as folder:
             ablation.to_csv(Path(folder) / "ablation.csv", index=False)
             try:
-                result.plot(Path(folder) / "ablation.png")
+                result.plot(path=Path(folder) / "ablation.png")  # drawn by matplotlib
             except ImportError:
-                pass  # no matplotlib: the table goes alone
+                pass  # no plotly: the PNG is there all the same; no matplotlib: the table goes alone
             self._client.log_artifacts(self._parent, folder)
 
     def _flush(self, due_only: bool = False) -> None:
-        """Send the pending reports (``due_only``: only if the oldest waited :data:`FLUSH_S` seconds)."""
-        if not self._pending or (due_only and time.time() - self._pending_since < FLUSH_S):
+        """Create the runs of the trials that waited :data:`FLUSH_S` seconds (``due_only``; else of all
+        waiting) with their params, then send the pending reports (``due_only``: if the oldest waited
+        that long)."""
+        now = time.time()
+        for trial_id, (trial, since) in list(self._waiting.items()):
+            if not due_only or now - since >= FLUSH_S:
+                del self._waiting[trial_id]
+                self._log(self._create(trial), params=_flatten(_params(trial)),
+                          reported=self._pending.pop(trial_id, []))
+        if not self._pending or (due_only and now - self._pending_since < FLUSH_S):
             return
         pending, self._pending = self._pending, {}
-        for run_id, metrics in pending.items():
-            self._log(run_id, reported=metrics)
+        for trial_id, metrics in pending.items():
+            if trial_id in self._waiting:  # (its run is not made yet: keep them for it)
+                self._pending[trial_id] = metrics
+            else:
+                self._log(self._children[trial_id], reported=metrics)
+        self._pending_since = now
+
+    def _create(self, trial: TrialInfo, end_tags: dict[str, str | None] | None = None) -> str:
+        """Create the trial's child run (started when the trial did), noted in ``mlflow.json``."""
+        name = f"trial {trial.trial_id:04d}" + (f" ({trial.component}, seed {trial.seed})"
+                                                if trial.component is not None else "")
+        tags = {"mlflow.parentRunId": self._parent, "mlflow.runName": name, **_start_tags(trial),
+                **(end_tags or {})}
+        started = int((trial.started if trial.started is not None else time.time()) * 1000)
+        run = self._client.create_run(self._experiment_id, start_time=started,
+                                      tags=_clip_values(tags, MAX_TAG_VALUE))
+        run_id: str = run.info.run_id
+        self._children[trial.trial_id] = run_id
+        self._artifact_uris[run_id] = run.info.artifact_uri
+        self._open.add(trial.trial_id)
+        self._write_run_ids()
+        return run_id
+
+    def _log_artifacts(self, run_id: str, folder: Path) -> None:
+        """Copy ``folder`` into the run's artifacts (straight into a local store's artifact folder when
+        the run was created here, with no lookup of the run)."""
+        uri = self._artifact_uris.pop(run_id, None)
+        if uri is None or self.tracking_uri.startswith(("http://", "https://")):  # a server's repo needs it
+            self._client.log_artifacts(run_id, str(folder))
+            return
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        get_artifact_repository(uri).log_artifacts(str(folder))
 
     def _log(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
              step: int = 0, tags: dict[str, str | None] | None = None,
@@ -286,6 +340,21 @@ class MLflowLogger(Callback):
                                        "trials": {str(k): v for k, v in sorted(self._children.items())}},
                                       indent=1))
         os.replace(partial, target)
+
+
+def _params(trial: TrialInfo) -> dict[str, Any]:
+    """A trial's params: its hyperparameters, with an ablation's component and the seed."""
+    params = dict(trial.hparams)
+    if trial.component is not None:
+        params["component"] = trial.component
+    if trial.seed is not None:
+        params.setdefault("seed", trial.seed)
+    return params
+
+
+def _start_tags(trial: TrialInfo) -> dict[str, str | None]:
+    return {"unison.trial_id": str(trial.trial_id), "unison.attempt": str(trial.attempt),
+            "unison.worker": trial.worker, "unison.host": trial.host, "unison.status": trial.status}
 
 
 def _key(name: str) -> str:

@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unison.driver.store import ExperimentStore
+from unison.errors import RunFailed
 
 if TYPE_CHECKING:
+    import optuna
     import pandas as pd
+    import plotly.graph_objects as go
 
 _FIXED_COLUMNS = ("trial_id", "status")
 _TAIL_COLUMNS = ("steps", "last_step", "duration", "worker", "host", "pid", "attempts", "stop_reason",
@@ -59,14 +62,69 @@ class RunResult:
     path: Path
     duration: float
 
+    @property
+    def curves(self) -> pd.DataFrame:
+        """Every report of the run: ``trial_id``, ``step``, one column per metric, ``time`` (see
+        :func:`unison.curves.curves_frame`)."""
+        from unison.curves import curves_frame
+
+        return curves_frame(self)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunResult:
+        """Read a single run or a distributed run back from its directory, as ``unison.run`` returned
+        it (``returned`` is the metrics: what the function returned itself is not stored). A run that
+        did not complete raises :class:`unison.RunFailed` with its error, as ``unison.run`` did."""
+        store = ExperimentStore(path)
+        meta = store.read_experiment()
+        kind = meta.get("kind")
+        if kind == "single":
+            summary = store.read_result() or {}
+            if summary.get("status") != "completed":
+                ends = [ev for ev in store.read_journal() if ev.get("e") == "end"]
+                raise _not_completed(store.path, meta.get("status"), ends[-1].get("error") if ends else None)
+            return cls(metrics=dict(summary["metrics"]), value=summary.get("value"),
+                       returned=dict(summary["metrics"]), path=store.path, duration=summary["duration"])
+        if kind != "distributed":
+            raise ValueError(f"{path} holds a {kind!r} experiment; RunResult.load reads a single or a "
+                             f"distributed run: use unison.load (or SearchResult.load) for a search or an "
+                             f"ablation")
+        metric = meta["distributed"].get("metric")
+        rows = rows_from_journal(store.read_journal(), metric or "value")
+        if not rows or rows[0]["status"] != "completed":
+            raise _not_completed(store.path, rows[0]["status"] if rows else meta.get("status"),
+                                 rows[0].get("error") if rows else None)
+        metrics = dict(rows[0]["metrics"])
+        value = metrics.get(metric) if metric is not None else (
+            next(iter(metrics.values())) if len(metrics) == 1 else None)
+        return cls(metrics=metrics, value=value, returned=dict(metrics), path=store.path,
+                   duration=rows[0]["duration"])
+
+    def plot(self, kind: str | None = None, path: str | Path | None = None, **options: Any) -> go.Figure:
+        """The run's reported metric by step (``kind="curves"``, ``metric=`` to pick one) as a plotly
+        figure; saved too when ``path`` ends in ``.html`` or ``.png`` (see :meth:`SearchResult.plot`)."""
+        from unison.plots import plot
+
+        return plot(self, kind, path, **options)
+
     def _repr_html_(self) -> str:
-        """In Jupyter: the value, the metrics as a table, the duration and the experiment directory."""
+        """In Jupyter: the value, the metrics as a table, the duration, the experiment directory and the
+        curves, if the run reported."""
         value = f"{self.value:.6g}" if isinstance(self.value, float) else str(self.value)
         value = "" if self.value is None else f": value <b>{_esc(value)}</b>"
         rows = [*self.metrics.items(), ("duration (s)", self.duration)]
         return (f"<div class='unison-result'><p><b>RunResult</b>{value}<br>"
                 f"<small><code>{_esc(self.path)}</code></small></p>{_html_table(['metric', 'value'], rows)}"
-                f"</div>")
+                f"{_plot_html(self)}</div>")
+
+
+def _not_completed(path: Path, status: Any, error: Any) -> RunFailed:
+    """Why a stored single or distributed run has no result, as the error ``unison.run`` raised."""
+    if status in (None, "running"):
+        return RunFailed(f"the run in {path} has not ended: it is still running, or its process was "
+                         f"stopped before it could record how it ended", path)
+    detail = f":\n{str(error).strip()}" if error else ""
+    return RunFailed(f"the run in {path} did not complete: it ended {status}{detail}", path)
 
 
 def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -167,6 +225,40 @@ class SearchResult:
         """The trial records as plain dicts."""
         return list(self._rows)
 
+    @property
+    def curves(self) -> pd.DataFrame:
+        """Every report of every trial, one row each: ``trial_id`` (an ablation: ``component``,
+        ``seed``), ``step``, one column per metric, ``time``; a stopped trial's rows end where it
+        stopped (see :func:`unison.curves.curves_frame`)."""
+        from unison.curves import curves_frame
+
+        return curves_frame(self)
+
+    def to_optuna(self) -> optuna.Study:
+        """The experiment as an in-memory ``optuna.Study``: a trial per trial, with its params and
+        distributions, values, intermediate values, state and times (see
+        :func:`unison.optuna_study.to_optuna`), so that ``optuna.visualization`` and every other Optuna
+        tool work on it."""
+        from unison.optuna_study import to_optuna
+
+        return to_optuna(self)
+
+    def importance(self, metric: str | None = None, evaluator: Any = "ped-anova",
+                   mode: str | None = None) -> pd.DataFrame:
+        """Hyperparameter importance from the completed trials (an ablation's: of ``component`` and
+        ``seed``), by Optuna's evaluators: a DataFrame with ``param`` and ``importance`` (summing to 1),
+        most important first.
+
+        Args:
+            metric: the final metric to explain (default: the optimized one).
+            evaluator: ``"ped-anova"`` (default, ``optuna.importance.PedAnovaImportanceEvaluator``),
+                ``"fanova"`` (``FanovaImportanceEvaluator``, needs scikit-learn) or an evaluator instance.
+            mode: ``"max"``/``"min"``: which way a metric the experiment did not optimize is better.
+        """
+        from unison.optuna_study import param_importance
+
+        return param_importance(self, metric, evaluator, mode)
+
     @classmethod
     def load(cls, path: str | Path) -> SearchResult:
         """Read a search or an ablation back from its directory (finished or not).
@@ -201,8 +293,28 @@ class SearchResult:
                 f"status <b>{_esc(self.status)}</b>, {_esc(self.metric)} ({_esc(self.mode)})<br>"
                 f"<small><code>{_esc(self.path)}</code></small></p>")
 
+    def plot(self, kind: str | None = None, path: str | Path | None = None, **options: Any) -> go.Figure:
+        """The experiment as a plotly figure (shown inline in Jupyter), saved too when ``path`` ends in
+        ``.html`` (plotly.js inlined: it opens with no network) or ``.png`` (drawn by matplotlib: no
+        browser needed; without plotly the PNG is written, then the ``ImportError`` is raised).
+
+        ``kind`` (``unison.plots.kinds(result)`` lists those that apply, the default first): a search's
+        ``"history"`` (best so far by trial and by wall time), ``"curves"`` (each trial's reports by
+        step; stopped trials grey, ending in an x), ``"parallel"``, ``"importance"``, ``"slice"``,
+        ``"contour"``, ``"pareto"`` (several objectives; these five drawn by ``optuna.visualization``
+        from :meth:`to_optuna`) and ``"timeline"`` (each trial as a bar on its worker); an ablation's
+        ``"ablation"``, ``"curves"`` and ``"timeline"``. Options: ``metric=`` (the metric shown),
+        ``params=[...]`` (parallel, importance, slice, contour: two, the first two by default),
+        ``evaluator=`` (importance: ``"ped-anova"`` or ``"fanova"``), ``metrics=[...]`` (pareto).
+        Needs ``pip install 'unison[plot]'`` (plotly and matplotlib).
+        """
+        from unison.plots import plot
+
+        return plot(self, kind, path, **options)
+
     def _repr_html_(self) -> str:
-        """In Jupyter: the counts, then the best trial (or the Pareto front) as a table."""
+        """In Jupyter: the counts, then the best trial (or the Pareto front) as a table, then the default
+        plot (a PNG)."""
         if self.best is not None:
             best = self.best
             rows = [("trial", best.trial_id), (self.metric, best.metric)]
@@ -216,7 +328,24 @@ class SearchResult:
                     + _html_table(["trial", *self.metrics, *names], rows))
         else:
             body = "<p>no trial completed</p>"
-        return f"<div class='unison-result'>{self._html_header()}{body}</div>"
+        return f"<div class='unison-result'>{self._html_header()}{body}{_plot_html(self)}</div>"
+
+
+def _plot_html(result: Any) -> str:
+    """The default plot as an inline PNG: no script and no network, so it shows in any notebook
+    viewer, at a few tens of kB; nothing when there is nothing to plot or no matplotlib."""
+    from unison import plots
+
+    try:
+        available = plots.kinds(result)
+        if not available:
+            return ""
+        uri = plots.png_data_uri(result, available[0])
+    except ImportError:
+        return ""
+    except Exception as exc:  # noqa: BLE001 - the summary shows whatever the plot does
+        return f"<p><small>no plot: {_esc(exc)}</small></p>"
+    return f"<img src='{uri}' alt='{_esc(available[0])} plot' style='max-width:100%'>"
 
 
 def _esc(value: Any) -> str:
@@ -339,51 +468,60 @@ class AblationResult(SearchResult):
     def summary_extra(self) -> dict[str, Any]:
         return {"ablation": ablation_table(self._rows, self.modes[0])}
 
+    def removal_effects(self) -> list[dict[str, Any]]:
+        """The ablation table's records of the removed components (the baseline left out), each with
+        ``effect``: ``"worse"`` or ``"better"`` (the metric without the component, by its mode; with
+        two or more repeats only when the 95% interval of the difference excludes 0), ``"no effect
+        shown"`` (the interval contains 0, or the difference is 0), or ``None`` (not measured)."""
+        mode = self.modes[0]
+        records = []
+        for record in ablation_table(self._rows, mode):
+            if record["kind"] == "baseline":
+                continue
+            diff, low, high = record["diff"], record["diff_ci_low"], record["diff_ci_high"]
+            if math.isnan(diff):
+                effect = None
+            elif diff == 0 or (not math.isnan(low) and low <= 0 <= high):
+                effect = "no effect shown"
+            else:
+                effect = "worse" if (diff < 0) == (mode == "max") else "better"
+            records.append({**record, "effect": effect})
+        return records
+
     def headline(self) -> str:
-        """One line: the most important component and its difference to the baseline."""
-        ranked = [r for r in ablation_table(self._rows, self.modes[0]) if r["rank"] is not None]
-        if not ranked:
+        """One line: the component whose removal hurts most (by the metric's mode) and its difference to
+        the baseline, or that no removal made the metric worse, with what its interval shows."""
+        measured = [r for r in self.removal_effects() if r["effect"] is not None]
+        if not measured:
             return "no component has a completed trial paired with a baseline trial"
-        top = min(ranked, key=lambda r: r["rank"])
-        return f"most important: {top['component']} ({self.metrics[0]} {top['diff']:+.4g} without it)"
-
-    def plot(self, path: str | Path | None = None) -> Path:
-        """Save a bar chart of each component's difference to the baseline, with 95% error bars, as
-        ``ablation.png`` in the experiment directory (or at ``path``); return where it went.
-
-        Needs matplotlib (``pip install 'unison[plot]'``); leaves pyplot's state and backend alone.
-        """
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:
-            raise ImportError("plotting needs matplotlib: pip install 'unison[plot]'") from None
-        records = [r for r in ablation_table(self._rows, self.modes[0]) if r["kind"] != "baseline"]
-        names = [r["component"] for r in records]
-        diffs = [r["diff"] for r in records]
-        errors = [[0.0 if math.isnan(r[bound]) else abs(r["diff"] - r[bound]) for r in records]
-                  for bound in ("diff_ci_low", "diff_ci_high")]
-        worse = [(d < 0) if self.modes[0] == "max" else (d > 0) for d in diffs]
-        fig = Figure(figsize=(max(4.0, 0.8 * len(names) + 2), 3.5))
-        ax = fig.subplots()
-        ax.bar(names, diffs, yerr=errors, capsize=4, color=["#c44e52" if w else "#4c72b0" for w in worse])
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_ylabel(f"{self.metrics[0]} minus baseline")
-        ax.set_title("ablation: effect of removing each component (red: worse without it)")
-        ax.tick_params(axis="x", labelrotation=30 if len(names) > 4 else 0)
-        fig.tight_layout()
-        target = Path(path) if path is not None else self.path / "ablation.png"
-        fig.savefig(target, dpi=120)
-        return target
+        sign = 1.0 if self.modes[0] == "max" else -1.0  # sign * diff < 0: worse without the component
+        metric = self.metrics[0]
+        top = min(measured, key=lambda r: sign * r["diff"])
+        if sign * top["diff"] < 0:
+            return f"most important: {top['component']} ({metric} {top['diff']:+.4g} without it{_note(top)})"
+        helped = max(measured, key=lambda r: sign * r["diff"])
+        if helped["diff"] == 0:
+            return f"no removal changed {metric}: every component's difference to the baseline is 0"
+        verb = "helped most" if helped["effect"] == "better" else "changed it most"
+        return (f"no removal made {metric} worse; removing {helped['component']} {verb} "
+                f"({metric} {helped['diff']:+.4g} without it{_note(helped)})")
 
     def _repr_html_(self) -> str:
-        """In Jupyter: the counts, the headline, then the ablation table."""
+        """In Jupyter: the counts, the headline, the ablation table, then its bar chart (a PNG)."""
         table = self.ablation.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")
         return (f"<div class='unison-result'>{self._html_header()}<p>{_esc(self.headline())}</p>"
-                f"{table}</div>")
+                f"{table}{_plot_html(self)}</div>")
 
     def __repr__(self) -> str:
         return (f"AblationResult({len(self._rows)} trials, status={self.status}, {self.headline()}, "
                 f"path={self.path})")
+
+
+def _note(record: dict[str, Any]) -> str:
+    """What a component's 95% interval says, for the headline: nothing when it excludes 0."""
+    if math.isnan(record["diff_ci_low"]):
+        return "; one repeat: no interval"
+    return "; its 95% interval contains 0: no effect shown" if record["effect"] == "no effect shown" else ""
 
 
 _ABLATION_COLUMNS = ["component", "kind", "n", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low",
@@ -398,3 +536,146 @@ class DistributedRecord(SearchResult):
         row = self._rows[0] if self._rows else {}
         return {"metrics": row.get("metrics") or {}, "trial_status": row.get("status"),
                 "error": row.get("error")}
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+@dataclass
+class PipelineStage:
+    """One stage of a pipeline as recorded: its name, kind (``search``, ``ablation``, ``distributed``),
+    experiment directory, status (``completed``, ``running``, ``interrupted``, ``aborted``, ``failed``,
+    ``pending``: not started), its result (``None`` until it has one) and, for a failed run, why."""
+
+    name: str
+    kind: str
+    path: Path
+    status: str
+    result: SearchResult | RunResult | None = None
+    error: str | None = None
+
+    @classmethod
+    def load(cls, name: str, kind: str, path: Path) -> PipelineStage:
+        """The stage stored in ``path`` (``pending`` if it holds no experiment yet)."""
+        store = ExperimentStore(path)
+        if not store.exists():
+            return cls(name, kind, path, "pending")
+        status = str(store.read_experiment().get("status", "unknown"))
+        if kind != "distributed":
+            return cls(name, kind, path, status, SearchResult.load(path))
+        try:
+            return cls(name, kind, path, status, RunResult.load(path))
+        except RunFailed as exc:  # a run that ended without completing, or has not ended
+            return cls(name, kind, path, "failed" if status == "completed" else status, None, str(exc))
+
+    def summary(self) -> str:
+        """One line: the best trial, the ablation's headline, or the run's metrics; else the status."""
+        result = self.result
+        if isinstance(result, AblationResult):
+            return result.headline()
+        if isinstance(result, SearchResult):
+            if len(result.metrics) > 1:
+                return f"{len(result.pareto)} trial(s) on the Pareto front"
+            if result.best is None:
+                return "no trial completed"
+            return (f"best trial {result.best.trial_id}: {result.metric}={result.best.metric:.6g} with "
+                    f"{result.best.hparams}")
+        if isinstance(result, RunResult):
+            return ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in result.metrics.items()) or "no metrics"
+        if self.error and self.error.strip():
+            return f"{self.status}: {self.error.strip().splitlines()[-1]}"
+        return self.status
+
+
+class PipelineResult:
+    """The result of a :class:`unison.Pipeline`: each stage's result, as ``unison.run`` returns it for
+    that stage. A stage's result is also an attribute named after the stage: ``r.search.best``,
+    ``r.ablation.ablation``, ``r.final.metrics``.
+
+    Attributes:
+        stages: stage name -> its result (a :class:`SearchResult`, :class:`AblationResult` or
+            :class:`RunResult`), in stage order; a stage without a result yet is left out.
+        statuses: stage name -> its status (``completed``, ``running``, ``interrupted``, ``aborted``,
+            ``failed``, ``pending``), every stage.
+        best: the best trial of the last search stage that has one (what a later stage took).
+        path: the pipeline's directory (each stage's experiment is in ``stages/<n>-<name>/``).
+        status: the pipeline's status: ``completed``, ``running``, ``interrupted``, ``aborted``, ``failed``.
+    """
+
+    def __init__(self, path: Path, name: str, status: str, stages: list[PipelineStage]) -> None:
+        self._path, self._name, self._status = Path(path), name, status
+        self._stages = {stage.name: stage for stage in stages}
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @property
+    def stages(self) -> dict[str, SearchResult | RunResult]:
+        return {name: s.result for name, s in self._stages.items() if s.result is not None}
+
+    @property
+    def statuses(self) -> dict[str, str]:
+        return {name: stage.status for name, stage in self._stages.items()}
+
+    @property
+    def records(self) -> list[PipelineStage]:
+        """Every stage as recorded, in order (with its path, status and result)."""
+        return list(self._stages.values())
+
+    @property
+    def best(self) -> Best | None:
+        searches = [s.result for s in self._stages.values()
+                    if type(s.result) is SearchResult and s.result.best is not None]
+        return searches[-1].best if searches else None
+
+    def __getattr__(self, name: str) -> Any:
+        stages = self.__dict__.get("_stages")
+        if name.startswith("_") or stages is None:
+            raise AttributeError(name)
+        stage = stages.get(name)
+        if stage is not None and stage.result is not None:
+            return stage.result
+        if stage is not None:
+            why = f": {stage.error.strip().splitlines()[-1]}" if stage.error else ""
+            raise AttributeError(f"the pipeline's stage {name!r} has no result: it is {stage.status}{why} "
+                                 f"(see {stage.path}; resuming the pipeline runs it: unison.resume("
+                                 f"{str(self._path)!r}, fn, ...))")
+        from unison._validate import did_you_mean
+
+        raise AttributeError(f"the pipeline has no stage {name!r};{did_you_mean(name, stages) or ''} its "
+                             f"stages are {list(stages)}")
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *self._stages})
+
+    @classmethod
+    def load(cls, path: str | Path) -> PipelineResult:
+        """Read a pipeline back from its directory (finished or not)."""
+        store = ExperimentStore(path)
+        meta = store.read_experiment()
+        if meta.get("kind") != "pipeline":
+            raise ValueError(f"{path} holds a {meta.get('kind')!r} experiment, not a pipeline: read it with "
+                             f"unison.load")
+        stages = [PipelineStage.load(s["name"], s["kind"], store.path / s["path"])
+                  for s in meta["pipeline"]["stages"]]
+        return cls(store.path, str(meta.get("name")), str(meta.get("status", "unknown")), stages)
+
+    def __repr__(self) -> str:
+        stages = "; ".join(f"{s.name} ({s.kind}, {s.status}): {s.summary()}" for s in self._stages.values())
+        return f"PipelineResult({self._name}, status={self._status}, {stages}, path={self._path})"
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the status, then a table of the stages with their status and result."""
+        rows = [(s.name, s.kind, s.status, s.summary(), s.path.relative_to(self._path))
+                for s in self._stages.values()]
+        return (f"<div class='unison-result'><p><b>PipelineResult</b> {_esc(self._name)}: status "
+                f"<b>{_esc(self._status)}</b><br><small><code>{_esc(self._path)}</code></small></p>"
+                f"{_html_table(['stage', 'kind', 'status', 'result', 'directory'], rows)}</div>")

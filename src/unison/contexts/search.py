@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,10 @@ class Search:
 
     Args:
         space: dict of hyperparameter name -> distribution (``uniform``, ``loguniform``, ``integer``,
-            ``choice``) or constant.
+            ``choice``) or constant. In a :class:`unison.Pipeline`, also a function ``best -> dict``
+            given the best trial (:class:`unison.Best`) of the search stage before it, e.g. a narrower
+            space around it: ``space=lambda best: {"lr": unison.loguniform(best.hparams["lr"] / 3,
+            best.hparams["lr"] * 3)}``.
         metric: the name of the metric to optimize: a key of the dict the function returns (a bare
             number returned by the function is this metric). A list of names makes a
             multi-objective search: the result's ``pareto`` holds the non-dominated trials.
@@ -71,7 +75,7 @@ class Search:
 
     def __init__(
         self,
-        space: dict[str, Any],
+        space: dict[str, Any] | Callable[[Any], dict[str, Any]],
         metric: str | list[str] = "value",
         mode: str | list[str] = "max",
         trials: int | None = None,
@@ -85,7 +89,9 @@ class Search:
         trial_timeout_s: float | None = None,
         retry_on_timeout: bool = False,
     ) -> None:
-        self.space = validate_space(space)
+        # A function of the best trial so far: a pipeline calls it, then replace(space=...), before the stage.
+        self.space_fn: Callable[[Any], dict[str, Any]] | None = space if callable(space) else None
+        self.space = {} if self.space_fn is not None else validate_space(space)
         check_hparam_names(self.space, "Search(space)")
         metrics = _as_list(metric, 1)
         named = all(isinstance(m, str) and m for m in metrics)
@@ -121,7 +127,7 @@ class Search:
         if not isinstance(retry_on_timeout, bool):
             raise ValueError(f"Search(retry_on_timeout=...) must be True or False, got {retry_on_timeout!r}")
         self.retry_on_timeout = retry_on_timeout
-        if optimizer == "grid" or isinstance(optimizer, GridSearch):
+        if (optimizer == "grid" or isinstance(optimizer, GridSearch)) and self.space_fn is None:
             size = self.build_optimizer().size()
             if size is not None and self.trials is not None and self.trials > size:
                 raise ValueError(
@@ -161,6 +167,16 @@ class Search:
         size = optimizer.size()
         return size if size is not None else DEFAULT_RANDOM_TRIALS
 
+    def replace(self, **changes: Any) -> Search:
+        """This search with some settings changed (``space=``, ``metric=``, ...), the others the same."""
+        settings = {"space": self.space_fn or self.space, "metric": self.metric, "mode": self.mode,
+                    "trials": self.trials, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                    "seed": self.seed, "max_concurrent": self.max_concurrent,
+                    "max_failures": self.max_failures, "max_retries": self.max_retries,
+                    "workers_per_trial": self.workers_per_trial, "trial_timeout_s": self.trial_timeout_s,
+                    "retry_on_timeout": self.retry_on_timeout}
+        return Search(**{**settings, **changes})
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form stored in ``experiment.json``. Names stay names; an instance of a builtin class
         that has ``params()`` is stored as ``{"name": ..., "params": {...}}`` and rebuilt by
@@ -174,8 +190,10 @@ class Search:
                     return {"name": name, "params": dict(obj.params())}
             return {"custom": type(obj).__qualname__}
 
+        space = ({"space": None, "space_fn": getattr(self.space_fn, "__qualname__", repr(self.space_fn))}
+                 if self.space_fn is not None else {"space": space_to_dict(self.space)})
         return {
-            "space": space_to_dict(self.space),
+            **space,
             "metric": self.metric,
             "mode": self.mode,
             "trials": self.trials,
@@ -195,6 +213,9 @@ class Search:
     def from_dict(cls, data: dict[str, Any]) -> Search:
         """Rebuild a search stored by :meth:`to_dict`; custom optimizers cannot be rebuilt."""
         data = dict(data)
+        if data.get("space") is None and "space_fn" in data:
+            raise ValueError(f"this search's space is computed by a function ({data['space_fn']}), which "
+                             f"cannot be stored: pass the same Search again")
         for key, builtins in (("optimizer", BUILTIN_OPTIMIZERS), ("scheduler", BUILTIN_SCHEDULERS)):
             spec = data.get(key)
             if isinstance(spec, dict) and "custom" in spec:
@@ -213,6 +234,11 @@ class Search:
     def to_plan(self, model: Any = None, data: Any = None) -> Plan:
         """What the driver runs for this search (``model``/``data``: unused, a search checks none)."""
         from unison.result import SearchResult
+
+        if self.space_fn is not None:
+            raise ValueError("Search(space=<function>) computes its space from the best trial of a search "
+                             "before it: use it as a stage of a unison.Pipeline after a Search stage, or "
+                             "pass space= a dict")
 
         def make_result(path: Path, rows: list[dict[str, Any]], status: str) -> SearchResult:
             return SearchResult(path, self.metrics, self.modes, rows, status)

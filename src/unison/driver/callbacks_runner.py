@@ -15,7 +15,7 @@ import threading
 import warnings
 from typing import Any
 
-from unison.callbacks import Callback, ExperimentInfo, TrialInfo
+from unison.callbacks import IDLE_S, Callback, ExperimentInfo, TrialInfo
 from unison.driver.store import ExperimentStore
 
 DRAIN_TIMEOUT_S = 30.0  # how long the experiment's end waits for the callbacks to catch up
@@ -38,6 +38,7 @@ class CallbackRunner:
         self._current = ""  # "Class.method" being called, for the timeout's warning
         self._thread = threading.Thread(target=self._run, name="unison-callbacks", daemon=True)
         self._closed = False
+        self._strict = False  # a callback that raises: raise (replay), not warn and disable it
 
     @classmethod
     def start(cls, callbacks: list[Callback], experiment: ExperimentInfo, store: ExperimentStore,
@@ -53,10 +54,6 @@ class CallbackRunner:
     def listen(self, line: bytes) -> None:
         """The store's listener: queue one journal line (quick, never raises)."""
         self._queue.put(line)
-
-    def feed(self, event: dict[str, Any]) -> None:
-        """Queue an event the journal does not hold (a single run's report)."""
-        self._queue.put(json.dumps(event, default=str).encode("utf-8"))
 
     def close(self, result: Any, timeout: float | None = None) -> None:
         """Stop listening, let the callbacks take what is queued (at most ``timeout`` seconds, default
@@ -79,10 +76,24 @@ class CallbackRunner:
                   f"Make the callback quicker (it runs once per event)")
 
     # ------------------------------------------------------------------------------ the thread
+    def replay(self, events: list[dict[str, Any]], result: Any) -> None:
+        """Call the callbacks, on this thread, for an experiment already recorded: its start, ``events``
+        (the journal's, in order), then its end with ``result``. For a runner that was never started;
+        a callback that raises ends the replay with its exception (nothing else is running to spare)."""
+        self._strict = True
+        self._call("on_experiment_start", self.experiment)
+        for event in events:
+            self._deliver(event)
+        self._call("on_experiment_end", result)
+
     def _run(self) -> None:
         self._call("on_experiment_start", self.experiment)
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=IDLE_S)
+            except queue.Empty:
+                self._call("flush")
+                continue
             if item is _END:
                 break
             if not self._dropping:
@@ -110,7 +121,7 @@ class CallbackRunner:
             trial_id=tid, hparams=dict(event.get("hparams") or {}), status="running",
             trial_dir=self.store.trial_dir(tid), attempt=event.get("attempt", 0), worker=event.get("worker"),
             host=event.get("host"), seed=spec.get("seed", self.seed),
-            component=component.get("name") if isinstance(component, dict) else None)
+            component=component.get("name") if isinstance(component, dict) else None, started=event.get("t"))
 
     def _ended(self, tid: int, event: dict[str, Any]) -> TrialInfo:
         started = self._trials.pop(tid, None) or TrialInfo(tid, {}, "running", self.store.trial_dir(tid))
@@ -119,7 +130,7 @@ class CallbackRunner:
             trial_dir=started.trial_dir, metrics=event.get("metrics") or {},
             stop_reason=event.get("stop_reason"), error=event.get("error"), duration=event.get("duration"),
             attempt=started.attempt, worker=event.get("worker", started.worker), host=started.host,
-            component=started.component, seed=started.seed)
+            component=started.component, seed=started.seed, started=started.started)
 
     def _call(self, method: str, *args: Any) -> None:
         """Call ``method`` of every callback still enabled; one that raises is warned of and disabled."""
@@ -131,6 +142,8 @@ class CallbackRunner:
             try:
                 getattr(callback, method)(*args)
             except BaseException as exc:  # noqa: BLE001 - a callback must never end the experiment
+                if self._strict:
+                    raise
                 self.disabled.add(index)
                 _warn(f"unison: the callback {name} raised {type(exc).__name__}: {exc}; it is called no "
                       f"more in experiment {self.experiment.path} (the experiment goes on). Fix the "

@@ -66,6 +66,11 @@ class TrialState:
         }
 
 
+def trial_seed(seed: int, trial_id: int) -> int:
+    """The ``ctx.seed`` of trial ``trial_id`` in an experiment seeded ``seed``."""
+    return (seed * 1_000_003 + trial_id) % 2**32
+
+
 class SearchDriver:
     """Decisions and records for one search experiment."""
 
@@ -217,7 +222,7 @@ class SearchDriver:
             "hparams": trial.hparams,
             "trial_dir": str(self.store.trial_dir(trial.trial_id)),
             "attempt": trial.attempt,
-            "seed": (self.seed * 1_000_003 + trial.trial_id) % 2**32,
+            "seed": trial_seed(self.seed, trial.trial_id),
             **trial.spec,
         }
 
@@ -226,7 +231,7 @@ class SearchDriver:
 
         Raises :class:`unison.MetricNotReported` if this is the experiment's first report and it lacks
         a metric the search optimizes (the trial then fails with ``error_kind: missing_metric``)."""
-        self.store.append({"e": "report", "id": trial_id, "step": step, "metrics": metrics})
+        self.store.append({"e": "report", "id": trial_id, "step": step, "metrics": metrics, "t": time.time()})
         if not self.metric_checked and self.require_metric:
             missing = [m for m in self.search.metrics if m not in metrics]
             if missing:

@@ -7,8 +7,10 @@ once the context has become a :class:`~unison.driver.plan.Plan` and the backend 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -39,17 +41,142 @@ class UserCode:
     data: Any = None
 
 
+# The libraries whose versions an experiment records when the driver has loaded them (never importing
+# one), by module name, with the name recorded.
+RECORDED_MODULES = {"numpy": "numpy", "pandas": "pandas", "torch": "torch", "tensorflow": "tensorflow",
+                    "keras": "keras", "jax": "jax", "sklearn": "scikit-learn", "pyspark": "pyspark",
+                    "optuna": "optuna"}
+GIT_TIMEOUT_S = 1.0  # for `git status` (a big repository, a cold cache); past it only the commit is kept
+
+
 def versions() -> dict[str, str]:
-    """The versions an experiment records in ``experiment.json``."""
-    return {"unison": __version__, "python": platform.python_version()}
+    """The versions an experiment records in ``experiment.json``: unison's, Python's, and those of the
+    libraries of :data:`RECORDED_MODULES` already imported in this process."""
+    found = {"unison": __version__, "python": platform.python_version()}
+    for module_name, name in RECORDED_MODULES.items():
+        module = sys.modules.get(module_name)
+        version = getattr(module, "__version__", None) if module is not None else None
+        if version is not None:
+            found[name] = str(version)
+    return found
+
+
+class GitProbe:
+    """The git commit of a work tree and whether tracked files differ from it, from ``git status`` run
+    in a process of its own: :meth:`start` starts it and returns at once, so that it runs while the
+    caller goes on (a single run: while the function runs), and :meth:`result` waits for it."""
+
+    STATUS = ["status", "--porcelain=v2", "--branch", "--untracked-files=no"]
+
+    def __init__(self, process: subprocess.Popen[str] | None = None, cwd: Path | None = None) -> None:
+        self._process, self._cwd = process, cwd
+        self._deadline = time.monotonic() + GIT_TIMEOUT_S
+        self._result: dict[str, Any] | None = None
+
+    @classmethod
+    def start(cls, cwd: str | Path | None = None) -> GitProbe:
+        """Start ``git status`` in ``cwd`` (default: the current directory); no process at all when no
+        folder from ``cwd`` up holds a ``.git`` (and ``GIT_DIR`` is unset) or git is not installed."""
+        try:
+            where = Path.cwd() if cwd is None else Path(cwd).absolute()
+        except OSError:  # the current directory was removed
+            return cls()
+        if "GIT_DIR" not in os.environ and not any((d / ".git").exists() for d in (where, *where.parents)):
+            return cls()
+        try:
+            process = subprocess.Popen(["git", *cls.STATUS], cwd=where, env=_git_environment(),
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                       stderr=subprocess.DEVNULL, text=True)
+        except OSError:  # no git
+            return cls()
+        return cls(process, where)
+
+    def result(self) -> dict[str, Any] | None:
+        """``{"commit": sha, "dirty": bool}`` (``dirty`` is ``None`` when ``git status`` ran past
+        :data:`GIT_TIMEOUT_S`), or ``None`` outside a work tree, before its first commit, without git."""
+        process, self._process = self._process, None
+        if process is None or self._cwd is None:
+            return self._result
+        try:
+            out, _ = process.communicate(timeout=max(0.0, self._deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # a huge tree, a cold cache: the commit alone, if git says it soon
+            process.kill()
+            process.communicate()
+            commit = _git(["rev-parse", "--verify", "--quiet", "HEAD"], self._cwd, GIT_TIMEOUT_S / 2)
+            self._result = {"commit": commit.strip(), "dirty": None} if commit else None
+            return self._result
+        lines = out.splitlines() if process.returncode == 0 else []
+        heads = [line.split()[2] for line in lines if line.startswith("# branch.oid ")]
+        if heads and heads[0] != "(initial)":
+            self._result = {"commit": heads[0], "dirty": any(not line.startswith("#") for line in lines)}
+        return self._result
+
+    def fields(self) -> dict[str, Any]:
+        """``{"git": result}`` for ``experiment.json``, or nothing when there is no commit to record."""
+        found = self.result()
+        return {} if found is None else {"git": found}
+
+    def close(self) -> None:
+        """End ``git status`` if it still runs (nothing waits for its answer any more)."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+        if process is not None:
+            process.communicate()
+
+
+def _git_environment() -> dict[str, str]:
+    return {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # status must not take the index lock from the user
+
+
+def _git(arguments: list[str], cwd: Path, timeout: float) -> str | None:
+    """``git ARGUMENTS``'s output, or ``None`` if it fails, times out or git is missing."""
+    try:
+        done = subprocess.run(["git", *arguments], cwd=cwd, env=_git_environment(), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def provenance() -> dict[str, Any]:
+    """What ``experiment.json`` records to reproduce the experiment: ``versions`` and, where the current
+    directory is in a git work tree, ``git`` (its commit and whether tracked files differ from it)."""
+    return {"versions": versions(), **GitProbe.start().fields()}
+
+
+NOTEBOOK_ENV = "UNISON_NOTEBOOK"  # set by `unison notebook` for the kernel: JSON, see notebook_origin
+
+
+def notebook_origin(path: Path) -> dict[str, Any]:
+    """``{"notebook": {"path": ..., "parameters": {...}}}`` for the ``experiment.json`` of an experiment
+    made while ``unison notebook`` runs a notebook (it describes the run in :data:`NOTEBOOK_ENV`), once
+    ``path`` is appended to the file the command reads back to put the executed notebook there; else
+    ``{}``."""
+    try:
+        origin = json.loads(os.environ.get(NOTEBOOK_ENV) or "null")
+    except ValueError:
+        return {}
+    if not isinstance(origin, dict):
+        return {}
+    record = origin.pop("record", None)
+    if isinstance(record, str):
+        try:
+            with open(record, "a", encoding="utf-8") as made:
+                made.write(f"{Path(path).absolute()}\n")
+        except OSError:
+            pass  # the experiment runs regardless; only the executed notebook is not copied into it
+    return {"notebook": origin}
 
 
 def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | Path | None = None,
                    name: str | None = None, resume_path: str | Path | None = None,
-                   progress: bool | None = None, callbacks: list[Callback] | None = None) -> Any:
+                   progress: bool | None = None, callbacks: list[Callback] | None = None,
+                   path: str | Path | None = None) -> Any:
     """Run ``plan`` on ``backend`` (or finish the experiment in ``resume_path``); return what the plan
     presents (a result object), raising the plan's error if the experiment aborted. ``callbacks`` hear
-    of every event journaled from the moment the experiment is opened."""
+    of every event journaled from the moment the experiment is opened. ``path``: a new experiment's
+    exact directory (a pipeline's stage) instead of a new one under ``storage``."""
     gang_slots = _check_backend(plan, backend)  # before anything is written: it may fail
     names = check_injectable(code.fn, plan.hparam_names, code.model is not None or bool(plan.variants),
                              code.data is not None, plan.search.conditional_names)
@@ -57,7 +184,7 @@ def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | 
         plan.check_names(code.fn, names)
     parts = _payload_parts(code, names, plan)
     payload, payload_error = _payload(parts, backend.in_process)
-    store, meta, events = _open_store(code, plan, storage, name, resume_path)
+    store, meta, events = _open_store(code, plan, storage, name, resume_path, path)
     runner = None
     try:  # from here on the store holds the lock: release it if the experiment cannot start
         declaration = json.loads(json.dumps(meta[plan.kind], default=str))  # the callbacks' own copy
@@ -137,16 +264,17 @@ Opened = tuple[ExperimentStore, dict[str, Any], list[dict[str, Any]]]
 
 
 def _open_store(code: UserCode, plan: Plan, storage: str | Path | None, name: str | None,
-                resume_path: str | Path | None) -> Opened:
-    """A new experiment directory, or the one in ``resume_path`` after checking it holds this plan;
-    with its ``experiment.json`` (``meta``) and journal. The store is locked until it is closed."""
+                resume_path: str | Path | None, path: str | Path | None = None) -> Opened:
+    """A new experiment directory (``path``, or a new one under ``storage``), or the one in
+    ``resume_path`` after checking it holds this plan; with its ``experiment.json`` (``meta``) and
+    journal. The store is locked until it is closed."""
     if resume_path is None:
         name = name or str(getattr(code.fn, "__name__", plan.kind))
-        store = ExperimentStore.create(storage, name)
+        store = ExperimentStore.create(storage, name) if path is None else ExperimentStore.create_at(path)
         seed = plan.search.seed if plan.search.seed is not None else secrets.randbits(31)
         meta = {"kind": plan.kind, "name": name, plan.kind: plan.declaration, "seed": seed,
                 "function": getattr(code.fn, "__qualname__", repr(code.fn)), "created": time.time(),
-                "versions": versions()}
+                **provenance(), **notebook_origin(store.path)}
         return store, meta, []
     store = ExperimentStore(resume_path)
     meta = store.read_experiment()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from unison.callbacks import Callback, ExperimentInfo
 from unison.driver.callbacks_runner import CallbackRunner
-from unison.driver.experiment import UserCode, versions
+from unison.driver.experiment import GitProbe, UserCode, notebook_origin, versions
 from unison.driver.store import ExperimentStore
 from unison.result import RunResult
 from unison.worker.injection import check_injectable
@@ -33,12 +33,14 @@ def run_single(code: UserCode, run: SingleRun, storage: str | Path | None = None
     store = ExperimentStore.create(storage, name)  # locked until closed
     store.resumable = False
     callback_runner, result = None, None
+    git = GitProbe.start()  # runs while the function does; its answer is recorded with the outcome
     try:
         declaration = json.loads(json.dumps({"hparams": run.hparams, "seed": run.seed}, default=str))
         callback_runner = CallbackRunner.start(callbacks or [], ExperimentInfo(
             name, "single", store.path, declaration), store, seed=run.seed)
         store.write_experiment({"kind": "single", "name": name, "status": "running", "hparams": run.hparams,
-                                "seed": run.seed, "created": time.time(), "versions": versions()},
+                                "seed": run.seed, "created": time.time(), "versions": versions(),
+                                **notebook_origin(store.path)},
                                durable=False)  # a single run is not resumed: only its outcome is fsynced
         runner = TrialRunner(code.fn, names, run.metric or "value", code.model, code.data,
                              capture_output=False, require_metric=False)
@@ -46,10 +48,11 @@ def run_single(code: UserCode, run: SingleRun, storage: str | Path | None = None
                  "seed": run.seed}
         store.append({"e": "start", "id": 0, "hparams": run.hparams, "attempt": 0, "worker": "inline",
                       "t": time.time()})
-        call = _call(runner, trial, store, callback_runner)
-        result = _record(call, run, store)
+        call = call_recorded(runner, trial, store, git)
+        result = _record(call, run, store, git)
         return result
     finally:
+        git.close()
         try:
             if callback_runner is not None:
                 callback_runner.close(result)
@@ -57,39 +60,39 @@ def run_single(code: UserCode, run: SingleRun, storage: str | Path | None = None
             store.close()
 
 
-def _call(runner: TrialRunner, trial: dict[str, Any], store: ExperimentStore,
-          callback_runner: CallbackRunner | None) -> TrialCall:
-    """Run the function; on Ctrl-C or an exception, record how it ended and raise it again. Its reports
-    reach ``callback_runner`` (they are not in the journal, only in ``metrics.jsonl``); nothing stops it."""
+def call_recorded(runner: TrialRunner, trial: dict[str, Any], store: ExperimentStore,
+                  git: GitProbe) -> TrialCall:
+    """Run the function as trial 0 of ``store``; on Ctrl-C or an exception, record how it ended and raise
+    it again. Its reports are journaled with their time (so callbacks hear them, and ``r.curves`` has
+    it); nothing stops it."""
     start = time.perf_counter()
 
     def decide(step: int, metrics: dict[str, float]) -> None:
-        assert callback_runner is not None
-        callback_runner.feed({"e": "report", "id": 0, "step": step, "metrics": metrics})
+        store.append({"e": "report", "id": 0, "step": step, "metrics": metrics, "t": time.time()})
 
     try:
-        call = runner.call(trial, decide=None if callback_runner is None else decide)
+        call = runner.call(trial, decide=decide)
     except KeyboardInterrupt:
-        _record_failure(store, "interrupted", "KeyboardInterrupt", time.perf_counter() - start)
+        _record_failure(store, git, "interrupted", "KeyboardInterrupt", time.perf_counter() - start)
         raise
     if call.error is not None:
-        _record_failure(store, "failed", call.outcome["error"], call.outcome["duration"],
+        _record_failure(store, git, "failed", call.outcome["error"], call.outcome["duration"],
                         call.outcome.get("steps"))
         raise call.error
     return call
 
 
-def _record_failure(store: ExperimentStore, status: str, error: str, duration: float,
+def _record_failure(store: ExperimentStore, git: GitProbe, status: str, error: str, duration: float,
                     steps: int | None = None) -> None:
     try:
         store.append({"e": "end", "id": 0, "status": status, "error": error, "duration": duration,
                       **({"steps": steps} if steps is not None else {})})
-        store.update_experiment(status=status)
+        store.update_experiment(status=status, **git.fields())
     except OSError:
         pass  # e.g. a full disk: the function's own error is the one to raise
 
 
-def _record(call: TrialCall, run: SingleRun, store: ExperimentStore) -> RunResult:
+def _record(call: TrialCall, run: SingleRun, store: ExperimentStore, git: GitProbe) -> RunResult:
     """Record a returned call: its metrics and value, or why what it returned is not a result."""
     outcome = call.outcome
     duration = outcome["duration"]
@@ -101,7 +104,7 @@ def _record(call: TrialCall, run: SingleRun, store: ExperimentStore) -> RunResul
                    f"them, or leave metric= unset")
     if problem is not None:
         store.append({"e": "end", "id": 0, "status": "failed", "error": problem, "duration": duration})
-        store.update_experiment(status="failed")
+        store.update_experiment(status="failed", **git.fields())
         raise ValueError(problem)
     if run.metric is not None and run.metric in metrics:
         value: float | None = metrics[run.metric]
@@ -111,5 +114,5 @@ def _record(call: TrialCall, run: SingleRun, store: ExperimentStore) -> RunResul
                   "steps": outcome["steps"], "last_step": outcome["last_step"]})
     store.write_result({"status": "completed", "metrics": metrics, "value": value, "duration": duration},
                        sync_dir=False)  # update_experiment fsyncs the directory
-    store.update_experiment(status="completed")
+    store.update_experiment(status="completed", **git.fields())
     return RunResult(metrics=metrics, value=value, returned=call.returned, path=store.path, duration=duration)

@@ -159,6 +159,28 @@ class ExperimentStore:
         raise FileExistsError(f"could not create a new experiment directory under {root}")
 
     @classmethod
+    def create_at(cls, path: str | Path) -> ExperimentStore:
+        """A new experiment in exactly ``path`` (a pipeline's stage), locked for this driver. ``path`` may
+        exist if it holds no experiment yet (a driver stopped before writing ``experiment.json``)."""
+        path = Path(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            cls(path)._reraise(exc, path)
+        store = cls(path)
+        store.lock()
+        if store.exists():
+            store.close()
+            raise FileExistsError(f"{path} already holds an experiment: resume it, or choose another "
+                                  f"directory")
+        try:
+            (path / "trials").mkdir(exist_ok=True)
+        except OSError as exc:
+            store.close()
+            store._reraise(exc, path / "trials")
+        return store
+
+    @classmethod
     def open(cls, path: str | Path) -> ExperimentStore:
         """The existing experiment in ``path``, locked for this driver (to resume it).
 
