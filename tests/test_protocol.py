@@ -237,12 +237,14 @@ def test_messages_workers_really_send_are_valid() -> None:
 
     def fn(x: float, reporter: Any) -> dict[str, float]:
         reporter.report(step=0, loss=1.0)
+        reporter.report(step=1, loss=0.9, checkpoint={"w": x})
         return {"value": x, "loss": 0.5}
 
     reports: list[dict[str, Any]] = []
 
-    def decide(step: int, metrics: dict[str, float]) -> None:
-        reports.append({"t": "report", "trial_id": 7, "step": step, "metrics": metrics})
+    def decide(step: int, metrics: dict[str, float], checkpoint: dict[str, Any] | None = None) -> None:
+        reports.append({"t": "report", "trial_id": 7, "step": step, "metrics": metrics,
+                        **({"checkpoint": checkpoint} if checkpoint else {})})
 
     import tempfile
 
@@ -250,6 +252,7 @@ def test_messages_workers_really_send_are_valid() -> None:
         result = TrialRunner(fn, ["x", "reporter"], "value").run(
             {"trial_id": 7, "hparams": {"x": 0.5}, "trial_dir": trial_dir}, decide)
     assert result["status"] == "completed"
+    assert reports[1]["checkpoint"]["path"] == "checkpoints/step-000001"
     for message in [HELLO, {"t": "ready"}, {"t": "ready", "result": result}, *reports,
                     {"t": "ready", "address": "127.0.0.1", "port": 29500, "gpus": 0},
                     {"t": "rank_failed", "trial_id": 7, "error": "Traceback ..."},

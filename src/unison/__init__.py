@@ -23,6 +23,7 @@ _PUBLIC = {
     "unison.notebook": ("context_backend",),
     "unison.tensorboard_logger": ("TensorBoardLogger",),
     "unison.worker.ctx": ("Context",),
+    "unison.worker.checkpoints": ("load_checkpoint",),
     "unison.contexts.ablation": ("Ablation", "Ablator", "Component", "LeaveOneOut"),
     "unison.contexts.distributed": ("Distributed",),
     "unison.contexts.pipeline": ("Pipeline",),
@@ -102,5 +103,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     )
     from unison.space import choice, integer, loguniform, uniform  # noqa: F401
     from unison.tensorboard_logger import TensorBoardLogger  # noqa: F401
+    from unison.worker.checkpoints import load_checkpoint  # noqa: F401
     from unison.worker.ctx import Context  # noqa: F401
     from unison.worker.reporter import Reporter  # noqa: F401

@@ -230,6 +230,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if frame.empty:
         print("no trials recorded yet")
         return 0
+    if "checkpoint" in frame and frame["checkpoint"].notna().any():  # a trial's folder says the rest
+        frame["checkpoint"] = frame["checkpoint"].map(lambda p: Path(p).name if isinstance(p, str) else p)
     _print_trials(result, frame, args.rows, width)
     failed = frame[frame["status"] == "failed"]
     for _, row in failed.head(3).iterrows():
@@ -246,6 +248,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print()
         _say(f"best trial {result.best.trial_id}: {result.metric}={result.best.metric:.6g} "
              f"with {result.best.hparams}", width)
+        if result.best.checkpoint is not None:
+            _say(f"its checkpoint: {result.best.checkpoint} (unison.load_checkpoint(path) reads it)", width)
     return 0
 
 

@@ -219,6 +219,24 @@ RESULT_SCHEMA: _Schema = {
     "logs_cut": _opt(_mapping(_integer(0), 16)),  # log file name -> bytes cut; journaled as sent
 }
 
+#: A checkpoint a report saved (``report``'s ``checkpoint``): its step, its folder relative to the
+#: trial folder (only ``checkpoints/step-<n>``: a worker names no other path) and its size in bytes.
+CHECKPOINT_SAVED_SCHEMA: _Schema = {
+    "step": _Field(_integer()),
+    "path": _Field(_text(64, re.compile(r"checkpoints/step--?\d{6,}"))),
+    "size": _Field(_integer(0)),
+}
+
+#: What a trial message says of checkpoints (``trial``'s ``checkpoint``): how many to keep and by which
+#: metric, and the one to resume from (``path`` on the driver's disk, ``step``), if any. Never its bytes.
+CHECKPOINT_SPEC_SCHEMA: _Schema = {
+    "keep": _Field(_integer(0)),
+    "metric": _opt(_optional(_NAME)),
+    "mode": _opt(_one_of("max", "min")),
+    "path": _opt(_optional(_text(4096))),
+    "step": _opt(_optional(_integer())),
+}
+
 #: One schema per kind of message the driver receives.
 TO_DRIVER: dict[str, _Schema] = {
     HELLO: {
@@ -232,7 +250,8 @@ TO_DRIVER: dict[str, _Schema] = {
         "port": _opt(_integer(0, 65535)),
         "gpus": _opt(_integer(0)),
     },
-    REPORT: {"trial_id": _Field(_TRIAL_ID), "step": _Field(_integer()), "metrics": _Field(_METRICS)},
+    REPORT: {"trial_id": _Field(_TRIAL_ID), "step": _Field(_integer()), "metrics": _Field(_METRICS),
+             "checkpoint": _opt(_record(CHECKPOINT_SAVED_SCHEMA))},
     RANK_FAILED: {"trial_id": _Field(_TRIAL_ID), "error": _Field(_TEXT)},
     FILES: {"trial_id": _Field(_TRIAL_ID), "files": _Field(_FILES)},
     FATAL: {"error": _Field(_TEXT)},
@@ -248,6 +267,7 @@ TO_WORKER: dict[str, _Schema] = {
         "attempt": _opt(_integer(0)),
         "seed": _opt(_optional(_integer())),
         "dist": _opt(_mapping(_anything, 1000)),
+        "checkpoint": _opt(_record(CHECKPOINT_SPEC_SCHEMA)),
     },
     DECISION: {"stop": _Field(_optional(_TEXT)), "error": _opt(_optional(_TEXT))},
     ABORT: {"trial_id": _opt(_optional(_TRIAL_ID)), "reason": _opt(_optional(_TEXT))},
@@ -302,13 +322,25 @@ class ReadyMessage(_ReadyKeys, total=False):
     gpus: int
 
 
-class ReportMessage(TypedDict):
-    """An intermediate report, answered by a :class:`DecisionMessage`."""
-
+class _ReportKeys(TypedDict):
     t: Literal["report"]
     trial_id: int
     step: int
     metrics: dict[str, float]
+
+
+class CheckpointSaved(TypedDict):
+    """A checkpoint saved with a report (:data:`CHECKPOINT_SAVED_SCHEMA`)."""
+
+    step: int
+    path: str  # relative to the trial folder: checkpoints/step-<n>
+    size: int
+
+
+class ReportMessage(_ReportKeys, total=False):
+    """An intermediate report, answered by a :class:`DecisionMessage`."""
+
+    checkpoint: CheckpointSaved
 
 
 class RankFailedMessage(TypedDict):
@@ -365,6 +397,7 @@ class TrialMessage(_TrialKeys, total=False):
     seed: int | None
     dist: DistSpec
     component: dict[str, Any]  # an ablation trial's component
+    checkpoint: dict[str, Any]  # keep, metric, mode; path and step to resume from (CHECKPOINT_SPEC_SCHEMA)
 
 
 class _DecisionKeys(TypedDict):

@@ -17,18 +17,20 @@ if TYPE_CHECKING:
 
 _FIXED_COLUMNS = ("trial_id", "status")
 _TAIL_COLUMNS = ("steps", "last_step", "duration", "worker", "host", "pid", "attempts", "stop_reason",
-                 "error")
+                 "error", "checkpoint")
 
 
 @dataclass(frozen=True)
 class Best:
     """A best completed trial: its id, hyperparameters, optimized value (a list of values in a
-    multi-objective search) and all its final metrics."""
+    multi-objective search), all its final metrics and its latest checkpoint's folder (``None`` if
+    it saved none; read it with :func:`unison.load_checkpoint`)."""
 
     trial_id: int
     hparams: dict[str, Any]
     metric: Any
     metrics: dict[str, float]
+    checkpoint: Path | None = None
 
 
 def objective_value(metrics: dict[str, float], names: list[str]) -> float | list[float] | None:
@@ -173,6 +175,8 @@ def rows_from_journal(events: list[dict[str, Any]], metric: str | list[str]) -> 
                                                 "last_step", "stop_reason", "worker")})
             row["metrics"] = ev.get("metrics") or {}
             row["value"] = objective_value(row["metrics"], [metric] if isinstance(metric, str) else metric)
+        elif kind == "checkpoint" and tid in rows:
+            rows[tid]["checkpoint"] = ev.get("path")  # the latest: always kept
         elif kind == "lost" and tid in rows:
             rows[tid]["status"] = "pending"
     return [rows[k] for k in sorted(rows)]
@@ -197,6 +201,9 @@ class SearchResult:
         self.metric = self.metrics[0] if len(self.metrics) == 1 else self.metrics
         self.mode = self.modes[0] if len(self.modes) == 1 else self.modes
         self.path, self.status = Path(path), status
+        for row in rows:  # the journal names a checkpoint relative to the experiment: here, a full path
+            if row.get("checkpoint"):
+                row["checkpoint"] = str(self.path / row["checkpoint"])
         self._rows = rows
         done = [r for r in rows if r["status"] == "completed" and r.get("value") is not None]
         if len(self.metrics) > 1:
@@ -210,7 +217,8 @@ class SearchResult:
 
     @staticmethod
     def _as_best(row: dict[str, Any]) -> Best:
-        return Best(row["trial_id"], dict(row["hparams"]), row["value"], dict(row["metrics"]))
+        checkpoint = Path(row["checkpoint"]) if row.get("checkpoint") else None
+        return Best(row["trial_id"], dict(row["hparams"]), row["value"], dict(row["metrics"]), checkpoint)
 
     @property
     def trials(self) -> pd.DataFrame:

@@ -165,6 +165,8 @@ class Ablation:
         trial_timeout_s, retry_on_timeout: as for :class:`unison.Search`: a configuration's run that
             takes longer than ``trial_timeout_s`` seconds is ended and recorded ``failed`` (reason
             ``timeout``), and run again only with ``retry_on_timeout=True``.
+        keep_checkpoints: as for :class:`unison.Search`: how many of a run's latest checkpoints are kept
+            (besides its best one). Default 2.
     """
 
     def __init__(
@@ -184,11 +186,13 @@ class Ablation:
         max_retries: int = 2,
         trial_timeout_s: float | None = None,
         retry_on_timeout: bool = False,
+        keep_checkpoints: int = 2,
     ) -> None:
         from unison._validate import check_hparam_names, check_number
-        from unison.contexts.search import check_trial_timeout
+        from unison.contexts.search import check_keep_checkpoints, check_trial_timeout
 
         self.trial_timeout_s = check_trial_timeout(trial_timeout_s, "Ablation")
+        self.keep_checkpoints = check_keep_checkpoints(keep_checkpoints, "Ablation")
         if not isinstance(retry_on_timeout, bool):
             raise ValueError(f"Ablation(retry_on_timeout=...) must be True or False, "
                              f"got {retry_on_timeout!r}")
@@ -241,7 +245,8 @@ class Ablation:
         return Search(dict(self.base), metric=self.metric, mode=self.mode, trials=self.trials,
                       optimizer=_AblationPlan(self), max_concurrent=self.max_concurrent,
                       max_failures=self.max_failures, max_retries=self.max_retries,
-                      trial_timeout_s=self.trial_timeout_s, retry_on_timeout=self.retry_on_timeout)
+                      trial_timeout_s=self.trial_timeout_s, retry_on_timeout=self.retry_on_timeout,
+                      keep_checkpoints=self.keep_checkpoints)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -253,6 +258,7 @@ class Ablation:
             # Only when set: studies stored before the options existed resume unchanged.
             **({"trial_timeout_s": self.trial_timeout_s} if self.trial_timeout_s is not None else {}),
             **({"retry_on_timeout": True} if self.retry_on_timeout else {}),
+            **({"keep_checkpoints": self.keep_checkpoints} if self.keep_checkpoints != 2 else {}),
         }
 
     def to_plan(self, model: Any = None, data: Any = None) -> Plan:

@@ -19,6 +19,15 @@ def _positive_int(value: Any, name: str, allow_none: bool = True) -> int | None:
     return check_number(value, name, owner="Search", integer=True, low=1, allow_none=allow_none)
 
 
+def check_keep_checkpoints(value: Any, owner: str) -> int:
+    """``keep_checkpoints`` checked: an int of at least 1 (the latest checkpoint is what a retry resumes
+    from, so it is always kept)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}(keep_checkpoints={value!r}) must be an int of at least 1: how many of a "
+                         f"trial's latest checkpoints to keep (the best one is kept besides)")
+    return value
+
+
 def check_trial_timeout(value: Any, owner: str) -> float | None:
     """Validate ``trial_timeout_s``: ``None`` (no limit) or a number of seconds > 0, as a float."""
     return check_number(value, "trial_timeout_s", owner=owner, low=0, low_inclusive=False, allow_none=True,
@@ -71,6 +80,8 @@ class Search:
             search runs on the main thread (not enforced on other threads).
         retry_on_timeout: run a trial that hit ``trial_timeout_s`` again, counting an attempt, up to
             ``max_retries`` times (default ``False``: a timed-out trial fails at once).
+        keep_checkpoints: how many of a trial's latest checkpoints (``reporter.report(checkpoint=...)``)
+            are kept, besides its best one by ``metric``; older ones are deleted. Default 2.
     """
 
     def __init__(
@@ -88,6 +99,7 @@ class Search:
         workers_per_trial: int = 1,
         trial_timeout_s: float | None = None,
         retry_on_timeout: bool = False,
+        keep_checkpoints: int = 2,
     ) -> None:
         # A function of the best trial so far: a pipeline calls it, then replace(space=...), before the stage.
         self.space_fn: Callable[[Any], dict[str, Any]] | None = space if callable(space) else None
@@ -127,6 +139,7 @@ class Search:
         if not isinstance(retry_on_timeout, bool):
             raise ValueError(f"Search(retry_on_timeout=...) must be True or False, got {retry_on_timeout!r}")
         self.retry_on_timeout = retry_on_timeout
+        self.keep_checkpoints = check_keep_checkpoints(keep_checkpoints, "Search")
         if (optimizer == "grid" or isinstance(optimizer, GridSearch)) and self.space_fn is None:
             size = self.build_optimizer().size()
             if size is not None and self.trials is not None and self.trials > size:
@@ -174,7 +187,7 @@ class Search:
                     "seed": self.seed, "max_concurrent": self.max_concurrent,
                     "max_failures": self.max_failures, "max_retries": self.max_retries,
                     "workers_per_trial": self.workers_per_trial, "trial_timeout_s": self.trial_timeout_s,
-                    "retry_on_timeout": self.retry_on_timeout}
+                    "retry_on_timeout": self.retry_on_timeout, "keep_checkpoints": self.keep_checkpoints}
         return Search(**{**settings, **changes})
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,6 +220,7 @@ class Search:
             **({"workers_per_trial": self.workers_per_trial} if self.workers_per_trial != 1 else {}),
             **({"trial_timeout_s": self.trial_timeout_s} if self.trial_timeout_s is not None else {}),
             **({"retry_on_timeout": True} if self.retry_on_timeout else {}),
+            **({"keep_checkpoints": self.keep_checkpoints} if self.keep_checkpoints != 2 else {}),
         }
 
     @classmethod

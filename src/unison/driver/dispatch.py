@@ -72,10 +72,10 @@ def run_inline(driver: SearchDriver, runner: TrialRunner, progress: Any) -> None
 
         timer = _InlineTimer(driver.search.trial_timeout_s)
 
-        def decide(step: int, metrics: dict[str, float], _id: int = trial.trial_id,
-                   _timer: _InlineTimer = timer) -> str | None:
+        def decide(step: int, metrics: dict[str, float], checkpoint: dict[str, Any] | None = None,
+                   _id: int = trial.trial_id, _timer: _InlineTimer = timer) -> str | None:
             with _timer.paused():  # never interrupt the driver's own journal writes
-                return driver.report(_id, step, metrics)
+                return driver.report(_id, step, metrics, checkpoint)
 
         saved, outcome = (sys.stdout, sys.stderr), None
         trial.started_at = time.monotonic()
@@ -315,7 +315,8 @@ class RemoteLoop:
             stop = "the trial already ended"
         else:
             try:
-                stop = self.driver.report(message["trial_id"], message["step"], message["metrics"])
+                stop = self.driver.report(message["trial_id"], message["step"], message["metrics"],
+                                          cast(dict[str, Any] | None, message.get("checkpoint")))
             except MetricNotReported as exc:  # the worker's reporter raises it in the function
                 self.send(peer, DecisionMessage(t=DECISION, stop=None, error=str(exc)))
                 return

@@ -44,6 +44,8 @@ class TrialState:
     stop_reason: str | None = None
     spec: dict[str, Any] = field(default_factory=dict)
     started_at: float | None = None  # time.monotonic() when this attempt started (for trial_timeout_s)
+    # The checkpoints journaled for this trial, oldest first: {"step", "path"} (relative to the experiment)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
         """The trial as one flat record (for the trial table and result.json)."""
@@ -62,6 +64,7 @@ class TrialState:
             "attempts": self.attempt + 1,
             "stop_reason": self.stop_reason,
             "error": self.error,
+            **({"checkpoint": self.checkpoints[-1]["path"]} if self.checkpoints else {}),  # the latest: kept
             **({"spec": self.spec} if self.spec else {}),
         }
 
@@ -128,6 +131,8 @@ class SearchDriver:
                         self.scheduler.on_report(tid, step, value)
                     self.scheduler.on_complete(tid, ev["status"])
                 self._account(self.trials[tid])
+            elif kind == "checkpoint" and tid in self.trials:
+                self.trials[tid].checkpoints.append({"step": ev["step"], "path": ev["path"]})
             elif kind == "lost":
                 self.trials[tid].attempt = ev.get("attempt", 0) + 1
                 self.trials[tid].status = "pending"
@@ -223,15 +228,34 @@ class SearchDriver:
             "trial_dir": str(self.store.trial_dir(trial.trial_id)),
             "attempt": trial.attempt,
             "seed": trial_seed(self.seed, trial.trial_id),
+            "checkpoint": self.checkpoint_spec(trial),
             **trial.spec,
         }
 
-    def report(self, trial_id: int, step: int, metrics: dict[str, float]) -> str | None:
-        """Record an intermediate report; return ``None`` to continue or the reason to stop.
+    def checkpoint_spec(self, trial: TrialState) -> dict[str, Any]:
+        """The trial message's ``checkpoint``: which checkpoints to keep (the last ``keep_checkpoints``
+        plus the best by the search's first metric) and the one to resume from: the newest journaled
+        checkpoint still on disk, as a path on the driver's disk and never its bytes (a worker without
+        that disk is where checkpoint shipping plugs in, issue 16, later)."""
+        spec: dict[str, Any] = {"keep": self.search.keep_checkpoints, "mode": self.search.modes[0],
+                                "metric": None if len(self.search.metrics) > 1 else self.search.metrics[0]}
+        for saved in reversed(trial.checkpoints):
+            folder = self.store.path / saved["path"]
+            if (folder / "meta.json").is_file():  # a worker orphaned by a driver crash may have pruned it
+                spec.update(path=str(folder), step=saved["step"])
+                break
+        return spec
+
+    def report(self, trial_id: int, step: int, metrics: dict[str, float],
+               checkpoint: dict[str, Any] | None = None) -> str | None:
+        """Record an intermediate report (and the checkpoint saved with it: ``{"step", "path", "size"}``,
+        ``path`` relative to the trial folder); return ``None`` to continue or the reason to stop.
 
         Raises :class:`unison.MetricNotReported` if this is the experiment's first report and it lacks
         a metric the search optimizes (the trial then fails with ``error_kind: missing_metric``)."""
         self.store.append({"e": "report", "id": trial_id, "step": step, "metrics": metrics, "t": time.time()})
+        if checkpoint is not None:
+            self._record_checkpoint(trial_id, checkpoint)
         if not self.metric_checked and self.require_metric:
             missing = [m for m in self.search.metrics if m not in metrics]
             if missing:
@@ -254,6 +278,16 @@ class SearchDriver:
         if not isinstance(decision, Stop):
             return None
         return decision.reason or f"stopped by the scheduler at step {step}"
+
+    def _record_checkpoint(self, trial_id: int, checkpoint: dict[str, Any]) -> None:
+        """Journal a checkpoint a report saved (its folder is on disk already)."""
+        trial_dir = self.store.trial_dir(trial_id).relative_to(self.store.path)
+        path = (trial_dir / checkpoint["path"]).as_posix()
+        self.store.append({"e": "checkpoint", "id": trial_id, "step": checkpoint["step"], "path": path,
+                           "size": checkpoint.get("size"), "t": time.time()})
+        trial = self.trials.get(trial_id)
+        if trial is not None:
+            trial.checkpoints.append({"step": checkpoint["step"], "path": path})
 
     def finish(self, outcome: dict[str, Any]) -> None:
         """Record a trial's outcome (from the trial runner) and learn from it."""

@@ -67,8 +67,12 @@ def call_recorded(runner: TrialRunner, trial: dict[str, Any], store: ExperimentS
     it); nothing stops it."""
     start = time.perf_counter()
 
-    def decide(step: int, metrics: dict[str, float]) -> None:
+    def decide(step: int, metrics: dict[str, float], checkpoint: dict[str, Any] | None = None) -> None:
         store.append({"e": "report", "id": 0, "step": step, "metrics": metrics, "t": time.time()})
+        if checkpoint is not None:  # journaled as a search's are: trials/0000/checkpoints/step-<n>
+            path = (store.trial_dir(0).relative_to(store.path) / checkpoint["path"]).as_posix()
+            store.append({"e": "checkpoint", "id": 0, "step": checkpoint["step"], "path": path,
+                          "size": checkpoint.get("size"), "t": time.time()})
 
     try:
         call = runner.call(trial, decide=decide)

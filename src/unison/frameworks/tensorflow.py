@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from unison.worker.rank import RankSession, shard
+from unison.worker.reporter import Decide
 
 _joined: str | None = None  # the TF_CONFIG of the cluster this process joined, if any
 
@@ -176,12 +177,13 @@ class TensorFlowRankSession(RankSession):
             scope, self._scope = self._scope, None
             scope.__exit__(None, None, None)
 
-    def decide(self, chief_decide: Callable[[int, dict[str, float]], str | None] | None
-               ) -> Callable[[int, dict[str, float]], str | None]:
+    def decide(self, chief_decide: Decide | None) -> Decide:
         """Rank 0 asks the driver; the other ranks only record their reports."""
 
-        def decide(step: int, metrics: dict[str, float]) -> str | None:
-            return chief_decide(step, metrics) if self.rank == 0 and chief_decide is not None else None
+        def decide(step: int, metrics: dict[str, float],
+                   checkpoint: dict[str, Any] | None = None) -> str | None:
+            return (chief_decide(step, metrics, checkpoint) if self.rank == 0 and chief_decide is not None
+                    else None)
 
         return decide
 

@@ -17,6 +17,12 @@ def _default_device() -> str:
     return "cpu"
 
 
+def _map_location(device: str) -> str | None:
+    """Where torch tensors of a checkpoint go: the CPU when this process has no GPU (a checkpoint
+    saved on a GPU machine still loads), else where they were saved."""
+    return "cpu" if device == "cpu" else None
+
+
 class Context:
     """What the training function gets as ``ctx``.
 
@@ -30,14 +36,35 @@ class Context:
             this rank's device (``"cuda:<local_rank>"`` or ``"cpu"``).
         seed: a per-trial seed the function may use for its own randomness.
         attempt: 0 the first time a trial runs, 1.. when it is re-run after its worker died.
+        checkpoint: what the trial resumes from: ``None`` on a first attempt; on a retry after its
+            worker died, or after the driver crashed and the search was resumed, the last checkpoint
+            the trial saved (``reporter.report(checkpoint=...)``), as the object it was saved as (a
+            directory checkpoint: the path of its restored directory). Loaded when first asked for.
+        checkpoint_step: the step of ``checkpoint`` (``None`` without one). A function written as
+            ``start = ctx.checkpoint_step + 1 if ctx.checkpoint else 0`` resumes itself.
     """
 
     def __init__(self, trial_id: int, trial_dir: str | Path, rank: int = 0, world_size: int = 1,
-                 local_rank: int = 0, device: str = "cpu", seed: int | None = None, attempt: int = 0) -> None:
+                 local_rank: int = 0, device: str = "cpu", seed: int | None = None, attempt: int = 0,
+                 checkpoint_path: str | Path | None = None, checkpoint_step: int | None = None) -> None:
         self.trial_id, self._trial_dir, self._trial_dir_made = trial_id, Path(trial_dir), False
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.device, self.seed, self.attempt = device, seed, attempt
         self._session: RankSession | None = None
+        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+        self.checkpoint_step = checkpoint_step if checkpoint_path is not None else None
+        self._checkpoint: Any = None
+        self._checkpoint_loaded = checkpoint_path is None
+
+    @property
+    def checkpoint(self) -> Any:
+        if not self._checkpoint_loaded:
+            from unison.worker.checkpoints import load_checkpoint
+
+            assert self.checkpoint_path is not None
+            self._checkpoint = load_checkpoint(self.checkpoint_path, map_location=_map_location(self.device))
+            self._checkpoint_loaded = True
+        return self._checkpoint
 
     @property
     def trial_dir(self) -> Path:
@@ -49,7 +76,7 @@ class Context:
     def __repr__(self) -> str:
         return (f"Context(trial_id={self.trial_id}, trial_dir={str(self._trial_dir)!r}, rank={self.rank}, "
                 f"world_size={self.world_size}, local_rank={self.local_rank}, device={self.device!r}, "
-                f"seed={self.seed}, attempt={self.attempt})")
+                f"seed={self.seed}, attempt={self.attempt}, checkpoint_step={self.checkpoint_step})")
 
     @property
     def is_chief(self) -> bool:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from unison.errors import TrialStopped
 from unison.worker.generators import call_generator
+from unison.worker.reporter import Decide
 
 if TYPE_CHECKING:
     from unison.worker.ctx import Context
@@ -274,12 +275,13 @@ class RankSession:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- what is injected
-    def decide(self, chief_decide: Callable[[int, dict[str, float]], str | None] | None
-               ) -> Callable[[int, dict[str, float]], str | None]:
+    def decide(self, chief_decide: Decide | None) -> Decide:
         """A ``decide`` for this rank's reporter: rank 0 asks the scheduler, every rank gets its answer."""
 
-        def decide(step: int, metrics: dict[str, float]) -> str | None:
-            reason = chief_decide(step, metrics) if self.rank == 0 and chief_decide is not None else None
+        def decide(step: int, metrics: dict[str, float],
+                   checkpoint: dict[str, Any] | None = None) -> str | None:
+            reason = (chief_decide(step, metrics, checkpoint) if self.rank == 0 and chief_decide is not None
+                      else None)
             try:
                 chief_step, reason = self._broadcast((step, reason))
             except Exception as exc:

@@ -17,6 +17,7 @@ from typing import Any
 
 from unison.errors import TrialStopped
 from unison.worker.ablate import component_generators
+from unison.worker.checkpoints import FOLDER, Checkpointer, Policy
 from unison.worker.ctx import Context, _default_device
 from unison.worker.generators import once, takes_no_arguments
 from unison.worker.injection import build_arguments
@@ -120,14 +121,17 @@ class TrialRunner:
         """:meth:`run`, keeping what the function returned and the exception it raised (a single run
         raises it again in the caller, as plain Python would)."""
         session = session_for(trial, notify)
+        resume = trial.get("checkpoint") or {}
         ctx = Context(trial_id=trial["trial_id"], trial_dir=Path(trial["trial_dir"]), device=self.device,
-                      seed=trial.get("seed"), attempt=trial.get("attempt", 0))
+                      seed=trial.get("seed"), attempt=trial.get("attempt", 0),
+                      checkpoint_path=resume.get("path"), checkpoint_step=resume.get("step"))
         log_dir = Path(trial["trial_dir"])
         if session is not None:
             session.bind(ctx)
             log_dir, decide = session.log_dir(log_dir), session.decide(decide)
         logs = _TrialLogs(log_dir, self.capture_output)
-        reporter = Reporter(decide, logs.metrics)
+        reporter = Reporter(decide, logs.metrics, checkpointer=_checkpointer(trial, ctx),
+                            first_step=0 if ctx.checkpoint_step is None else ctx.checkpoint_step + 1)
         call = TrialCall({"trial_id": trial["trial_id"], "error": None})
         start = time.perf_counter()
         try:
@@ -215,6 +219,16 @@ class TrialRunner:
                                                 f"return {missing[0]!r} too"),
             }
         return {"status": "completed", "metrics": metrics}
+
+
+def _checkpointer(trial: Mapping[str, Any], ctx: Context) -> Checkpointer | None:
+    """What saves the trial's checkpoints into its folder: rank 0's (a distributed trial's checkpoint is
+    its rank 0's; the other ranks' ``checkpoint=`` is ignored). A worker without the driver's disk
+    writes into its temporary trial folder, shipped with the trial's other files when it ends: that is
+    where chunked shipping or ``checkpoint_storage=`` (issue 16, later) takes over."""
+    if not ctx.is_chief:
+        return None
+    return Checkpointer(Path(trial["trial_dir"]) / FOLDER, Policy.from_message(trial.get("checkpoint")))
 
 
 def _framework_scope() -> contextlib.AbstractContextManager[None]:

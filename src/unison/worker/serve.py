@@ -43,6 +43,7 @@ from unison.protocol import (
     READY,
     REPORT,
     TRIAL,
+    CheckpointSaved,
     Connection,
     FatalMessage,
     FilesMessage,
@@ -355,9 +356,14 @@ class _Session:
             shutil.rmtree(local_dir, ignore_errors=True)
         return result
 
-    def _decide(self, trial_id: int, step: int, metrics: dict[str, float]) -> str | None:
-        """Send the driver a report and wait for its decision; a trial it hands over meanwhile is held."""
-        self.conn.send(ReportMessage(t=REPORT, trial_id=trial_id, step=step, metrics=metrics))
+    def _decide(self, trial_id: int, step: int, metrics: dict[str, float],
+                checkpoint: dict[str, Any] | None = None) -> str | None:
+        """Send the driver a report (with the checkpoint it saved, already on disk) and wait for its
+        decision; a trial it hands over meanwhile is held."""
+        report = ReportMessage(t=REPORT, trial_id=trial_id, step=step, metrics=metrics)
+        if checkpoint is not None:
+            report["checkpoint"] = cast(CheckpointSaved, checkpoint)
+        self.conn.send(report)
         reply = _next(self.inbox)
         while reply.get("t") == TRIAL:
             self.held.append(reply)
