@@ -407,3 +407,46 @@ def test_the_tracking_example_runs_and_reads_mlflow_back(tmp_path):
     assert done.stdout.count(" reports, lr=") == 4
     assert "TensorBoard runs: ['0000', '0001', '0002', '0003']" in done.stdout
     assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_export_of_a_failed_single_run_ends_its_runs_failed(tmp_path):
+    from unison.cli import main
+
+    def train(lr):
+        raise ZeroDivisionError("lr too small")
+
+    with pytest.raises(ZeroDivisionError):
+        unison.run(train, hparams={"lr": 0.1}, storage=tmp_path / "runs")
+    (path,) = (tmp_path / "runs").iterdir()
+    uri, client = sqlite_store(tmp_path)
+    assert main(["export", "mlflow", str(path), "--tracking-uri", uri,
+                 "--experiment-name", "unison-test"]) == 0
+    parent, children = run_tree(client, "unison-test")
+    assert parent.info.status == "FAILED" and parent.data.tags["unison.status"] == "failed"
+    assert children[0].info.status == "FAILED"
+    assert "ZeroDivisionError: lr too small" in children[0].data.tags["unison.error"]
+
+
+def test_export_of_a_pipeline_logs_each_stage_as_its_own_run_tree(tmp_path):
+    from unison.cli import main
+
+    frame = pd.DataFrame({"A": np.arange(20.0), "B": np.ones(20), "y": np.arange(20.0)})
+
+    def train(lr, dataset):
+        return {"score": lr + len(dataset.columns)}
+
+    flow = unison.Pipeline(search=unison.Search({"lr": unison.choice([0.1, 0.2])}, metric="score", mode="max",
+                                                optimizer="grid"),
+                           ablation=unison.Ablation(features=["A", "B"], label="y"))
+    result = unison.run(train, flow, data=frame, backend="inline", storage=tmp_path / "runs", progress=False)
+    uri, client = sqlite_store(tmp_path)
+    assert main(["export", "mlflow", str(result.path), "--tracking-uri", uri,
+                 "--experiment-name", "unison-test"]) == 0
+    experiment_id = client.get_experiment_by_name("unison-test").experiment_id
+    runs = client.search_runs([experiment_id], max_results=100)
+    parents = {r.data.tags["unison.kind"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert set(parents) == {"search", "ablation"}
+    assert all(p.info.status == "FINISHED" for p in parents.values())
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 + 3  # the grid's two trials; the ablation's baseline, A and B
+    assert "ablation.csv" in {a.path for a in client.list_artifacts(parents["ablation"].info.run_id)}

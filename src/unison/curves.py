@@ -3,8 +3,8 @@
 A search's, an ablation's or a distributed run's reports come from the journal's ``report`` events:
 they are complete (a trial's ``metrics.jsonl`` is cut past its size limit, and a Spark executor sends it
 back only within a size limit) and a retried trial's reports are those of its last attempt (its
-``metrics.jsonl`` goes on across attempts). A single run does not journal its reports: they come from
-``trials/0000/metrics.jsonl``, its only record of them (the journal's, should it hold some).
+``metrics.jsonl`` goes on across attempts). A single run journals its reports too; one recorded before
+it did (no report event in its journal) has them read from ``trials/0000/metrics.jsonl``.
 """
 
 from __future__ import annotations
