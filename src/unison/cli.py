@@ -276,7 +276,8 @@ def _print_header(path: Path, meta: dict[str, Any], width: int | None) -> None:
     recorded = ", ".join(f"{name} {version}" for name, version in (meta.get("versions") or {}).items())
     git = meta.get("git")
     if git:
-        dirty = " with uncommitted changes" if git.get("dirty") else ""
+        dirty = {True: " with uncommitted changes", None: " (uncommitted changes not checked)"}.get(
+            git.get("dirty", False), "")
         recorded += f"; git commit {str(git.get('commit'))[:12]}{dirty}"
     if recorded:
         _say(f"  recorded: {recorded}", width)
