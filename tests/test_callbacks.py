@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from helpers_quality import quality_search as shared_quality_search
+from helpers_quality import quality_train
 
 import unison
 from unison import callbacks as callbacks_module
@@ -128,17 +130,8 @@ def test_a_failing_single_run_is_heard_failing(tmp_path):
 QUALITIES = [0.5, 0.6, 0.2, 0.9, 0.3, 0.8, 0.1, 0.95, 0.4, -1.0]  # -1: the trial fails
 
 
-def quality_train(q, reporter):
-    if q < 0:
-        raise ValueError("a failing trial")
-    for step in range(9):
-        reporter.report(step=step, acc=q)
-    return {"acc": q}
-
-
 def quality_search() -> unison.Search:
-    return unison.Search({"q": unison.choice(QUALITIES)}, metric="acc", mode="max", optimizer="grid",
-                         scheduler=unison.ASHA())
+    return shared_quality_search(QUALITIES)
 
 
 def check_search(rec: Recorder, result: unison.SearchResult) -> None:

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from helpers_quality import quality_search as shared_quality_search
+from helpers_quality import quality_train
 
 import unison
 
@@ -31,18 +33,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 QUALITIES = [0.9, 0.5, 0.2, -1.0]  # on a grid, in this order: 0.2 is stopped by ASHA, -1 fails
 
 
-def quality_train(q, reporter):
-    print(f"training q={q}")
-    if q < 0:
-        raise ValueError("a failing trial")
-    for step in range(9):
-        reporter.report(step=step, acc=q)
-    return {"acc": q}
-
-
 def quality_search() -> unison.Search:
-    return unison.Search({"q": unison.choice(QUALITIES)}, metric="acc", mode="max", optimizer="grid",
-                         scheduler=unison.ASHA())
+    return shared_quality_search(QUALITIES)
 
 
 def sqlite_store(tmp_path: Path, experiment: str = "unison-test") -> tuple[str, MlflowClient]:
@@ -407,3 +399,66 @@ def test_the_tracking_example_runs_and_reads_mlflow_back(tmp_path):
     assert done.stdout.count(" reports, lr=") == 4
     assert "TensorBoard runs: ['0000', '0001', '0002', '0003']" in done.stdout
     assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_export_of_a_failed_single_run_ends_its_runs_failed(tmp_path):
+    from unison.cli import main
+
+    def train(lr):
+        raise ZeroDivisionError("lr too small")
+
+    with pytest.raises(ZeroDivisionError):
+        unison.run(train, hparams={"lr": 0.1}, storage=tmp_path / "runs")
+    (path,) = (tmp_path / "runs").iterdir()
+    uri, client = sqlite_store(tmp_path)
+    assert main(["export", "mlflow", str(path), "--tracking-uri", uri,
+                 "--experiment-name", "unison-test"]) == 0
+    parent, children = run_tree(client, "unison-test")
+    assert parent.info.status == "FAILED" and parent.data.tags["unison.status"] == "failed"
+    assert children[0].info.status == "FAILED"
+    assert "ZeroDivisionError: lr too small" in children[0].data.tags["unison.error"]
+
+
+def test_export_of_a_pipeline_logs_each_stage_as_its_own_run_tree(tmp_path):
+    from unison.cli import main
+
+    frame = pd.DataFrame({"A": np.arange(20.0), "B": np.ones(20), "y": np.arange(20.0)})
+
+    def train(lr, dataset):
+        return {"score": lr + len(dataset.columns)}
+
+    flow = unison.Pipeline(search=unison.Search({"lr": unison.choice([0.1, 0.2])}, metric="score", mode="max",
+                                                optimizer="grid"),
+                           ablation=unison.Ablation(features=["A", "B"], label="y"))
+    result = unison.run(train, flow, data=frame, backend="inline", storage=tmp_path / "runs", progress=False)
+    uri, client = sqlite_store(tmp_path)
+    assert main(["export", "mlflow", str(result.path), "--tracking-uri", uri,
+                 "--experiment-name", "unison-test"]) == 0
+    experiment_id = client.get_experiment_by_name("unison-test").experiment_id
+    runs = client.search_runs([experiment_id], max_results=100)
+    parents = {r.data.tags["unison.kind"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert set(parents) == {"search", "ablation"}
+    assert all(p.info.status == "FINISHED" for p in parents.values())
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 + 3  # the grid's two trials; the ablation's baseline, A and B
+    assert "ablation.csv" in {a.path for a in client.list_artifacts(parents["ablation"].info.run_id)}
+
+
+def test_export_of_an_older_single_run_reads_its_reports_from_metrics_jsonl(tmp_path):
+    from unison.cli import main
+
+    def train(reporter):
+        for step in range(3):
+            reporter.report(step=step, loss=1.0 / (step + 1))
+        return {"loss": 1.0 / 3}
+
+    result = unison.run(train, storage=tmp_path / "runs")
+    journal_file = result.path / "journal.jsonl"
+    lines = journal_file.read_text().splitlines()  # as unison wrote it before reports were journaled
+    journal_file.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["e"] != "report"))
+    uri, client = sqlite_store(tmp_path)
+    assert main(["export", "mlflow", str(result.path), "--tracking-uri", uri,
+                 "--experiment-name", "unison-test", "--no-artifacts"]) == 0
+    _, children = run_tree(client, "unison-test")
+    history = client.get_metric_history(children[0].info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, 1.0 / (s + 1)) for s in range(3)]

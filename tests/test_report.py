@@ -179,6 +179,20 @@ def test_open_starts_the_browser_on_the_file(experiments, tmp_path):
     assert seen.read_text() == (path / REPORT_NAME).resolve().as_uri()
 
 
+def test_values_from_the_experiment_are_escaped_in_the_page_and_in_jupyter(tmp_path):
+    evil = "<script>window.pwned=1</script>"
+
+    def train(name):
+        return {"score": 1.0}
+
+    search = unison.Search({"name": unison.choice([evil, "plain"])}, metric="score", optimizer="grid")
+    result = unison.run(train, search, backend="inline", storage=tmp_path, progress=False, name="x<b>y")
+    page = write_report(result.path).read_text()
+    assert evil not in page and "&lt;script&gt;window.pwned=1&lt;/script&gt;" in page
+    assert "<b>y" not in page.split("<script>")[0]  # the name in the title and header is text
+    assert evil not in result._repr_html_()
+
+
 def test_importing_report_loads_no_heavy_library():
     heavy = ("plotly", "matplotlib", "pandas", "optuna")
     code = f"import sys, unison.report; print(sorted(m for m in {heavy} if m in sys.modules))"

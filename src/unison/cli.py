@@ -280,7 +280,8 @@ def _print_header(path: Path, meta: dict[str, Any], width: int | None) -> None:
     recorded = ", ".join(f"{name} {version}" for name, version in (meta.get("versions") or {}).items())
     git = meta.get("git")
     if git:
-        dirty = " with uncommitted changes" if git.get("dirty") else ""
+        dirty = {True: " with uncommitted changes", None: " (uncommitted changes not checked)"}.get(
+            git.get("dirty", False), "")
         recorded += f"; git commit {str(git.get('commit'))[:12]}{dirty}"
     if recorded:
         _say(f"  recorded: {recorded}", width)
@@ -502,26 +503,45 @@ def _cmd_spark_standalone(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from unison.api import load
-    from unison.driver.backfill import backfill
     from unison.mlflow_logger import MLflowLogger
 
     path = Path(args.experiment)
     if not (path / "experiment.json").is_file():
         print(f"error: {path} is not an experiment directory (it has no experiment.json)", file=sys.stderr)
         return 1
-    try:
-        logger = MLflowLogger(args.tracking_uri, args.experiment_name, log_artifacts=not args.no_artifacts)
-    except (ImportError, ConnectionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    meta = ExperimentStore(path).read_experiment()
+    # a pipeline is exported stage by stage: each stage is an experiment of its own, with its own run tree
+    stages = ([p.parent for p in sorted((path / "stages").glob("*/experiment.json"))]
+              if meta.get("kind") == "pipeline" else [path])
+    for experiment in stages:
+        try:
+            logger = MLflowLogger(args.tracking_uri, args.experiment_name,
+                                  log_artifacts=not args.no_artifacts)
+        except (ImportError, ConnectionError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if _export_one(experiment, logger) != 0:
+            return 1
+    return 0
+
+
+def _export_one(path: Path, logger: Any) -> int:
+    """Export the experiment in ``path`` through ``logger`` (an MLflowLogger); the exit status."""
+    from unison.api import load
+    from unison.driver.backfill import backfill
+    from unison.errors import RunFailed
+
     logged = logger.logged_run(path)
     if logged is not None:
         print(f"error: {path} is in MLflow at {logger.tracking_uri} already, as the run {logged} (see "
               f"{path / 'mlflow.json'}); exporting it again would log every metric twice. Delete that run "
               f"(or {path / 'mlflow.json'}) to export it again", file=sys.stderr)
         return 1
-    trials = backfill(path, [logger], load(path))
+    try:
+        result = load(path)
+    except RunFailed:
+        result = None  # a single or distributed run that failed: its parent run ends FAILED
+    trials = backfill(path, [logger], result)
     print(f"exported {path} to MLflow at {logger.tracking_uri}: the run {logger.parent_run_id} and "
           f"{trials} nested trial run(s)")
     return 0

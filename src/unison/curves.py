@@ -3,8 +3,8 @@
 A search's, an ablation's or a distributed run's reports come from the journal's ``report`` events:
 they are complete (a trial's ``metrics.jsonl`` is cut past its size limit, and a Spark executor sends it
 back only within a size limit) and a retried trial's reports are those of its last attempt (its
-``metrics.jsonl`` goes on across attempts). A single run does not journal its reports: they come from
-``trials/0000/metrics.jsonl``, its only record of them (the journal's, should it hold some).
+``metrics.jsonl`` goes on across attempts). A single run journals its reports too; one recorded before
+it did (no report event in its journal) has them read from ``trials/0000/metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def trial_reports(events: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]
     return reports
 
 
-def _file_reports(path: Path) -> list[dict[str, Any]]:
+def file_reports(path: Path) -> list[dict[str, Any]]:
     """The reports in one ``metrics.jsonl``: each line ``{"step": s, <metric>: value, ...}``; the note a
     cut file starts with (``{"unison": "... were cut ..."}``) and torn lines are skipped."""
     if not path.is_file():
@@ -99,7 +99,7 @@ def curves_frame(result: SearchResult | RunResult) -> pd.DataFrame:
     events = store.read_journal()
     reports = trial_reports(events)
     if meta.get("kind") == "single" and not any(reports.values()):  # its reports are not journaled
-        reports = {0: _file_reports(store.trial_dir(0) / "metrics.jsonl")}
+        reports = {0: file_reports(store.trial_dir(0) / "metrics.jsonl")}
     specs = _ablation_specs(events) if meta.get("kind") == "ablation" else None
     fixed = (*BASE_COLUMNS, *(ABLATION_COLUMNS if specs is not None else ()), TIME_COLUMN)
     names = list(dict.fromkeys([*declared_metrics(meta),

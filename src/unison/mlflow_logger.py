@@ -24,6 +24,7 @@ from typing import Any
 
 from unison._version import __version__
 from unison.callbacks import Callback, ExperimentInfo, TrialInfo
+from unison.result import AblationResult
 
 RUN_IDS_FILE = "mlflow.json"
 # MLflow's limits (those of its oldest servers still met: a param value was 500 characters before 2.x)
@@ -144,6 +145,7 @@ class MLflowLogger(Callback):
         if self._parent is None:
             return
         self._reported[trial.trial_id] = {}
+        self._pending.pop(trial.trial_id, None)  # a lost attempt's reports, never sent: not this attempt's
         run_id = self._children.get(trial.trial_id)
         if run_id is not None and self._exists(run_id):
             self._client.update_run(run_id, status="RUNNING")
@@ -224,21 +226,22 @@ class MLflowLogger(Callback):
         pareto = getattr(result, "pareto", None)
         if best is None and pareto:
             tags["unison.pareto_trial_ids"] = ",".join(str(b.trial_id) for b in pareto)
-        self._log(self._parent, metrics=_numbers(best.metrics) if best is not None else {}, tags=tags)
-        if self.log_artifacts:
-            self._log_result_files(result)
-        self._client.set_terminated(self._parent, _EXPERIMENT_END_STATUS.get(status, "FINISHED"))
+        try:
+            self._log(self._parent, metrics=_numbers(best.metrics) if best is not None else {}, tags=tags)
+            if self.log_artifacts:
+                self._log_result_files(result)
+        finally:  # the parent run is never left RUNNING
+            self._client.set_terminated(self._parent, _EXPERIMENT_END_STATUS.get(status, "FINISHED"))
 
     # ------------------------------------------------------------------------------------- helpers
     def _log_result_files(self, result: Any) -> None:
         assert self._path is not None and self._parent is not None
         if (self._path / "result.json").is_file():
             self._client.log_artifact(self._parent, str(self._path / "result.json"))
-        ablation = getattr(result, "ablation", None)
-        if ablation is None:
+        if not isinstance(result, AblationResult):
             return
         with tempfile.TemporaryDirectory(prefix="unison-mlflow-") as folder:
-            ablation.to_csv(Path(folder) / "ablation.csv", index=False)
+            result.ablation.to_csv(Path(folder) / "ablation.csv", index=False)
             try:
                 result.plot(path=Path(folder) / "ablation.png")  # drawn by matplotlib
             except ImportError:

@@ -231,11 +231,13 @@ def _objective(result: SearchResult, metric: str | None, mode: str | None,
         raise ValueError(f"importance(mode=...) must be 'max' or 'min' (or None: the metric's mode in the "
                          f"experiment), got {mode!r}")
     if metric is None:
-        pareto = isinstance(evaluator, optuna.importance.PedAnovaImportanceEvaluator)
+        # PED-ANOVA rates importance for a Pareto front from Optuna 5 on
+        pareto = (isinstance(evaluator, optuna.importance.PedAnovaImportanceEvaluator)
+                  and int(optuna.__version__.split(".")[0]) >= 5)
         if len(result.metrics) > 1 and not pareto:
             raise ValueError(f"the search optimizes {result.metrics}: name one, e.g. "
                              f"importance(metric={result.metrics[0]!r}); only evaluator='ped-anova' "
-                             f"computes importance for the Pareto front (metric=None)")
+                             f"computes importance for the Pareto front (metric=None), from Optuna 5 on")
         return list(result.metrics), list(result.modes)
     reported = list(dict.fromkeys(name for row in result.rows for name in (row.get("metrics") or {})))
     if metric not in reported:

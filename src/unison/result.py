@@ -672,7 +672,7 @@ class PipelineResult:
         if meta.get("kind") != "pipeline":
             raise ValueError(f"{path} holds a {meta.get('kind')!r} experiment, not a pipeline: read it with "
                              f"unison.load")
-        stages = [PipelineStage.load(s["name"], s["kind"], store.path / s["path"])
+        stages = [PipelineStage.load(s["name"], s["kind"], _inside(store.path, s["path"]))
                   for s in meta["pipeline"]["stages"]]
         return cls(store.path, str(meta.get("name")), str(meta.get("status", "unknown")), stages)
 
@@ -687,3 +687,12 @@ class PipelineResult:
         return (f"<div class='unison-result'><p><b>PipelineResult</b> {_esc(self._name)}: status "
                 f"<b>{_esc(self._status)}</b><br><small><code>{_esc(self._path)}</code></small></p>"
                 f"{_html_table(['stage', 'kind', 'status', 'result', 'directory'], rows)}</div>")
+
+
+def _inside(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing a path that leads out of ``root`` (a stage lies in its pipeline)."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ValueError(f"{root}/experiment.json names a stage at {relative!r}, outside the pipeline's "
+                         f"directory: the file was edited or is not a unison pipeline's")
+    return root / relative

@@ -101,6 +101,9 @@ class Pipeline:
 
 
 def _check_stage(name: str, stage: Any) -> None:
+    if not name.isidentifier():  # it names a folder and an attribute: r.<name>
+        raise ValueError(f"unison.Pipeline: the stage name {name!r} is not a Python identifier; name stages "
+                         f"as keywords, e.g. unison.Pipeline(search=..., final=...)")
     if not isinstance(stage, (Search, Ablation, Distributed)):
         hint = " (to run once with fixed hyperparameters, use unison.Distributed(workers=1, hparams={...}))" \
             if isinstance(stage, dict) else ""
@@ -265,7 +268,8 @@ def _open(code: UserCode, pipeline: Pipeline, storage: str | Path | None, name: 
             raise ValueError(f"{resume_path} holds a {meta.get('kind')!r} experiment, not a pipeline: resume "
                              f"it with unison.resume({str(resume_path)!r}, fn)")
         if meta["pipeline"] != declaration:
-            raise ValueError(f"the pipeline differs from the one stored in {resume_path}: pass the same one, "
+            raise ValueError(f"the pipeline differs from the one stored in {resume_path} "
+                             f"({_first_difference(meta['pipeline'], declaration)}): pass the same one, "
                              f"or call unison.resume({str(resume_path)!r}, fn) to use the stored one")
         store.lock()  # unison.ExperimentLocked if another driver runs it
     try:
@@ -274,6 +278,19 @@ def _open(code: UserCode, pipeline: Pipeline, storage: str | Path | None, name: 
         store.close()
         raise
     return store, meta
+
+
+def _first_difference(stored: Any, given: Any, where: str = "") -> str:
+    """Where two declarations first differ, e.g. ``stages[1].ablation.repeats: 3 stored, 5 given``."""
+    if isinstance(stored, dict) and isinstance(given, dict):
+        for key in [*stored, *(k for k in given if k not in stored)]:
+            if stored.get(key) != given.get(key):
+                return _first_difference(stored.get(key), given.get(key), f"{where}.{key}" if where else key)
+    if isinstance(stored, list) and isinstance(given, list) and len(stored) == len(given):
+        for i, (a, b) in enumerate(zip(stored, given, strict=True)):
+            if a != b:
+                return _first_difference(a, b, f"{where}[{i}]")
+    return f"{where or 'the declaration'}: {stored!r} stored, {given!r} given"
 
 
 def _write_payload(store: ExperimentStore, code: UserCode, pipeline: Pipeline) -> str | None:

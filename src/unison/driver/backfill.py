@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from unison.callbacks import Callback, ExperimentInfo
+from unison.curves import file_reports
 from unison.driver.callbacks_runner import CallbackRunner
 from unison.driver.store import ExperimentStore
 
@@ -45,16 +46,8 @@ def backfill(path: str | Path, callbacks: list[Callback], result: Any) -> int:
 
 def _with_single_run_reports(events: list[dict[str, Any]], trial_dir: Path) -> list[dict[str, Any]]:
     """``events`` with the reports of ``trial_dir/metrics.jsonl`` put before the trial's end event."""
-    reports = []
-    file = trial_dir / "metrics.jsonl"
-    for line in file.read_text(encoding="utf-8").splitlines() if file.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            step = record.pop("step")
-            reports.append({"e": "report", "id": 0, "step": step, "metrics": record})
+    reports = [{"e": "report", "id": 0, "step": r["step"], "metrics": r["metrics"]}
+               for r in file_reports(trial_dir / "metrics.jsonl") if isinstance(r["step"], int)]
     ends = [i for i, e in enumerate(events) if e.get("e") == "end"]
     at = ends[0] if ends else len(events)
     return [*events[:at], *reports, *events[at:]]

@@ -74,6 +74,9 @@ class CallbackRunner:
                   f"event(s) {wait:g} s after it ended ({self._current or 'a callback'} was still running): "
                   f"those events are dropped, and on_experiment_end is called once that call returns. "
                   f"Make the callback quicker (it runs once per event)")
+            # The same callbacks may serve the next experiment (a pipeline's next stage): let this
+            # one's on_experiment_end come first, unless a call hangs.
+            self._thread.join(wait)
 
     # ------------------------------------------------------------------------------ the thread
     def replay(self, events: list[dict[str, Any]], result: Any) -> None:

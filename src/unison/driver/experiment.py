@@ -66,7 +66,8 @@ class GitProbe:
     in a process of its own: :meth:`start` starts it and returns at once, so that it runs while the
     caller goes on (a single run: while the function runs), and :meth:`result` waits for it."""
 
-    STATUS = ["status", "--porcelain=v2", "--branch", "--untracked-files=no"]
+    # (core.fsmonitor off: a repository's own config must not make unison run its command)
+    STATUS = ["-c", "core.fsmonitor=false", "status", "--porcelain=v2", "--branch", "--untracked-files=no"]
 
     def __init__(self, process: subprocess.Popen[str] | None = None, cwd: Path | None = None) -> None:
         self._process, self._cwd = process, cwd
@@ -145,7 +146,7 @@ def provenance() -> dict[str, Any]:
     return {"versions": versions(), **GitProbe.start().fields()}
 
 
-NOTEBOOK_ENV = "UNISON_NOTEBOOK"  # set by `unison notebook` for the kernel: JSON, see notebook_origin
+NOTEBOOK_ENV = "UNISON_NOTEBOOK_RUN"  # set by `unison notebook` for the kernel: JSON, see notebook_origin
 
 
 def notebook_origin(path: Path) -> dict[str, Any]:

@@ -221,6 +221,8 @@ def _stored_parts(source: Path, meta: dict[str, Any], trial_id: int, needed: boo
     try:
         return loads_payload(file.read_bytes())
     except Exception as exc:  # noqa: BLE001 - e.g. the module defining the function is not importable here
+        if not needed:  # fn= was given: run it with what was passed (check_injectable says what is missing)
+            return {}
         raise ValueError(f"cannot load the training function stored in {file}: {type(exc).__name__}: {exc}. "
                          f"Replay it where that code can be imported (the same environment and working "
                          f"directory), or pass fn=, model= and data=") from exc

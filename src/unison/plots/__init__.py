@@ -54,10 +54,11 @@ def kinds(result: Any) -> list[str]:
     ``history`` (``timeline`` while no trial completed). An ablation: ``ablation``, ``curves``,
     ``timeline``. A single run: ``curves``, if it reported.
     """
-    if not hasattr(result, "rows"):  # a single run: its reports are in its trial's metrics.jsonl
-        return ["curves"] if not result.curves.empty else []
+    if not hasattr(result, "rows"):  # a single run
+        return ["curves"] if data.reported_metrics(result.curves) else []
     rows = data.trial_rows(result)
-    reported = any((row.get("steps") or 0) > 0 for row in rows)
+    # (a report may carry no metric: reporter.report(step=3))
+    reported = any((row.get("steps") or 0) > 0 for row in rows) and bool(data.reported_metrics(result.curves))
     if hasattr(type(result), "ablation"):
         return ["ablation", *(["curves"] if reported else []), "timeline"]
     varying = varying_params(rows)

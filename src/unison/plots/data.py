@@ -97,8 +97,10 @@ def reported_metrics(frame: Any) -> list[str]:
 def curve_metric(result: Any, frame: Any, metric: str | None) -> str:
     """The reported metric a ``curves`` plot shows: ``metric``, or the optimized one (else the first)."""
     reported = reported_metrics(frame)
+    if not reported:
+        raise ValueError("plot('curves'): no trial reported a metric (reporter.report(step=..., name=value))")
     if metric is None:
-        return next((m for m in objective_metrics(result) if m in reported), reported[0] if reported else "")
+        return next((m for m in objective_metrics(result) if m in reported), reported[0])
     if metric not in reported:
         hint = did_you_mean(metric, reported)
         message = f"plot('curves', metric={metric!r}): the trials reported {reported}.{hint}"
