@@ -1,4 +1,9 @@
-"""Starting and stopping real SparkSessions for the Spark test modules (one session per module).
+"""Starting and stopping real SparkSessions for the Spark test modules.
+
+The modules on ``local-cluster[2,1,1024]`` share one session (:func:`cluster_session`): its start, two
+executor JVMs included, costs tens of seconds of CI time each. A module on another master
+(``local[2]``, a standalone cluster) gets its own from :func:`start_session`, which stops the shared one
+first (a JVM holds one SparkContext), and the next module to ask for the cluster starts it again.
 
 All Spark test modules of a pytest run share one JVM (PySpark starts it with the first session), so
 what must be set before it starts is set here, the same way for every module: executors run this
@@ -8,6 +13,7 @@ instead of site-packages.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import time
@@ -22,10 +28,39 @@ from pyspark.sql import SparkSession  # noqa: E402
 
 from unison.spark_standalone import isolated_spark_home  # noqa: E402
 
+CLUSTER = "local-cluster[2,1,1024]"
+_shared: list[Any] = []  # the cluster session the modules share, while it runs
+
+
+def cluster_session(basetemp: Path) -> Any:
+    """The shared ``local-cluster[2,1,1024]`` session, both executors registered; started on first use
+    (or again, if a module stopped it or lost an executor). Modules must not stop it."""
+    if _shared:
+        session = _shared[0]
+        if session.sparkContext._jsc is not None and registered_executors(session) >= 2:
+            return session
+        _stop_shared()
+    session = start_session(CLUSTER, basetemp, executors=2)
+    _shared.append(session)
+    return session
+
+
+def _stop_shared() -> None:
+    while _shared:
+        session = _shared.pop()
+        if session.sparkContext._jsc is not None:
+            session.stop()
+
+
+atexit.register(_stop_shared)
+
 
 def start_session(master: str, basetemp: Path, executors: int = 0, **conf: str) -> Any:
-    """A new SparkSession on ``master``; with ``executors``, once that many executors registered."""
+    """A new SparkSession on ``master``; with ``executors``, once that many executors registered.
+    The shared cluster session (:func:`cluster_session`) is stopped first."""
     from pyspark import SparkContext
+
+    _stop_shared()
 
     os.environ["PYSPARK_PYTHON"] = sys.executable
     if SparkContext._gateway is None and "SPARK_HOME" not in os.environ:

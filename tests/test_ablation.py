@@ -479,11 +479,9 @@ def spark_session(tmp_path_factory: pytest.TempPathFactory) -> Any:
     (``spark_support``: executors run this interpreter, the UI is off, executor folders stay out of
     site-packages), once both executors have registered."""
     pytest.importorskip("pyspark")
-    from spark_support import start_session
+    from spark_support import cluster_session
 
-    session = start_session("local-cluster[2,1,1024]", tmp_path_factory.getbasetemp(), executors=2)
-    yield session
-    session.stop()
+    return cluster_session(tmp_path_factory.getbasetemp())
 
 
 @pytest.mark.slow
@@ -495,3 +493,42 @@ def test_the_same_study_on_a_spark_local_cluster_gives_the_same_table(spark_sess
                           progress=False)
     assert all(str(w).startswith("spark") for w in on_spark.trials["worker"])
     assert_same_table(on_spark.ablation, inline.ablation)
+
+
+def fit_checkpointing(model: Any, reporter: Any) -> dict[str, float]:
+    """Three Adam steps, each reported with the model's state_dict as its checkpoint and the mse after it."""
+    x, y = regression_data()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for step in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            mse = torch.nn.functional.mse_loss(model(x), y).item()
+        reporter.report(step=step, checkpoint={"model": model.state_dict(), "step": step}, mse=mse)
+    return {"mse": mse}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SPARK_REGISTERED, reason="the Spark backend is not registered")
+def test_an_ablations_trials_checkpoint_on_a_spark_local_cluster(spark_session: Any,
+                                                                tmp_path: Path) -> None:
+    study = module_study(modules=["act"], variants={"small": small_net_fn}, repeats=1, base={})
+    r = unison.run(fit_checkpointing, study, model=net_fn, backend="spark", storage=tmp_path, progress=False)
+    trials = r.trials.set_index("component")
+    assert list(trials["status"]) == ["completed"] * 3, list(trials["error"])
+    assert all(str(w).startswith("spark") for w in trials["worker"])
+    x, y = regression_data()
+    for component, trial in trials.iterrows():
+        folder = r.path / "trials" / f"{trial['trial_id']:04d}" / "checkpoints"
+        assert Path(trial["checkpoint"]) == folder / "step-000002"  # streamed to the driver's disk
+        saved = unison.load_checkpoint(trial["checkpoint"])
+        assert saved["step"] == 2
+        model = (small_net_fn if component == "small" else net_fn)({"seed": trial["seed"]})
+        if component == "act":
+            model.act = nn.Identity()  # what the ablation put in its place
+        model.load_state_dict(saved["model"])
+        with torch.no_grad():  # the trial's own final weights: they give the mse it reported
+            assert torch.nn.functional.mse_loss(model(x), y).item() == pytest.approx(trial["mse"], rel=1e-6)
+        steps = sorted(p.name for p in folder.iterdir())
+        assert steps[-2:] == ["step-000001", "step-000002"] and len(steps) <= 3  # keep 2, plus the best

@@ -123,8 +123,29 @@ def test_show_a_single_run_lists_its_hyperparameters_and_metrics(tmp_path, capsy
                 ["layers", "[64,", "32]"], ["accuracy", "0.91"], ["loss", "0.25"]):
         assert row in lines, out
     assert "kind=single" in out and "status=completed" in out and "None" not in out
+    assert "its checkpoint" not in out  # it saved none
     seed = json.loads((result.path / "experiment.json").read_text())["seed"]
     assert ["seed", str(seed)] in lines
+
+
+def checkpointed_run(reporter):
+    for step in range(3):
+        reporter.report(step=step, checkpoint={"step": step}, loss=1.0 / (step + 1))
+    return {"loss": 1.0 / 3}
+
+
+@pytest.mark.parametrize("context", [None, unison.Distributed(workers=1, metric="loss")],
+                         ids=["single", "distributed"])
+def test_show_a_run_that_checkpointed_names_its_latest_checkpoint(tmp_path, capsys, context):
+    if context is None:
+        result = unison.run(checkpointed_run, hparams={}, storage=tmp_path)
+    else:
+        result = unison.run(checkpointed_run, context, backend="inline", storage=tmp_path, progress=False)
+    assert result.checkpoint is not None and result.checkpoint.name == "step-000002"
+    assert cli.main(["show", "--wide", str(result.path)]) == 0
+    out = capsys.readouterr().out
+    assert f"its checkpoint: {result.checkpoint} (unison.load_checkpoint(path) reads it)" in out
+    assert unison.load_checkpoint(result.checkpoint) == {"step": 2}
 
 
 def test_show_a_failed_single_run_says_why(tmp_path, capsys, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -228,11 +229,9 @@ def test_a_search_of_two_rank_trials_stops_both_ranks_at_the_same_step(tmp_path:
 @pytest.fixture(scope="module")
 def spark(tmp_path_factory: pytest.TempPathFactory) -> Any:
     pytest.importorskip("pyspark")
-    from spark_support import start_session
+    from spark_support import cluster_session
 
-    session = start_session("local-cluster[2,1,1024]", tmp_path_factory.getbasetemp(), executors=2)
-    yield session
-    session.stop()
+    return cluster_session(tmp_path_factory.getbasetemp())
 
 
 @pytest.mark.slow
@@ -252,6 +251,106 @@ def test_a_two_rank_run_on_a_spark_local_cluster(spark: Any, tmp_path: Path) -> 
         unison.run(train, unison.Distributed(workers=3, hparams=HPARAMS), model=model_fn, data=data_fn,
                    backend=unison.Spark(spark, executor_wait_s=0.5), storage=tmp_path / "too-many",
                    progress=False)
+
+
+STEPS, KILL_AT = 6, 3  # the Spark checkpoint test: rank 1 of attempt 0 dies before computing step KILL_AT
+
+
+def _full_batch() -> tuple[Any, Any]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, generator=generator)
+    return x, x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+
+def _sgd(model: Any) -> Any:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def checkpointing_train(work: str, model: Any, reporter: Any, ctx: Any) -> dict[str, float]:
+    """Full-batch SGD on this rank's half, checkpointing every step; rank 1 of attempt 0 kills its
+    process at step KILL_AT. ``work`` (a folder both executors see, as the test does) gets each rank's
+    ``resumed-<rank>.txt`` (attempt, first step, the checkpoint it loaded, that checkpoint's rank) and
+    ``computed-<rank>.txt`` (attempt and step of every step computed)."""
+    optimizer = _sgd(model)
+    start = ctx.checkpoint_step + 1 if ctx.checkpoint is not None else 0
+    if ctx.checkpoint is not None:
+        model.module.load_state_dict(ctx.checkpoint["model"])
+        optimizer.load_state_dict(ctx.checkpoint["optim"])
+    saved_by = ctx.checkpoint["rank"] if ctx.checkpoint is not None else None
+    with open(Path(work) / f"resumed-{ctx.rank}.txt", "a", encoding="utf-8") as log:
+        log.write(f"{ctx.attempt} {start} {ctx.checkpoint_path} {saved_by}\n")
+    x, y = ctx.shard(_full_batch())
+    for step in range(start, STEPS):
+        if step == KILL_AT and ctx.attempt == 0 and ctx.rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # the executor's Python worker dies mid-run
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        checkpoint = {"model": model.module.state_dict(), "optim": optimizer.state_dict(), "rank": ctx.rank}
+        reporter.report(step=step, checkpoint=checkpoint, loss=loss.item())
+        with open(Path(work) / f"computed-{ctx.rank}.txt", "a", encoding="utf-8") as log:
+            log.write(f"{ctx.attempt} {step}\n")
+    if ctx.is_chief:
+        torch.save(model.module.state_dict(), ctx.trial_dir / "final.pt")
+    return {"loss": loss.item()}
+
+
+def _checkpoint_model(hparams: dict[str, Any]) -> Any:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def _uninterrupted_weights() -> dict[str, Any]:
+    """Full-batch SGD in this process: what DDP's average of the two equal halves' gradients gives."""
+    model = _checkpoint_model({})
+    optimizer = _sgd(model)
+    x, y = _full_batch()
+    for _ in range(STEPS):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.state_dict()
+
+
+@pytest.mark.slow
+def test_a_spark_run_whose_rank_dies_resumes_every_rank_from_rank_0s_shipped_checkpoint(
+        spark: Any, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    run = unison.Distributed(workers=2, hparams={"work": str(work)}, metric="loss", mode="min", max_retries=1,
+                             keep_checkpoints=1)
+    r = unison.run(checkpointing_train, run, model=_checkpoint_model, backend=unison.Spark(spark),
+                   storage=tmp_path / "runs", progress=False)
+    trial = r.path / "trials" / "0000"
+    assert r.checkpoint == trial / "checkpoints" / f"step-{STEPS - 1:06d}"
+    events = journal(r.path)
+    assert [ev["attempt"] for ev in events if ev["e"] == "start"] == [0, 1]
+    assert [ev["e"] for ev in events].count("lost") == 1
+    assert [ev["step"] for ev in events if ev["e"] == "report"] == list(range(STEPS))  # none computed twice
+    for rank in (0, 1):
+        computed = [tuple(map(int, line.split())) for line in (work / f"computed-{rank}.txt").read_text()
+                    .splitlines()]
+        assert computed == [(0, s) for s in range(KILL_AT)] + [(1, s) for s in range(KILL_AT, STEPS)]
+        first, retry = [line.split() for line in (work / f"resumed-{rank}.txt").read_text().splitlines()]
+        assert first == ["0", "0", "None", "None"]
+        assert retry[:2] == ["1", str(KILL_AT)] and retry[3] == "0"  # rank 0's checkpoint, on every rank
+        staged = Path(retry[2])  # a copy streamed to the rank's executor, deleted when the trial ended
+        assert not staged.is_relative_to(r.path) and not staged.exists()
+    assert not (trial / "rank-1" / "checkpoints").exists()
+    losses = {ev["step"]: ev["metrics"]["loss"] for ev in events if ev["e"] == "report"}
+    kept = sorted(int(p.name.split("-")[1]) for p in (trial / "checkpoints").iterdir())
+    assert kept == sorted({STEPS - 1, min(losses, key=losses.__getitem__)})  # the last one, and the best
+
+    saved = unison.load_checkpoint(r.checkpoint)
+    assert saved["rank"] == 0 and set(saved) == {"model", "optim", "rank"}
+    fresh = _checkpoint_model({})
+    fresh.load_state_dict(saved["model"])
+    final, reference = torch.load(trial / "final.pt"), _uninterrupted_weights()  # final.pt: shipped back
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, final[name]), name  # the checkpoint holds rank 0's last weights
+        assert torch.allclose(tensor, reference[name], atol=1e-5), name  # as if never interrupted
 
 
 def _reports_its_rank_as_step(reporter: Any, ctx: Any, model: Any) -> float:

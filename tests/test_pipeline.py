@@ -147,6 +147,34 @@ def test_a_declared_base_and_metric_are_kept(tmp_path: Path) -> None:
     assert r.ablation.ablation.set_index("component").loc["a", "diff"] == -1.0  # one feature fewer
 
 
+def checkpointing(x: float, dataset: dict[str, Any], reporter: Any) -> dict[str, float]:
+    """Reports ``score`` 0, 1, 2, 3 with a checkpoint at each step."""
+    for step in range(4):
+        reporter.report(step=step, checkpoint={"step": step}, score=float(step))
+    return {"score": -abs(x - 0.3) + 0.1 * ("a" in dataset)}
+
+
+def test_stages_built_from_the_best_trial_keep_every_option_they_were_given(tmp_path: Path) -> None:
+    flow = unison.Pipeline(
+        search=unison.Search(space(), metric="score", trials=2, seed=0),
+        ablation=unison.Ablation(features=["a"], label="y", keep_checkpoints=1),
+        final=unison.Distributed(workers=1, max_retries=3, keep_checkpoints=1, mode="min", timeout_s=42.0))
+    r = unison.run(checkpointing, flow, data=DATA, backend="inline", storage=tmp_path, progress=False)
+    ablation, final = stage_meta(r.path, "ablation")["ablation"], stage_meta(r.path, "final")["distributed"]
+    assert (ablation["keep_checkpoints"], ablation["metric"]) == (1, "score")
+    assert final["hparams"] == r.search.best.hparams and final["metric"] == "score"  # taken from the search
+    declared = (final["max_retries"], final["keep_checkpoints"], final["mode"], final["timeout_s"])
+    assert declared == (3, 1, "min", 42.0)
+
+    def kept(stage: str) -> list[list[int]]:
+        trials = sorted(next((r.path / "stages").glob(f"*-{stage}")).glob("trials/*/checkpoints"))
+        return [sorted(int(c.name.split("-")[1]) for c in folder.iterdir()) for folder in trials]
+
+    assert kept("ablation") == [[3], [3]]  # keep_checkpoints=1: the last, which is the best (mode max)
+    assert kept("final") == [[0, 3]]  # the last and the best by mode="min"
+    assert kept("search") == [[2, 3], [2, 3]]  # the default: the last two
+
+
 # ----------------------------------------------------------------------------- errors, up front
 @pytest.mark.parametrize("make, error, match", [
     (lambda: unison.Pipeline(), ValueError, "needs at least one stage"),
@@ -319,11 +347,9 @@ def test_driver_killed_during_the_ablation_resumes_there(tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def spark(tmp_path_factory: pytest.TempPathFactory) -> Any:
     pytest.importorskip("pyspark")
-    from spark_support import start_session
+    from spark_support import cluster_session
 
-    session = start_session("local-cluster[2,1,1024]", tmp_path_factory.getbasetemp(), executors=2)
-    yield session
-    session.stop()
+    return cluster_session(tmp_path_factory.getbasetemp())
 
 
 @pytest.mark.slow

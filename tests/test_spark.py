@@ -30,6 +30,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def spark(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    # A session of its own, not the shared one (spark_support.cluster_session): the interruption tests
+    # time Spark's cancellation of fresh Python workers; warm reused workers end their tasks first
     session = start_session("local-cluster[2,1,1024]", tmp_path_factory.getbasetemp(), executors=2)
     yield session
     session.stop()

@@ -35,7 +35,8 @@ _PUBLIC = {
     "unison.optimizers": ("GridSearch", "Optimizer", "OptunaOptimizer", "RandomSearch"),
     "unison.result": ("AblationResult", "Best", "PipelineResult", "RunResult", "SearchResult"),
     "unison.worker.reporter": ("Reporter",),
-    "unison.schedulers": ("ASHA", "CONTINUE", "Continue", "Hyperband", "MedianStopping", "Scheduler", "Stop"),
+    "unison.schedulers": ("ASHA", "CONTINUE", "Continue", "Exploit", "Hyperband", "MedianStopping", "PBT",
+                          "Pause", "Scheduler", "Stop"),
     "unison.space": ("choice", "integer", "loguniform", "uniform"),
 }
 _HOME = {name: module for module, names in _PUBLIC.items() for name in names}
@@ -95,9 +96,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from unison.schedulers import (  # noqa: F401
         ASHA,
         CONTINUE,
+        PBT,
         Continue,
+        Exploit,
         Hyperband,
         MedianStopping,
+        Pause,
         Scheduler,
         Stop,
     )

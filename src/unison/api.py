@@ -42,6 +42,7 @@ def run(
     resume: str | Path | None = None,
     progress: bool | None = None,
     callbacks: list[Callback | str] | None = None,
+    checkpoint_storage: str | Path | None = None,
 ) -> RunResult | SearchResult | PipelineResult:
     """Run the training function ``fn`` once, or as the experiment ``context`` describes.
 
@@ -68,6 +69,11 @@ def run(
         callbacks: :class:`unison.Callback` instances (or their names) told, in the driver, of the
             experiment's start, each trial's start, reports and end, and the experiment's end; the
             names in the environment variable ``UNISON_CALLBACKS`` (comma-separated) are added.
+        checkpoint_storage: where workers write the trials' checkpoints instead of the experiment
+            folder: a path every worker sees (a shared mount) or any fsspec URL (``file:///mnt/shared``,
+            ``s3://bucket/ckpts``, ``hdfs://...``); trial 7's are then in ``<checkpoint_storage>/<the
+            experiment's folder name>/trials/0007/checkpoints/``. Checked writable before any trial
+            runs; recorded in ``experiment.json``, so a resumed experiment uses it again.
     """
     if not callable(fn):
         raise TypeError(f"unison.run needs a training function as its first argument, got {fn!r}")
@@ -75,6 +81,7 @@ def run(
         raise TypeError(f"model= must be a model generator (a function hparams -> model), got {model!r}")
     code = UserCode(fn, model, data)
     callback_list = resolve_callbacks(callbacks)  # before anything is written: a name may be unknown
+    _check_checkpoint_storage(context, checkpoint_storage)
     if context is None:
         if resume is not None:
             raise ValueError(
@@ -91,6 +98,24 @@ def run(
                              "from their declarations (or from the search stage before them)")
         return run_pipeline(code, context, resolve_backend(backend), storage, name, resume, progress,
                             callback_list)
+    _check_context(context, hparams, metric)
+    plan = context.to_plan(model, data)
+    result: RunResult | SearchResult = run_experiment(code, plan, resolve_backend(backend), storage, name,
+                                                      resume, progress, callback_list,
+                                                      checkpoint_storage=checkpoint_storage)
+    return result
+
+
+def _check_checkpoint_storage(context: Any, checkpoint_storage: str | Path | None) -> None:
+    if checkpoint_storage is not None and (context is None or isinstance(context, Pipeline)):
+        why = ("a single run saves them in its experiment folder" if context is None else
+               "a Pipeline's stages do not take it yet: run the stage that checkpoints on its own")
+        raise ValueError(f"checkpoint_storage= is for a Search, an Ablation or a Distributed run, whose "
+                         f"workers write checkpoints; {why}")
+
+
+def _check_context(context: Any, hparams: dict[str, Any] | None, metric: str | None) -> None:
+    """Raise unless ``context`` makes a plan, and ``hparams=`` / ``metric=`` (a single run's) are unset."""
     if not callable(getattr(context, "to_plan", None)):  # a context is anything that makes a plan
         hint = ("; to run once with these hyperparameters, pass them as hparams=..."
                 if isinstance(context, dict) else "")
@@ -102,10 +127,6 @@ def run(
         raise ValueError("hparams= is for a single run; a Search takes its hyperparameters from its space")
     if metric is not None and isinstance(context, Distributed):
         raise ValueError("metric= is for a single run; pass unison.Distributed(..., metric=...) instead")
-    plan = context.to_plan(model, data)
-    result: RunResult | SearchResult = run_experiment(code, plan, resolve_backend(backend), storage, name,
-                                                      resume, progress, callback_list)
-    return result
 
 
 def resume(

@@ -296,8 +296,8 @@ _MIN_CUT = 12  # a text column that does not fit whole is cut to the room left, 
 
 def _cell(value: Any, column: str = "") -> str:
     """A table cell: empty for a missing value, whole numbers as integers, other floats to 6 digits."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or type(value).__name__ == "NAType":
+        return ""  # NAType: pandas' missing value in an Int64 column (a PBT member's parent)
     if isinstance(value, float):
         if column in _INTEGER_COLUMNS and value.is_integer():
             return str(int(value))
@@ -407,16 +407,22 @@ def _render(columns: list[str], cells: dict[str, list[str]], numeric: dict[str, 
 
 def _print_run(store: ExperimentStore, meta: dict[str, Any], width: int | None) -> None:
     """A single or distributed run: its hyperparameters, its metrics, then its seed, value and duration,
-    and its error if it failed."""
+    its latest checkpoint (rank 0's), and its error if it failed."""
     kind = meta.get("kind")
     declared = meta if kind == "single" else meta.get(str(kind)) or {}
     outcome = store.read_result() or {}
-    end: dict[str, Any] = next((e for e in reversed(store.read_journal()) if e.get("e") == "end"), {})
+    journal = store.read_journal()
+    end: dict[str, Any] = next((e for e in reversed(journal) if e.get("e") == "end"), {})
+    saved = next((e["path"] for e in reversed(journal) if e.get("e") == "checkpoint" and e.get("id") == 0
+                  and isinstance(e.get("path"), str) and e["path"]), None)
     _print_pairs("hyperparameters", declared.get("hparams") or {}, width)
     _print_pairs("metrics", outcome.get("metrics") or end.get("metrics") or {}, width)
     run = {"seed": meta.get("seed"), "ranks": declared.get("workers") if kind == "distributed" else None,
            "value": outcome.get("value"), "duration (s)": outcome.get("duration", end.get("duration"))}
     _print_pairs("run", {name: value for name, value in run.items() if value is not None}, width)
+    if saved is not None:  # relative to the experiment, or a URL (checkpoint_storage=)
+        checkpoint = saved if "://" in saved else store.path / saved
+        _say(f"its checkpoint: {checkpoint} (unison.load_checkpoint(path) reads it)", width)
     error = outcome.get("error") or end.get("error")
     if error:
         _say(f"error: {str(error).strip().splitlines()[-1]}", width)

@@ -28,15 +28,18 @@ ABLATION_COLUMNS = ("component", "seed")
 
 def trial_reports(events: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     """Each trial's reports in the order made, from a journal's events: ``{"step", "metrics", "t"}``
-    each (``t`` is ``None`` where the event carries no time). A trial that started again (a retry, or a
-    rerun after its worker was lost) keeps only the reports after its last start."""
+    each (``t`` is ``None`` where the event carries no time). A trial that started again (a retry, a
+    rerun after its worker was lost, a paused trial's turn) keeps the reports up to the checkpoint it
+    resumed from, if any, and those after its last start."""
     reports: dict[int, list[dict[str, Any]]] = {}
     for ev in events:
         tid, kind = ev.get("id"), ev.get("e")
         if tid is None:
             continue
-        if kind == "start":
-            reports[tid] = []
+        if kind == "start":  # from a checkpoint, the reports up to its step stand; the later ones are redone
+            resumed = ev.get("resumed_from")
+            kept = reports.get(tid, []) if isinstance(resumed, int) else []
+            reports[tid] = [r for r in kept if isinstance(r["step"], int) and r["step"] <= (resumed or 0)]
         elif kind == "report" and tid in reports:
             reports[tid].append({"step": ev.get("step"), "metrics": ev.get("metrics") or {},
                                  "t": ev.get("t")})

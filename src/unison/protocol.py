@@ -48,18 +48,23 @@ REPORT: Final = "report"            # an intermediate report: trial_id, step, me
 RANK_FAILED: Final = "rank_failed"  # a rank's function raised: trial_id, error (its outcome follows)
 FILES: Final = "files"              # an aborted rank's shipped files: trial_id, files
 FATAL: Final = "fatal"              # the worker cannot load the training function: error
+CHECKPOINT_CHUNK: Final = "checkpoint_chunk"  # (both ways) part of a checkpoint's file, for a worker
+                                    # without the driver's disk: trial_id, step, file, offset, data, last
 HEARTBEAT: Final = "hb"             # still alive
 # What the driver sends workers.
 TRIAL: Final = "trial"              # run (or hold, to run next) this trial
 DECISION: Final = "decision"        # the answer to a REPORT: stop (None to go on, else the reason)
 ABORT: Final = "abort"              # end the process now: another rank of this trial failed, or it timed out
 SHUTDOWN: Final = "shutdown"        # no more trials
+CHECKPOINT_ACK: Final = "checkpoint_ack"  # a CHECKPOINT_CHUNK was written: trial_id, step (error: refused)
 
 MAX_METRICS = 1_000            # metrics in one report or result
 MAX_NAME_CHARS = 1_000         # a metric, host, address, file name, status, ...
 MAX_TEXT_CHARS = 16 * 1024 * 1024  # a traceback, a stop reason (the frame limit bounds the total anyway)
 MAX_FILES = 100_000            # files shipped in one message
 MAX_HPARAMS = 10_000
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # the data of one checkpoint_chunk
+MAX_CHECKPOINT_FILES = 100_000     # files in one shipped checkpoint
 TRIAL_STATUSES = ("completed", "failed", "stopped")
 _WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]*")  # it names the worker's log file
 
@@ -134,6 +139,32 @@ def _optional(inner: _Check) -> _Check:
 def _blob(value: Any, path: str) -> None:
     if not isinstance(value, bytes):
         raise _Invalid(path, f"must be bytes, got {_type_name(value)}")
+
+
+def _bounded_blob(max_bytes: int) -> _Check:
+    def check(value: Any, path: str) -> None:
+        _blob(value, path)
+        if len(value) > max_bytes:
+            raise _Invalid(path, f"has {len(value)} bytes, at most {max_bytes} are allowed")
+    return check
+
+
+def _boolean(value: Any, path: str) -> None:
+    if not isinstance(value, bool):
+        raise _Invalid(path, f"must be a bool, got {_type_name(value)}")
+
+
+def _relative_path(max_chars: int) -> _Check:
+    """A ``/``-separated path that stays inside the folder it is relative to."""
+    text = _text(max_chars)
+
+    def check(value: Any, path: str) -> None:
+        text(value, path)
+        if (value.startswith("/") or "\\" in value or "\0" in value
+                or any(part in ("", ".", "..") for part in value.split("/"))):
+            raise _Invalid(path, f"must be a relative path inside its folder (no '..', '.' or empty part, "
+                                 f"no leading '/', no backslash), got {value[:80]!r}")
+    return check
 
 
 def _anything(value: Any, path: str) -> None:
@@ -225,16 +256,35 @@ CHECKPOINT_SAVED_SCHEMA: _Schema = {
     "step": _Field(_integer()),
     "path": _Field(_text(64, re.compile(r"checkpoints/step--?\d{6,}"))),
     "size": _Field(_integer(0)),
+    # a worker without the driver's disk: the bytes and files it sent as checkpoint_chunk messages
+    "shipped": _opt(_integer(0)),
+    "files": _opt(_integer(0, MAX_CHECKPOINT_FILES)),
+}
+
+#: A part of one file of a checkpoint (``checkpoint_chunk``, both ways): a worker without the driver's
+#: disk ships each checkpoint it saves before the report naming it, and the driver ships the one a
+#: trial resumes from before its ``trial`` message. ``file`` is relative to the checkpoint's folder;
+#: a file's chunks come in order (``offset``), its last one says ``last``.
+CHECKPOINT_CHUNK_SCHEMA: _Schema = {
+    "trial_id": _Field(_TRIAL_ID),
+    "step": _Field(_integer()),
+    "file": _Field(_relative_path(4096)),
+    "offset": _Field(_integer(0)),
+    "data": _Field(_bounded_blob(MAX_CHUNK_BYTES)),
+    "last": _Field(_boolean),
 }
 
 #: What a trial message says of checkpoints (``trial``'s ``checkpoint``): how many to keep and by which
 #: metric, and the one to resume from (``path`` on the driver's disk, ``step``), if any. Never its bytes.
+#: ``root``: with ``checkpoint_storage=``, the trial's checkpoints folder there (a URL or a shared path),
+#: which the worker writes into directly; ``path`` is then a checkpoint there.
 CHECKPOINT_SPEC_SCHEMA: _Schema = {
     "keep": _Field(_integer(0)),
     "metric": _opt(_optional(_NAME)),
     "mode": _opt(_one_of("max", "min")),
     "path": _opt(_optional(_text(4096))),
     "step": _opt(_optional(_integer())),
+    "root": _opt(_optional(_text(4096))),
 }
 
 #: One schema per kind of message the driver receives.
@@ -256,6 +306,7 @@ TO_DRIVER: dict[str, _Schema] = {
     FILES: {"trial_id": _Field(_TRIAL_ID), "files": _Field(_FILES)},
     FATAL: {"error": _Field(_TEXT)},
     HEARTBEAT: {},
+    CHECKPOINT_CHUNK: CHECKPOINT_CHUNK_SCHEMA,
 }
 
 #: One schema per kind of message a worker receives.
@@ -269,9 +320,13 @@ TO_WORKER: dict[str, _Schema] = {
         "dist": _opt(_mapping(_anything, 1000)),
         "checkpoint": _opt(_record(CHECKPOINT_SPEC_SCHEMA)),
     },
-    DECISION: {"stop": _Field(_optional(_TEXT)), "error": _opt(_optional(_TEXT))},
+    DECISION: {"stop": _Field(_optional(_TEXT)), "error": _opt(_optional(_TEXT)),
+               "fail": _opt(_optional(_TEXT))},
     ABORT: {"trial_id": _opt(_optional(_TRIAL_ID)), "reason": _opt(_optional(_TEXT))},
     SHUTDOWN: {},
+    CHECKPOINT_CHUNK: CHECKPOINT_CHUNK_SCHEMA,
+    CHECKPOINT_ACK: {"trial_id": _Field(_TRIAL_ID), "step": _Field(_integer()),
+                     "error": _opt(_optional(_TEXT))},
 }
 
 
@@ -329,12 +384,41 @@ class _ReportKeys(TypedDict):
     metrics: dict[str, float]
 
 
-class CheckpointSaved(TypedDict):
-    """A checkpoint saved with a report (:data:`CHECKPOINT_SAVED_SCHEMA`)."""
-
+class _CheckpointSavedKeys(TypedDict):
     step: int
     path: str  # relative to the trial folder: checkpoints/step-<n>
     size: int
+
+
+class CheckpointSaved(_CheckpointSavedKeys, total=False):
+    """A checkpoint saved with a report (:data:`CHECKPOINT_SAVED_SCHEMA`)."""
+
+    shipped: int  # bytes sent in checkpoint_chunk messages (a worker without the driver's disk)
+    files: int
+
+
+class CheckpointChunkMessage(TypedDict):
+    """Part of one file of a checkpoint (:data:`CHECKPOINT_CHUNK_SCHEMA`)."""
+
+    t: Literal["checkpoint_chunk"]
+    trial_id: int
+    step: int
+    file: str
+    offset: int
+    data: bytes
+    last: bool
+
+
+class _CheckpointAckKeys(TypedDict):
+    t: Literal["checkpoint_ack"]
+    trial_id: int
+    step: int
+
+
+class CheckpointAckMessage(_CheckpointAckKeys, total=False):
+    """The driver wrote a checkpoint_chunk (``error``: it refused it, and the rest of that checkpoint)."""
+
+    error: str | None
 
 
 class ReportMessage(_ReportKeys, total=False):
@@ -397,7 +481,7 @@ class TrialMessage(_TrialKeys, total=False):
     seed: int | None
     dist: DistSpec
     component: dict[str, Any]  # an ablation trial's component
-    checkpoint: dict[str, Any]  # keep, metric, mode; path and step to resume from (CHECKPOINT_SPEC_SCHEMA)
+    checkpoint: dict[str, Any]  # keep, metric, mode; path, step to resume from; root (CHECKPOINT_SPEC_SCHEMA)
 
 
 class _DecisionKeys(TypedDict):
@@ -409,6 +493,7 @@ class DecisionMessage(_DecisionKeys, total=False):
     """The driver's answer to a :class:`ReportMessage`."""
 
     error: str | None  # the report lacks the metric the search optimizes
+    fail: str | None  # the checkpoint the report names was refused: the trial fails with this
 
 
 class _AbortKeys(TypedDict):

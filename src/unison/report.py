@@ -28,6 +28,8 @@ REPORT_NAME = "report.html"
 _CAPTIONS = {
     "history": "the best value so far, over trials and over wall time",
     "curves": "every trial's reported metric by step; a stopped trial's line ends early",
+    "pbt": "each population member's trials by step; a dashed line joins a clone to its parent's checkpoint, "
+           "× marks a replaced trial",
     "parallel": "each trial as a line through its hyperparameters to its value",
     "importance": "how much each hyperparameter explains the value (Optuna's evaluator)",
     "slice": "the value against each hyperparameter",

@@ -18,19 +18,23 @@ if TYPE_CHECKING:
 _FIXED_COLUMNS = ("trial_id", "status")
 _TAIL_COLUMNS = ("steps", "last_step", "duration", "worker", "host", "pid", "attempts", "stop_reason",
                  "error", "checkpoint")
+# Population-based training's columns, in a table of a search that used it: the population slot a trial
+# fills, the trial it was cloned from, its checkpoint's step, and its hyperparameters' schedule
+_LINEAGE_COLUMNS = ("member", "parent", "cloned_step")
 
 
 @dataclass(frozen=True)
 class Best:
     """A best completed trial: its id, hyperparameters, optimized value (a list of values in a
     multi-objective search), all its final metrics and its latest checkpoint's folder (``None`` if
-    it saved none; read it with :func:`unison.load_checkpoint`)."""
+    it saved none; read it with :func:`unison.load_checkpoint`): a ``Path``, or a URL string when the
+    experiment ran with ``checkpoint_storage=`` an fsspec URL."""
 
     trial_id: int
     hparams: dict[str, Any]
     metric: Any
     metrics: dict[str, float]
-    checkpoint: Path | None = None
+    checkpoint: Path | str | None = None
 
 
 def objective_value(metrics: dict[str, float], names: list[str]) -> float | list[float] | None:
@@ -56,6 +60,9 @@ class RunResult:
         value: the bare number returned, the ``metric=`` entry, or the only entry of the dict.
         returned: exactly what the function returned.
         path: the experiment directory.
+        checkpoint: the folder of the run's latest checkpoint (``reporter.report(checkpoint=...)``; a
+            distributed run's: rank 0's), ``None`` if it saved none; :func:`unison.load_checkpoint`
+            reads it. As ``r.best.checkpoint`` of a search.
     """
 
     metrics: dict[str, Any]
@@ -63,6 +70,16 @@ class RunResult:
     returned: Any
     path: Path
     duration: float
+
+    @property
+    def checkpoint(self) -> Path | str | None:
+        """The latest checkpoint's folder, read from the journal (``None`` without one; a URL string
+        with ``checkpoint_storage=`` an fsspec URL)."""
+        latest = None
+        for event in ExperimentStore(self.path).read_journal():
+            if event.get("e") == "checkpoint" and event.get("id") == 0 and isinstance(event.get("path"), str):
+                latest = event["path"]
+        return None if not latest else latest if "://" in latest else Path(self.path) / latest
 
     @property
     def curves(self) -> pd.DataFrame:
@@ -134,6 +151,8 @@ def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 
     records = []
+    lineage = any("member" in row for row in rows)
+    by_id = {row["trial_id"]: row for row in rows}
     for row in rows:
         record: dict[str, Any] = {k: row[k] for k in _FIXED_COLUMNS}
         for name, value in row["hparams"].items():  # a hyperparameter called e.g. "steps" keeps its value
@@ -143,13 +162,34 @@ def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             key = name if name not in record and name not in _TAIL_COLUMNS else f"metric:{name}"
             record[key] = value
         record.update({k: row.get(k) for k in _TAIL_COLUMNS})
+        if lineage:
+            record.update({k: row.get(k) for k in _LINEAGE_COLUMNS})
+            record["schedule"] = hparam_schedule(by_id, row["trial_id"])
         if record["error"]:
             record["error"] = record["error"].strip().splitlines()[-1]
         records.append(record)
     frame = pd.DataFrame.from_records(records)
+    if lineage:  # ids and steps, with gaps (a first member has no parent): integers, not floats
+        frame = frame.astype({k: "Int64" for k in _LINEAGE_COLUMNS})
     if not frame.empty:
         frame = frame.sort_values("trial_id", kind="stable").reset_index(drop=True)
     return frame
+
+
+def hparam_schedule(rows: dict[int, dict[str, Any]], trial_id: int) -> list[tuple[int, dict[str, Any]]]:
+    """The hyperparameters that trained ``trial_id``'s model, as ``(first step, hparams)`` pairs: its
+    ancestors' (population-based training: a clone continues its parent's checkpoint) and then its own."""
+    chain: list[dict[str, Any]] = []
+    row: dict[str, Any] | None = rows.get(trial_id)
+    while row is not None and len(chain) < len(rows):
+        chain.append(row)
+        parent = row.get("parent")
+        row = rows.get(parent) if isinstance(parent, int) else None
+    schedule: list[tuple[int, dict[str, Any]]] = []
+    for row in reversed(chain):  # the oldest ancestor first
+        start = row["cloned_step"] + 1 if isinstance(row.get("cloned_step"), int) else 0
+        schedule = [(step, h) for step, h in schedule if step < start] + [(start, dict(row["hparams"]))]
+    return schedule
 
 
 def rows_from_journal(events: list[dict[str, Any]], metric: str | list[str]) -> list[dict[str, Any]]:
@@ -165,6 +205,11 @@ def rows_from_journal(events: list[dict[str, Any]], metric: str | list[str]) -> 
                        host=ev.get("host"), pid=ev.get("pid"), attempts=ev.get("attempt", 0) + 1)
             if ev.get("spec"):  # an ablation trial's component and seed
                 row["spec"] = ev["spec"]
+            row.update(ev.get("lineage") or {})  # population-based training: member, parent, cloned_step
+        elif kind == "clone":  # a clone queued in a trial's place; its start event comes when it runs
+            rows[tid] = {"trial_id": tid, "status": "pending", "hparams": ev["hparams"], "metrics": {},
+                         "steps": 0, "checkpoint": ev.get("path"),
+                         **{k: ev[k] for k in _LINEAGE_COLUMNS if k in ev}}
         elif kind == "report" and tid in rows:
             rows[tid]["steps"] += 1
             rows[tid]["last_step"] = ev["step"]
@@ -177,7 +222,7 @@ def rows_from_journal(events: list[dict[str, Any]], metric: str | list[str]) -> 
             row["value"] = objective_value(row["metrics"], [metric] if isinstance(metric, str) else metric)
         elif kind == "checkpoint" and tid in rows:
             rows[tid]["checkpoint"] = ev.get("path")  # the latest: always kept
-        elif kind == "lost" and tid in rows:
+        elif kind in ("lost", "pause") and tid in rows:  # to run again (a paused one: from its checkpoint)
             rows[tid]["status"] = "pending"
     return [rows[k] for k in sorted(rows)]
 
@@ -202,7 +247,7 @@ class SearchResult:
         self.mode = self.modes[0] if len(self.modes) == 1 else self.modes
         self.path, self.status = Path(path), status
         for row in rows:  # the journal names a checkpoint relative to the experiment: here, a full path
-            if row.get("checkpoint"):
+            if row.get("checkpoint") and "://" not in row["checkpoint"]:  # (checkpoint_storage=: a URL)
                 row["checkpoint"] = str(self.path / row["checkpoint"])
         self._rows = rows
         done = [r for r in rows if r["status"] == "completed" and r.get("value") is not None]
@@ -217,7 +262,8 @@ class SearchResult:
 
     @staticmethod
     def _as_best(row: dict[str, Any]) -> Best:
-        checkpoint = Path(row["checkpoint"]) if row.get("checkpoint") else None
+        found = row.get("checkpoint")
+        checkpoint = None if not found else found if "://" in found else Path(found)
         return Best(row["trial_id"], dict(row["hparams"]), row["value"], dict(row["metrics"]), checkpoint)
 
     @property

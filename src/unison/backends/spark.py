@@ -33,6 +33,7 @@ from unison.backends.base import Backend
 from unison.errors import WorkerError
 from unison.launch import LaunchSpec
 from unison.trialfiles import MAX_SHIP_LIMIT_BYTES, SHIP_LIMIT_BYTES
+from unison.worker.checkpoint_ship import CHECKPOINT_LIMIT_MB
 
 EARLY_DEATH_S = 10.0  # a slot job that ends this soon after its launch did not get to work
 MAX_EARLY_DEATHS = 3  # ... this many times in a row on one slot: the search is aborted
@@ -109,8 +110,15 @@ class Spark(Backend):
             Default: 10 heartbeat intervals.
         max_trial_files_bytes: how much of a trial's files (logs, then files written into
             ``ctx.trial_dir``, smallest first) an executor ships back to the driver's experiment
-            directory (default 8 MiB; at most 48 MiB). See :mod:`unison.trialfiles`.
+            directory (default 8 MiB; at most 48 MiB). See :mod:`unison.trialfiles`. Checkpoints do
+            not count: each is streamed to the driver as it is saved.
         executor_wait_s: how long to wait for executors to register before counting slots.
+        checkpoint_limit_mb: what one trial's checkpoints (``reporter.report(checkpoint=...)``) may
+            hold on the driver's disk at once, the one arriving included (default 4096 MiB). An
+            executor streams each checkpoint it saves to the driver in chunks, which keeps the
+            trial's last ``keep_checkpoints`` plus its best; a checkpoint that would go past this
+            fails its trial, with a message saying so. Raise it, keep fewer, or let the executors
+            write checkpoints to storage they share (``checkpoint_storage=``).
     """
 
     name = "spark"
@@ -126,6 +134,7 @@ class Spark(Backend):
         heartbeat_timeout: float | None = None,
         max_trial_files_bytes: int = SHIP_LIMIT_BYTES,
         executor_wait_s: float = 60.0,
+        checkpoint_limit_mb: float = CHECKPOINT_LIMIT_MB,
     ) -> None:
         slots = check_number(slots, "slots", owner="Spark", integer=True, low=1, allow_none=True)
         heartbeat_interval = check_number(heartbeat_interval, "heartbeat_interval", owner="Spark", low=0,
@@ -148,6 +157,8 @@ class Spark(Backend):
         )
         self.max_trial_files_bytes = max_trial_files_bytes
         self.executor_wait_s = float(executor_wait_s)
+        self.checkpoint_limit_mb = check_number(checkpoint_limit_mb, "checkpoint_limit_mb", owner="Spark",
+                                                low=0, low_inclusive=False, unit="MiB")
         self._sc: Any = None
         self._jobs: dict[int, _SlotJob] = {}
         self._early: dict[int, int] = {}

@@ -62,6 +62,8 @@ class Distributed:
             with parameters, then the whole model; a lazy model is an error).
         metric: which entry of the returned dict is ``result.value`` (default: the only entry, or
             the number returned). Naming a metric the function does not return fails the run.
+        mode: ``"max"`` (default) or ``"min"``: which direction of ``metric`` is better, for the best
+            checkpoint kept besides the latest ones (``keep_checkpoints``).
         framework: ``"torch"`` (default): every rank joins a torch process group; the injected
             ``model`` is wrapped for DDP (or FSDP). ``"tensorflow"``: every rank is a worker of a
             TensorFlow cluster (``TF_CONFIG`` set for the call, rank 0 the chief) and the whole call
@@ -73,6 +75,18 @@ class Distributed:
             and TensorFlow (``pip install 'unison[tensorflow]'``); a worker process runs one such
             trial (on Spark set ``spark.python.worker.reuse=false`` to run several in one session);
             ``process_group``, ``strategy`` and ``timeout_s`` are PyTorch's and stay unset.
+        max_retries: how often the run is started again (every rank, on fresh workers) after a rank's
+            worker died or went silent (not after the function raised). Default 0: a rank that dies
+            fails the run. With checkpoints (rank 0's ``reporter.report(checkpoint=...)``) every rank
+            of the new attempt gets the last one as ``ctx.checkpoint`` and resumes from it.
+        keep_checkpoints: as for :class:`unison.Search`: how many of the run's latest checkpoints are
+            kept, besides its best one by ``metric``. Default 2. A distributed run's checkpoint is rank
+            0's (the other ranks' ``checkpoint=`` is ignored): with FSDP every rank writes its shard with
+            ``torch.distributed.checkpoint.save(state, checkpoint_id=directory)`` into one new
+            directory they all see (e.g. ``ctx.trial_dir / "dcp" / str(step)``) and rank 0 passes it
+            (it is copied); a retry reads it back with ``dcp.load(state, checkpoint_id=ctx.checkpoint)``.
+            The result's ``checkpoint`` is the latest one's folder (:func:`unison.load_checkpoint`
+            reads it).
     """
 
     def __init__(
@@ -84,8 +98,12 @@ class Distributed:
         strategy: str | None = None,
         metric: str | None = None,
         framework: str = "torch",
+        max_retries: int = 0,
+        keep_checkpoints: int = 2,
+        mode: str = "max",
     ) -> None:
         from unison._validate import check_hparam_names
+        from unison.contexts.search import check_keep_checkpoints
         from unison.space import Distribution, validate_space
 
         self.workers = check_number(workers, "workers", owner="Distributed", integer=True, low=1)
@@ -122,6 +140,12 @@ class Distributed:
         if metric is not None and (not isinstance(metric, str) or not metric):
             raise ValueError(f"Distributed(metric=...) must name a returned metric, got {metric!r}")
         self.metric = metric
+        self.max_retries = check_number(max_retries, "max_retries", owner="Distributed", integer=True, low=0)
+        self.keep_checkpoints = check_keep_checkpoints(keep_checkpoints, "Distributed")
+        if mode not in ("max", "min"):
+            raise ValueError(f"Distributed(mode=...) must be 'max' or 'min' (which direction of metric= is "
+                             f"better, for the best checkpoint kept); got {mode!r}")
+        self.mode = mode
 
     @property
     def dist_options(self) -> dict[str, Any]:
@@ -132,18 +156,25 @@ class Distributed:
     def to_search(self) -> Any:
         """The one-trial search that runs this: its hyperparameters fixed, ``workers`` slots per trial.
 
-        A rank that dies fails the run (``max_retries=0``): the run is not silently started again.
+        A rank that dies fails the run unless ``max_retries`` says to start it again.
         """
         from unison.contexts.search import Search
 
-        return Search(dict(self.hparams), metric=self.metric or "value", mode="max", trials=1,
-                      optimizer="random", max_retries=0, workers_per_trial=self.workers)
+        return Search(dict(self.hparams), metric=self.metric or "value", mode=self.mode, trials=1,
+                      optimizer="random", max_retries=self.max_retries, workers_per_trial=self.workers,
+                      keep_checkpoints=self.keep_checkpoints)
 
     def to_dict(self) -> dict[str, Any]:
         described = {"workers": self.workers, "hparams": self.hparams, "metric": self.metric,
                      **self.dist_options}
         if self.framework == "torch":  # only when set: runs stored before the option existed compare equal
             del described["framework"]
+        if self.max_retries:
+            described["max_retries"] = self.max_retries
+        if self.keep_checkpoints != 2:
+            described["keep_checkpoints"] = self.keep_checkpoints
+        if self.mode != "max":
+            described["mode"] = self.mode
         return described
 
     def to_plan(self, model: Any = None, data: Any = None) -> Plan:

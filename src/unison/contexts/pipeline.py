@@ -10,10 +10,11 @@ back, the interrupted one resumes on its own, later ones run.
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from unison.backends.base import Backend
 from unison.callbacks import Callback
@@ -29,6 +30,7 @@ from unison.result import Best, PipelineResult, PipelineStage, SearchResult
 from unison.worker.injection import check_injectable
 
 Stage = Search | Ablation | Distributed
+_Context = TypeVar("_Context", Ablation, Distributed)
 
 
 def stage_kind(stage: Stage) -> str:
@@ -150,23 +152,25 @@ def _inherit_metric(stage: Stage, source: Search) -> Stage:
     return _ablation(stage, metric=metric, mode=mode)
 
 
+def _rebuilt(context: _Context, **changes: Any) -> _Context:
+    """``context`` built again with some settings changed and every other one kept: each parameter of
+    its class's constructor is read back from the attribute of the same name."""
+    names = [name for name in inspect.signature(type(context)).parameters if name != "self"]
+    unread = [name for name in names if not hasattr(context, name)]
+    if unread:  # a constructor parameter its object does not keep under the same name
+        raise TypeError(f"{type(context).__name__} keeps no attribute for its parameters {unread}: a "
+                        f"pipeline stage could not be built from it")
+    return type(context)(**{**{name: getattr(context, name) for name in names}, **changes})
+
+
 def _ablation(study: Ablation, **changes: Any) -> Ablation:
     """``study`` with some settings changed (``base=``, ``metric=``, ``mode=``)."""
-    settings = {"base": study.base, "features": study.features, "modules": study.modules,
-                "variants": study.variants, "label": study.label, "metric": study.metric, "mode": study.mode,
-                "repeats": study.repeats, "seed": study.seed, "ablator": study.ablator,
-                "max_concurrent": study.max_concurrent, "max_failures": study.max_failures,
-                "max_retries": study.max_retries, "trial_timeout_s": study.trial_timeout_s,
-                "retry_on_timeout": study.retry_on_timeout}
-    return Ablation(**{**settings, **changes})
+    return _rebuilt(study, **changes)
 
 
 def _distributed(run: Distributed, **changes: Any) -> Distributed:
     """``run`` with some settings changed (``hparams=``, ``metric=``)."""
-    settings = {"workers": run.workers, "hparams": run.hparams, "process_group": run.process_group,
-                "timeout_s": run.timeout_s, "strategy": run.strategy, "metric": run.metric,
-                "framework": run.framework}
-    return Distributed(**{**settings, **changes})
+    return _rebuilt(run, **changes)
 
 
 def _bind(name: str, stage: Stage, best: Best) -> Stage:

@@ -9,7 +9,7 @@ from typing import Any
 from unison._validate import check_hparam_names, check_number
 from unison.driver.plan import Plan
 from unison.optimizers import BUILTIN_OPTIMIZERS, GridSearch, Optimizer, make_optimizer
-from unison.schedulers import BUILTIN_SCHEDULERS, Scheduler, make_scheduler
+from unison.schedulers import BUILTIN_SCHEDULERS, PBT, Scheduler, make_scheduler
 from unison.space import Conditional, space_from_dict, space_to_dict, validate_space
 
 DEFAULT_RANDOM_TRIALS = 20
@@ -129,6 +129,8 @@ class Search:
         make_optimizer(optimizer)  # validates the name now, before any worker starts
         self.scheduler = scheduler
         make_scheduler(scheduler)
+        if isinstance(scheduler, PBT):
+            self._check_population(scheduler)
         # owner="": tests match the message "seed must be a non-negative int".
         self.seed = check_number(seed, "seed", owner="", integer=True, low=0, allow_none=True)
         self.max_concurrent = _positive_int(max_concurrent, "max_concurrent")
@@ -166,6 +168,20 @@ class Search:
         optimizer = make_optimizer(self.optimizer)
         optimizer.setup(self.space, self.mode, self.seed if seed is None else seed)
         return optimizer
+
+    def _check_population(self, pbt: PBT) -> None:
+        """PBT's population is ``trials=N``, and it mutates hyperparameters of the space."""
+        if self.trials is None or self.trials < 2:
+            raise ValueError(f"Search(scheduler=PBT(...), trials={self.trials!r}): trials is the "
+                             f"population's size, at least 2 (e.g. trials=8); the clones that replace "
+                             f"members come on top")
+        if self.space_fn is None:
+            from unison._validate import lookup
+
+            for name in pbt.hyperparam_mutations:
+                if name not in self.space:
+                    lookup("PBT hyperparam_mutations name", name, dict.fromkeys(self.space),
+                           "a hyperparameter of the search's space")
 
     def build_scheduler(self) -> Scheduler | None:
         scheduler = make_scheduler(self.scheduler)

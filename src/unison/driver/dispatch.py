@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from unison import trialfiles
 from unison.backends.base import Backend
+from unison.driver.checkpoint_inbox import CheckpointInbox, send_checkpoint
 from unison.driver.driver import SearchDriver, TrialState
 from unison.driver.gangs import GangDispatch
 from unison.driver.server import CLOSED, MALFORMED, Event, Peer, Server
@@ -30,6 +31,7 @@ from unison.errors import MetricNotReported, WorkerError
 from unison.launch import LaunchSpec
 from unison.protocol import (
     ABORT,
+    CHECKPOINT_CHUNK,
     DECISION,
     FATAL,
     FILES,
@@ -38,7 +40,9 @@ from unison.protocol import (
     READY,
     REPORT,
     SHUTDOWN,
+    TRIAL,
     AbortMessage,
+    CheckpointChunkMessage,
     DecisionMessage,
     FatalMessage,
     FilesMessage,
@@ -49,6 +53,8 @@ from unison.protocol import (
     new_secret,
     trial_message,
 )
+from unison.worker.checkpoint_ship import CHECKPOINT_LIMIT_MB
+from unison.worker.checkpoints import Policy
 from unison.worker.runtime import TrialRunner
 
 TICK_S = 0.1
@@ -89,6 +95,13 @@ def run_inline(driver: SearchDriver, runner: TrialRunner, progress: Any) -> None
         else:
             driver.finish(outcome)
         progress.update(driver.summary())
+
+
+def _inbox(driver: SearchDriver, backend: Backend) -> CheckpointInbox:
+    """Where the checkpoints shipped by ``backend``'s workers arrive, within its per-trial limit."""
+    mb = getattr(backend, "checkpoint_limit_mb", CHECKPOINT_LIMIT_MB)
+    name = f"{type(backend).__name__}(checkpoint_limit_mb={mb:g})"
+    return CheckpointInbox(driver.store, int(mb * 1024 * 1024), name)
 
 
 class TrialTimeout(BaseException):
@@ -169,7 +182,10 @@ class RemoteLoop:
         self._handlers: dict[str, Callable[[Peer, Any], None]] = {
             HELLO: self._on_hello, READY: self._on_ready, REPORT: self._on_report,
             RANK_FAILED: self._on_rank_failed, FILES: self._on_files, FATAL: self._on_fatal,
+            CHECKPOINT_CHUNK: self._on_checkpoint_chunk,
         }
+        # Workers without the driver's disk ship their checkpoints (and are shipped those they resume from)
+        self.inbox = None if backend.shared_filesystem else _inbox(driver, backend)
 
     def run(self, workers: int) -> None:
         """Have the backend start ``workers`` workers and serve them trials until the experiment is
@@ -202,10 +218,13 @@ class RemoteLoop:
             # SHUTDOWN) then sees its connection end and exits instead of waiting to be killed.
             server.close()
             self.backend.stop(force=self.driver.abort_error is not None or not self.driver.finished)
+            if self.inbox is not None:
+                self.inbox.close()
 
     def _tick(self, now: float) -> None:
         self._check_heartbeats(now)
         self._check_timeouts(now)
+        self.gangs.tick(now)  # a rank's failure held for a peer's death to show
         self.backend.poll()
         self.progress.update(self.driver.summary())
 
@@ -223,6 +242,8 @@ class RemoteLoop:
     # ------------------------------------------------------------------ events
     def _handle(self, event: Event) -> None:
         peer = event.peer
+        if event.kind == CLOSED and self.inbox is not None:
+            self.inbox.forget_peer(peer.peer_id)  # a checkpoint it was shipping
         if event.kind == MALFORMED:  # the server drops the peer next; its CLOSED event handles its trial
             self._log_drop(peer, (event.message or {}).get("error"))
         elif peer.aborted:
@@ -246,11 +267,15 @@ class RemoteLoop:
 
     def _log_drop(self, peer: Peer, error: Any) -> None:
         """Note in ``peer``'s log that its connection was dropped after a malformed message."""
+        self._log_note(peer, f"dropped the connection of {peer.name} (peer {peer.peer_id}, pid "
+                             f"{peer.info.get('pid')}) after a malformed message: {error}")
+
+    def _log_note(self, peer: Peer, text: str) -> None:
+        """Append ``text`` to ``peer``'s log in the experiment's ``workers`` folder."""
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             with open(self.log_dir / f"{peer.name}.log", "a", encoding="utf-8") as log:
-                log.write(f"\nunison driver: dropped the connection of {peer.name} (peer {peer.peer_id}, "
-                          f"pid {peer.info.get('pid')}) after a malformed message: {error}\n")
+                log.write(f"\nunison driver: {text}\n")
         except (OSError, ValueError):
             pass
 
@@ -313,14 +338,40 @@ class RemoteLoop:
         stop: str | None
         if trial is None or trial.status != "running":  # e.g. another rank failed meanwhile
             stop = "the trial already ended"
+            if self.inbox is not None:
+                self.inbox.discard(message["trial_id"], peer.peer_id)
         else:
+            checkpoint = cast(dict[str, Any] | None, message.get("checkpoint"))
+            refused = self._commit_shipped(peer, trial, checkpoint)
+            if refused is not None:  # the worker's reporter raises it in the function: the trial fails
+                self.send(peer, DecisionMessage(t=DECISION, stop=None, fail=refused))
+                return
             try:
                 stop = self.driver.report(message["trial_id"], message["step"], message["metrics"],
-                                          cast(dict[str, Any] | None, message.get("checkpoint")))
+                                          checkpoint)
             except MetricNotReported as exc:  # the worker's reporter raises it in the function
                 self.send(peer, DecisionMessage(t=DECISION, stop=None, error=str(exc)))
                 return
         self.send(peer, DecisionMessage(t=DECISION, stop=stop))
+
+    def _commit_shipped(self, peer: Peer, trial: TrialState, checkpoint: dict[str, Any] | None) -> str | None:
+        """Put into place the checkpoint a report names whose files ``peer`` shipped just before it (before
+        the report journals it); why it is refused, if it is (the report is then not recorded)."""
+        if checkpoint is None or "shipped" not in checkpoint or self.inbox is None:
+            return None  # none, or written by the worker itself (the driver's disk, checkpoint_storage=)
+        policy = Policy.from_message(self.driver.checkpoint_spec(trial))
+        return self.inbox.commit(peer.peer_id, trial.trial_id, checkpoint, policy)
+
+    def _on_checkpoint_chunk(self, peer: Peer, message: CheckpointChunkMessage) -> None:
+        """Part of a checkpoint the trial ``peer`` runs is saving (its report follows)."""
+        if self.inbox is None or message["trial_id"] != peer.trial_id:
+            why = ("workers of this backend share the driver's disk" if self.inbox is None
+                   else f"it runs {peer.trial_id}")
+            self._drop(peer, f"checkpoint_chunk message: 'trial_id' is {message['trial_id']}, but {why}")
+            return
+        ack = self.inbox.chunk(peer.peer_id, message)
+        if ack is not None:
+            self.send(peer, ack)
 
     def _on_rank_failed(self, peer: Peer, message: RankFailedMessage) -> None:
         gang = self.gangs.of(peer)
@@ -337,6 +388,8 @@ class RemoteLoop:
     def _finish(self, peer: Peer, outcome: TrialOutcome) -> None:
         """Record the result of the trial ``peer`` was running, with the files it shipped (workers
         that do not share the driver's disk send a trial's logs and small files in its result)."""
+        if self.inbox is not None:
+            self.inbox.discard(outcome["trial_id"], peer.peer_id)  # a checkpoint refused mid-way
         files = outcome.pop("files", None)
         if files:
             problem = self.write_files(outcome["trial_id"], files)
@@ -402,11 +455,25 @@ class RemoteLoop:
                 self.send(self.waiting.popleft(), {"t": SHUTDOWN})
 
     def send(self, peer: Peer, message: Mapping[str, Any]) -> None:
-        """Send ``message`` to ``peer``; if its connection is broken, close it."""
+        """Send ``message`` to ``peer``; if its connection is broken, close it. A ``trial`` message that
+        resumes from a checkpoint goes after that checkpoint's files to a worker without the driver's disk."""
         try:
+            if message.get("t") == TRIAL and self.inbox is not None:
+                self._ship_resume(peer, cast(dict[str, Any], message))
             peer.conn.send(message)
         except OSError:
             peer.conn.close()  # its reader thread reports it closed; the trial is retried then
+
+    def _ship_resume(self, peer: Peer, message: dict[str, Any]) -> None:
+        """Send ``peer`` the checkpoint that the trial of ``message`` resumes from (a path on the driver's
+        disk; not one in shared storage, ``root``); one that cannot be read is left out of ``message``."""
+        spec = message.get("checkpoint") or {}
+        if not spec.get("path") or spec.get("root"):
+            return
+        problem = send_checkpoint(peer.conn.send, message["trial_id"], spec["step"], Path(spec["path"]))
+        if problem is not None:
+            self._log_note(peer, f"trial {message['trial_id']} starts without its checkpoint: {problem}")
+            message["checkpoint"] = {**spec, "path": None, "step": None}
 
     # ------------------------------------------------------------------ ticks
     def _check_timeouts(self, now: float) -> None:

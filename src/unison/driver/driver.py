@@ -7,16 +7,20 @@ loop calls it between trials, the remote loop (``unison.driver.dispatch``) calls
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unison.driver.store import ExperimentStore
 from unison.errors import SearchAborted
 from unison.result import objective_value
-from unison.schedulers.base import Stop, decision_of
+from unison.schedulers.base import Exploit, Pause, Stop, decision_of
+from unison.schedulers.pbt import PBT
+from unison.worker.checkpoint_storage import is_file, is_url, join
 
 if TYPE_CHECKING:
     from unison.contexts.search import Search
@@ -46,6 +50,17 @@ class TrialState:
     started_at: float | None = None  # time.monotonic() when this attempt started (for trial_timeout_s)
     # The checkpoints journaled for this trial, oldest first: {"step", "path"} (relative to the experiment)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    # Population-based training: {"member": slot, "parent": id, "cloned_step": step} (a clone), or
+    # {"member": id} (a first member); None outside PBT
+    lineage: dict[str, Any] | None = None
+    replaces: int | None = None  # a clone: the trial it took the place of
+    turns: int = 0  # how often a Pause decision stopped it, to run again later
+    reported: int = 0  # its reports over all its attempts and turns
+
+    @property
+    def is_clone(self) -> bool:
+        """Whether this trial is a clone an :class:`unison.Exploit` decision made (not a suggestion)."""
+        return bool(self.lineage) and "parent" in self.lineage  # type: ignore[operator]
 
     def row(self) -> dict[str, Any]:
         """The trial as one flat record (for the trial table and result.json)."""
@@ -65,6 +80,7 @@ class TrialState:
             "stop_reason": self.stop_reason,
             "error": self.error,
             **({"checkpoint": self.checkpoints[-1]["path"]} if self.checkpoints else {}),  # the latest: kept
+            **(self.lineage or {}),
             **({"spec": self.spec} if self.spec else {}),
         }
 
@@ -87,6 +103,19 @@ class SearchDriver:
         self.optimizer = search.build_optimizer(seed)
         self.scheduler = search.build_scheduler()
         self.planned = search.planned_trials(self.optimizer)
+        # Population-based training: clones take ids from ``planned`` on, so the optimizer's numbers
+        # (0 .. planned-1, the first members) stay its own
+        self.population = isinstance(self.scheduler, PBT)
+        if isinstance(self.scheduler, PBT):
+            self.scheduler.reseed(seed)
+        self.next_clone = self.planned
+        self.warned_no_checkpoint = False
+        self.replaced = 0  # trials an Exploit decision replaced by a clone (they end "stopped")
+        self.paused: set[int] = set()  # pending because a Pause decision stopped them (PBT's turn-taking)
+        self.pausing: set[int] = set()  # running, told to stop for a Pause: requeued when they end
+        self.leaving: set[int] = set()  # running, told to stop for a clone: their slots come free
+        if isinstance(self.scheduler, PBT):
+            self.scheduler.waiting = self._waiting
         self.trials: dict[int, TrialState] = {}
         self.pending: deque[int] = deque()
         self.next_number = 0
@@ -104,6 +133,8 @@ class SearchDriver:
         # misspelled metric= then fails at once, not after whole trials. Off for a run without metric=.
         self.require_metric = True
         self.metric_checked = False
+        # checkpoint_storage=: where workers write checkpoints (a URL or a shared path); None: trial folders
+        self.checkpoint_storage: str | None = None
 
     # ----------------------------------------------------------------- resume
     def replay(self, events: list[dict[str, Any]]) -> None:
@@ -114,13 +145,19 @@ class SearchDriver:
             if not isinstance(tid, int):  # a status event: no trial's
                 continue
             if kind == "start":
-                trial = self.trials.get(tid) or TrialState(tid, ev["hparams"], spec=ev.get("spec") or {})
+                trial = self.trials.get(tid) or TrialState(tid, ev["hparams"], spec=ev.get("spec") or {},
+                                                           lineage=ev.get("lineage"))
                 trial.attempt, trial.worker, trial.status = ev.get("attempt", 0), ev.get("worker"), "running"
                 trial.host, trial.pid = ev.get("host"), ev.get("pid")
                 self.trials[tid] = trial
-                self.next_number = max(self.next_number, tid + 1)
+                if not trial.is_clone:
+                    self.next_number = max(self.next_number, tid + 1)
                 reports[tid] = []
+            elif kind == "clone":
+                self._replay_clone(ev)
             elif kind == "report":
+                if tid in self.trials:
+                    self.trials[tid].reported += 1
                 value = ev["metrics"].get(self.search.metrics[0])
                 if value is not None and self.scheduler is not None:
                     reports.setdefault(tid, []).append((ev["step"], value))
@@ -136,15 +173,43 @@ class SearchDriver:
             elif kind == "lost":
                 self.trials[tid].attempt = ev.get("attempt", 0) + 1
                 self.trials[tid].status = "pending"
+            elif kind == "pause" and tid in self.trials:
+                self.trials[tid].status, self.trials[tid].last_step = "pending", ev.get("step")
+                self.trials[tid].turns += 1
+                self.paused.add(tid)
         for number in range(self.next_number):  # handed to a worker as its next trial, never started
             hparams = None if number in self.trials else self.optimizer.suggest(number)
             if hparams is not None:
                 spec = self.trial_spec(number) if self.trial_spec is not None else {}
-                self.trials[number] = TrialState(number, hparams, spec=spec)
+                self.trials[number] = TrialState(number, hparams, spec=spec,
+                                                 lineage={"member": number} if self.population else None)
+        replaced = {t.replaces: t.trial_id for t in self.trials.values() if t.replaces is not None}
         for tid in sorted(self.trials):  # unfinished when the driver stopped: run them again
-            if self.trials[tid].status not in FINAL:
-                self.trials[tid].status = "pending"
-                self.pending.append(tid)
+            trial = self.trials[tid]
+            if trial.status in FINAL:
+                continue
+            if tid in replaced:  # its clone was made, but the driver stopped before it ended
+                clone = self.trials[replaced[tid]]
+                reason = (f"replaced by a clone of trial {(clone.lineage or {}).get('parent')} (trial "
+                          f"{clone.trial_id}; the driver stopped before this trial ended)")
+                self._end(trial, {"trial_id": tid, "status": "stopped", "metrics": trial.metrics,
+                                  "stop_reason": reason})
+                continue
+            trial.status = "pending"
+            (self.pending.appendleft if trial.is_clone else self.pending.append)(tid)
+            if self.population and self.scheduler is not None and reports.get(tid):
+                # PBT ranks unfinished trials by their latest value, waiting ones too
+                self.scheduler.on_start(tid, trial.hparams, None)
+                self.scheduler.on_report(tid, *reports[tid][-1])
+
+    def _replay_clone(self, ev: dict[str, Any]) -> None:
+        """A clone the journal records (``e: clone``): a trial that starts from its copied checkpoint."""
+        lineage = {k: ev[k] for k in ("member", "parent", "cloned_step")}
+        saved = {"step": ev["cloned_step"], "path": ev["path"]}
+        self.trials[ev["id"]] = TrialState(ev["id"], ev["hparams"], lineage=lineage,
+                                           replaces=ev.get("replaces"), checkpoints=[saved])
+        self.next_clone = max(self.next_clone, ev["id"] + 1)
+        self.replaced += 1
 
     # --------------------------------------------------------------- decisions
     def can_start(self) -> bool:
@@ -155,7 +220,7 @@ class SearchDriver:
     def prefetch(self) -> bool:
         """Whether a busy worker may be handed its next trial: only when suggestions do not depend
         on results (a learning optimizer would propose it knowing less)."""
-        return not getattr(self.optimizer, "adaptive", True)
+        return not getattr(self.optimizer, "adaptive", True) and not self.population
 
     def unstarted(self) -> int:
         """How many trials are still to start (queued again or not yet suggested)."""
@@ -169,8 +234,31 @@ class SearchDriver:
         ``max_concurrent`` does not apply now); record it with :meth:`reserve`."""
         if self.abort_error is not None or not (reserve or self.can_start()):
             return None
-        if self.pending:
-            return self.trials[self.pending.popleft()]
+        if not self.population:  # queued again (a retry) first, then a new suggestion
+            return self._take(self.pending[0]) if self.pending else self._suggest()
+        # a population keeps step: the least advanced first (a new member is at the start)
+        # (on a tie, the older trial: a clone waits for the paused parent it shares a checkpoint with)
+        behind = min(self.pending, key=lambda t: (self._progress(t), t), default=None)
+        if behind is not None and self._progress(behind) < 0:
+            return self._take(behind)
+        return self._suggest() or (self._take(behind) if behind is not None else None)
+
+    def _progress(self, trial_id: int) -> int:
+        """The step a queued trial resumes after: its newest checkpoint's (-1: none, from the start)."""
+        saved = self.trials[trial_id].checkpoints
+        return saved[-1]["step"] if saved else -1
+
+    def _waiting(self) -> bool:
+        """Whether queued trials outnumber the slots free now or soon (those of trials told to stop)."""
+        free = max(self.concurrency - self.running, 0) if self.concurrency is not None else 0
+        return self.unstarted() > free + len(self.pausing) + len(self.leaving)
+
+    def _take(self, trial_id: int) -> TrialState:
+        self.pending.remove(trial_id)
+        self.paused.discard(trial_id)
+        return self.trials[trial_id]
+
+    def _suggest(self) -> TrialState | None:
         if self.exhausted or self.next_number >= self.planned:
             return None
         hparams = self.optimizer.suggest(self.next_number)
@@ -178,7 +266,8 @@ class SearchDriver:
             self.exhausted = True
             return None
         spec = self.trial_spec(self.next_number) if self.trial_spec is not None else {}
-        trial = TrialState(self.next_number, hparams, spec=spec)
+        trial = TrialState(self.next_number, hparams, spec=spec,
+                           lineage={"member": self.next_number} if self.population else None)
         self.trials[trial.trial_id] = trial
         self.next_number += 1
         return trial
@@ -213,12 +302,18 @@ class SearchDriver:
         trial.status, trial.worker, trial.host, trial.pid = "running", worker, host, pid
         trial.started_at = time.monotonic()
         self.running += 1
+        message = self.message(trial)
+        resumed = message["checkpoint"].get("step")
         self.store.append(
             {"e": "start", "id": trial.trial_id, "hparams": trial.hparams, "attempt": trial.attempt,
              "worker": worker, "host": host, "pid": pid, "t": time.time(),
-             **({"spec": trial.spec} if trial.spec else {}), **({"ranks": ranks} if ranks else {})}
+             **({"spec": trial.spec} if trial.spec else {}), **({"ranks": ranks} if ranks else {}),
+             **({"lineage": trial.lineage} if trial.lineage else {}),
+             **({"resumed_from": resumed} if resumed is not None else {})}
         )
-        return self.message(trial)
+        if self.scheduler is not None:
+            self.scheduler.on_start(trial.trial_id, trial.hparams, resumed)
+        return message
 
     def message(self, trial: TrialState) -> dict[str, Any]:
         """What a worker needs to run ``trial``."""
@@ -235,16 +330,30 @@ class SearchDriver:
     def checkpoint_spec(self, trial: TrialState) -> dict[str, Any]:
         """The trial message's ``checkpoint``: which checkpoints to keep (the last ``keep_checkpoints``
         plus the best by the search's first metric) and the one to resume from: the newest journaled
-        checkpoint still on disk, as a path on the driver's disk and never its bytes (a worker without
-        that disk is where checkpoint shipping plugs in, issue 16, later)."""
+        checkpoint still on disk, as a path on the driver's disk (a URL with ``checkpoint_storage=``) and
+        never its bytes. With ``checkpoint_storage=``, ``root``: the folder the worker writes them into."""
         spec: dict[str, Any] = {"keep": self.search.keep_checkpoints, "mode": self.search.modes[0],
                                 "metric": None if len(self.search.metrics) > 1 else self.search.metrics[0]}
-        for saved in reversed(trial.checkpoints):
-            folder = self.store.path / saved["path"]
-            if (folder / "meta.json").is_file():  # a worker orphaned by a driver crash may have pruned it
-                spec.update(path=str(folder), step=saved["step"])
-                break
+        saved = self._newest_checkpoint(trial)  # a worker orphaned by a driver crash may have pruned some
+        if saved is not None:
+            spec.update(path=self.checkpoint_location(saved["path"]), step=saved["step"])
+        shared = self._shared_trial_folder(trial.trial_id)
+        if shared is not None:
+            spec["root"] = join(shared, "checkpoints")
         return spec
+
+    def checkpoint_location(self, path: str) -> str:
+        """A journaled checkpoint ``path`` as a full location: relative ones are under the experiment;
+        those on ``checkpoint_storage=`` are journaled whole (an absolute path, or a URL)."""
+        return path if "://" in path else str(self.store.path / path)
+
+    def _shared_trial_folder(self, trial_id: int) -> str | None:
+        """With ``checkpoint_storage=``, trial ``trial_id``'s folder there:
+        ``<storage>/<the experiment's folder name>/trials/0007``; else ``None``."""
+        if self.checkpoint_storage is None:
+            return None
+        trial = self.store.trial_dir(trial_id).relative_to(self.store.path).as_posix()
+        return join(self.checkpoint_storage, self.store.path.name, *trial.split("/"))
 
     def report(self, trial_id: int, step: int, metrics: dict[str, float],
                checkpoint: dict[str, Any] | None = None) -> str | None:
@@ -254,6 +363,8 @@ class SearchDriver:
         Raises :class:`unison.MetricNotReported` if this is the experiment's first report and it lacks
         a metric the search optimizes (the trial then fails with ``error_kind: missing_metric``)."""
         self.store.append({"e": "report", "id": trial_id, "step": step, "metrics": metrics, "t": time.time()})
+        if trial_id in self.trials:
+            self.trials[trial_id].reported += 1
         if checkpoint is not None:
             self._record_checkpoint(trial_id, checkpoint)
         if not self.metric_checked and self.require_metric:
@@ -277,12 +388,99 @@ class SearchDriver:
             return None
         if not isinstance(decision, Stop):
             return None
+        if isinstance(decision, (Exploit, Pause)) and checkpoint is None:
+            # PBT acts where the trial saved its state: a clone or a paused trial resumes from the
+            # newest checkpoint, and deciding again before the next one would redo the same steps forever
+            return None
+        if isinstance(decision, Exploit):
+            if not self._clone(self.trials[trial_id], decision):
+                return None
+            self.leaving.add(trial_id)
+        if isinstance(decision, Pause):
+            self.pausing.add(trial_id)
         return decision.reason or f"stopped by the scheduler at step {step}"
 
+    def _clone(self, trial: TrialState, decision: Exploit) -> bool:
+        """Queue a clone of ``decision.source`` in ``trial``'s place, first, its first checkpoint a copy
+        of the source's newest; ``False`` (``trial`` goes on) when the source has none on disk."""
+        source = self.trials.get(decision.source)
+        saved = self._newest_checkpoint(source) if source is not None else None
+        if saved is None:
+            self._warn_no_checkpoint(decision.source)
+            return False
+        clone_id = self.next_clone
+        try:
+            path = self._copy_checkpoint(saved["path"], clone_id)
+        except OSError as exc:  # e.g. the source's worker pruned it meanwhile, or the disk is full
+            import warnings
+
+            warnings.warn(f"PBT could not copy trial {decision.source}'s checkpoint for a clone ({exc}): "
+                          f"trial {trial.trial_id} goes on", stacklevel=2)
+            return False
+        self.next_clone += 1
+        member = (trial.lineage or {}).get("member", trial.trial_id)
+        lineage = {"member": member, "parent": decision.source, "cloned_step": saved["step"]}
+        self.store.append({"e": "clone", "id": clone_id, "hparams": decision.hparams, **lineage,
+                           "replaces": trial.trial_id, "path": path, "t": time.time()})
+        self.trials[clone_id] = TrialState(clone_id, dict(decision.hparams), lineage=lineage,
+                                           replaces=trial.trial_id,
+                                           checkpoints=[{"step": saved["step"], "path": path}])
+        self.pending.appendleft(clone_id)
+        self.replaced += 1
+        return True
+
+    def _copy_checkpoint(self, path: str, trial_id: int) -> str:
+        """Copy the journaled checkpoint ``path`` into trial ``trial_id``'s checkpoints (on the shared
+        storage with ``checkpoint_storage=``); the copy's path as journaled."""
+        from unison.worker.checkpoints import FOLDER, copy_checkpoint, copy_checkpoint_url
+
+        source, shared = self.checkpoint_location(path), self._shared_trial_folder(trial_id)
+        if shared is None:  # a clone id is new: anything in its folder is a copy a crash left unjournaled
+            shutil.rmtree(self.store.trial_dir(trial_id) / FOLDER, ignore_errors=True)
+            copied = copy_checkpoint(Path(source), self.store.trial_dir(trial_id) / FOLDER)
+            return copied.relative_to(self.store.path).as_posix()
+        if is_url(shared):
+            return copy_checkpoint_url(source, join(shared, FOLDER))
+        return str(copy_checkpoint(Path(source), Path(shared) / FOLDER))
+
+    def _newest_checkpoint(self, trial: TrialState) -> dict[str, Any] | None:
+        """``trial``'s newest journaled checkpoint still on disk (its worker prunes older ones); if none
+        is, the newest whole one in its folder (saved, and the older pruned, by a worker that died before
+        its report reached the journal)."""
+        for saved in reversed(trial.checkpoints):
+            if is_file(join(self.checkpoint_location(saved["path"]), "meta.json")):
+                return saved
+        if self.checkpoint_storage is not None:
+            return None
+        from unison.worker.checkpoints import FOLDER, newest_on_disk
+
+        folder = self.store.trial_dir(trial.trial_id) / FOLDER
+        found = newest_on_disk(folder)
+        if found is None:
+            return None
+        return {"step": found[0], "path": found[1].relative_to(self.store.path).as_posix()}
+
+    def _warn_no_checkpoint(self, source: int) -> None:
+        if self.warned_no_checkpoint:
+            return
+        self.warned_no_checkpoint = True
+        import warnings
+
+        warnings.warn(f"population-based training needs trial {source}'s checkpoint to clone it or to "
+                      f"run it again later, but it saved none: it goes on as it is. Save one with each "
+                      f"report (reporter.report(step=..., checkpoint=state, ...)) and resume from "
+                      f"ctx.checkpoint", stacklevel=2)
+
     def _record_checkpoint(self, trial_id: int, checkpoint: dict[str, Any]) -> None:
-        """Journal a checkpoint a report saved (its folder is on disk already)."""
-        trial_dir = self.store.trial_dir(trial_id).relative_to(self.store.path)
-        path = (trial_dir / checkpoint["path"]).as_posix()
+        """Journal a checkpoint a report saved (its folder is on disk already): relative to the experiment,
+        or its full location on ``checkpoint_storage=`` (``checkpoint["path"]``, ``checkpoints/step-<n>``
+        as the protocol allows, is joined with the folder the trial message named)."""
+        shared = self._shared_trial_folder(trial_id)
+        if shared is not None:
+            path = join(shared, *checkpoint["path"].split("/"))
+        else:
+            trial_dir = self.store.trial_dir(trial_id).relative_to(self.store.path)
+            path = (trial_dir / checkpoint["path"]).as_posix()
         self.store.append({"e": "checkpoint", "id": trial_id, "step": checkpoint["step"], "path": path,
                            "size": checkpoint.get("size"), "t": time.time()})
         trial = self.trials.get(trial_id)
@@ -295,7 +493,22 @@ class SearchDriver:
         if trial.status != "running":
             return  # a late result of a trial already given up on
         self.running -= 1
+        self.leaving.discard(trial.trial_id)
+        if trial.trial_id in self.pausing:
+            self.pausing.discard(trial.trial_id)
+            if outcome["status"] == "stopped":  # as told: it runs again later from its checkpoint
+                self._pause(trial, outcome)
+                return
         self._end(trial, outcome)
+
+    def _pause(self, trial: TrialState, outcome: dict[str, Any]) -> None:
+        self.store.append({"e": "pause", "id": trial.trial_id, "step": outcome.get("last_step"),
+                           "reason": outcome.get("stop_reason"), "t": time.time()})
+        trial.status = "pending"
+        trial.last_step = outcome["last_step"] if outcome.get("last_step") is not None else trial.last_step
+        trial.turns += 1
+        self.pending.append(trial.trial_id)
+        self.paused.add(trial.trial_id)
 
     def _end(self, trial: TrialState, outcome: dict[str, Any]) -> None:
         event = {
@@ -305,6 +518,9 @@ class SearchDriver:
             "last_step": outcome.get("last_step"), "stop_reason": outcome.get("stop_reason"),
             "worker": trial.worker,
         }
+        if trial.turns:  # it ran in turns: its steps are all its turns', not the last one's
+            event.update(steps=trial.reported, last_step=event["last_step"] if event["last_step"] is not None
+                         else trial.last_step)
         if outcome.get("files_skipped"):
             event["files_skipped"] = outcome["files_skipped"]
         if outcome.get("logs_cut"):
@@ -323,6 +539,12 @@ class SearchDriver:
         if trial.status != "running":
             return
         self.running -= 1
+        self.pausing.discard(trial_id)
+        if trial_id in self.leaving:  # its clone goes on in its place: it is not run again
+            self.leaving.discard(trial_id)
+            self._end(trial, {"trial_id": trial_id, "status": "stopped", "metrics": trial.metrics,
+                              "stop_reason": f"replaced by a clone; then {reason}"})
+            return
         self.store.append({"e": "lost", "id": trial_id, "attempt": trial.attempt, "reason": reason})
         if self.scheduler is not None:
             self.scheduler.on_complete(trial_id, "retried")
@@ -357,6 +579,8 @@ class SearchDriver:
             self.lose(trial_id, reason)
             return
         self.running -= 1
+        self.pausing.discard(trial_id)
+        self.leaving.discard(trial_id)
         elapsed = None if trial.started_at is None else time.monotonic() - trial.started_at
         self._end(trial, {"trial_id": trial_id, "status": "failed", "duration": elapsed, "error": reason})
 
@@ -380,7 +604,8 @@ class SearchDriver:
         self.counts[trial.status] += 1
         if trial.status == "completed" and isinstance(trial.value, float) and self._better(trial.value):
             self.best = trial
-        self.optimizer.observe(trial.trial_id, trial.hparams, trial.value, trial.status)
+        if not trial.is_clone:  # the optimizer suggested it (a clone is PBT's)
+            self.optimizer.observe(trial.trial_id, trial.hparams, trial.value, trial.status)
         if trial.status == "failed":
             self.failures += 1
             if self.first_failure is None:
@@ -408,6 +633,7 @@ class SearchDriver:
             "completed": self.counts["completed"],
             "failed": self.counts["failed"],
             "stopped": self.counts["stopped"],
+            "replaced": self.replaced,
             "running": self.running,
             "best": None if self.best is None else self.best.value,
             "elapsed": time.monotonic() - self.started_at,

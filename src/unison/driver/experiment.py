@@ -173,12 +173,15 @@ def notebook_origin(path: Path) -> dict[str, Any]:
 def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | Path | None = None,
                    name: str | None = None, resume_path: str | Path | None = None,
                    progress: bool | None = None, callbacks: list[Callback] | None = None,
-                   path: str | Path | None = None) -> Any:
+                   path: str | Path | None = None, checkpoint_storage: str | Path | None = None) -> Any:
     """Run ``plan`` on ``backend`` (or finish the experiment in ``resume_path``); return what the plan
     presents (a result object), raising the plan's error if the experiment aborted. ``callbacks`` hear
     of every event journaled from the moment the experiment is opened. ``path``: a new experiment's
-    exact directory (a pipeline's stage) instead of a new one under ``storage``."""
+    exact directory (a pipeline's stage) instead of a new one under ``storage``.
+    ``checkpoint_storage``: where workers write checkpoints (see :func:`unison.run`); on resume, the
+    one ``experiment.json`` records."""
     gang_slots = _check_backend(plan, backend)  # before anything is written: it may fail
+    shared = _checkpoint_storage(checkpoint_storage, resume_path)
     names = check_injectable(code.fn, plan.hparam_names, code.model is not None or bool(plan.variants),
                              code.data is not None, plan.search.conditional_names)
     if plan.check_names is not None:
@@ -186,6 +189,8 @@ def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | 
     parts = _payload_parts(code, names, plan)
     payload, payload_error = _payload(parts, backend.in_process)
     store, meta, events = _open_store(code, plan, storage, name, resume_path, path)
+    if shared is not None:
+        meta["checkpoint_storage"] = shared
     runner = None
     try:  # from here on the store holds the lock: release it if the experiment cannot start
         declaration = json.loads(json.dumps(meta[plan.kind], default=str))  # the callbacks' own copy
@@ -193,6 +198,7 @@ def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | 
             meta["name"], plan.kind, store.path, declaration, repr(backend), bool(events)), store)
         driver = SearchDriver(plan.search, store, meta["seed"], plan.trial_spec)
         driver.require_metric = plan.require_metric
+        driver.checkpoint_storage = shared
         driver.replay(events)
         workers = _size(driver, plan, backend, gang_slots)
         store.write_experiment({**meta, "status": "running", "backend": repr(backend), "workers": workers,
@@ -213,6 +219,25 @@ def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | 
             raise plan.on_abort(exc) from None
         raise
     return plan.present(result)
+
+
+def _checkpoint_storage(given: str | Path | None, resume_path: str | Path | None) -> str | None:
+    """The experiment's ``checkpoint_storage=`` as recorded (see
+    :func:`unison.worker.checkpoint_storage.normalize`), checked writable before anything is written;
+    on resume the recorded one (passing another is an error: the journal names checkpoints there)."""
+    from unison.worker.checkpoint_storage import check_writable, normalize
+
+    location = None if given is None else normalize(given)
+    if resume_path is not None:
+        stored = ExperimentStore(resume_path).read_experiment().get("checkpoint_storage")
+        if location is not None and location != stored:
+            where = "its own folder" if stored is None else f"checkpoint_storage={stored!r}"
+            raise ValueError(f"{resume_path} keeps its checkpoints in {where}, not in {location!r}: resume "
+                             f"it without checkpoint_storage= (it uses the recorded place)")
+        location = stored if isinstance(stored, str) else None
+    if location is not None:
+        check_writable(location)
+    return location
 
 
 def _check_backend(plan: Plan, backend: Backend) -> int:
@@ -294,7 +319,7 @@ def _open_store(code: UserCode, plan: Plan, storage: str | Path | None, name: st
 def _size(driver: SearchDriver, plan: Plan, backend: Backend, gang_slots: int) -> int:
     """How many workers to start, and how many trials the driver runs at once."""
     search, k = plan.search, plan.workers_per_trial
-    remaining = driver.planned - sum(driver.counts.values())
+    remaining = driver.unstarted() + driver.running
     if k > 1:  # trials of k ranks: floor(slots / k) at once, k workers each
         at_once = max(1, min(gang_slots // k, remaining, search.max_concurrent or remaining))
         driver.concurrency = at_once

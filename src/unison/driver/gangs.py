@@ -6,12 +6,22 @@ the rendezvous, the process-group options). Only rank 0 reports. The trial ends 
 sent its outcome, or at once when one rank fails (its ``rank_failed`` notice, its outcome, or its
 connection lost): the ranks still running are then told to ``abort`` (they end their processes; the
 backend replaces them).
+
+A rank whose function failed because a peer's connection broke (gloo's ``Connection reset by peer``
+in an all-reduce, see :data:`PEER_LOST_ERRORS`) is usually the survivor of a peer that died: its
+notice can reach the driver before the dead peer's connection closes. Its failure is then held for
+up to :data:`PEER_LOST_GRACE_S`: a rank that dies meanwhile makes the trial lost (retried within
+``max_retries``), a rank that fails of a cause of its own fails it at once; otherwise it fails with
+the held traceback. The verdict of a death always rests on a connection that closed (or a process
+the backend saw end), never on an error's text, which only decides whether to wait for one.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -19,6 +29,23 @@ from unison.backends.base import Backend
 from unison.driver.driver import SearchDriver, TrialState
 from unison.driver.server import Peer
 from unison.protocol import ABORT, AbortMessage, DistSpec, TrialOutcome, trial_message
+
+PEER_LOST_GRACE_S = 2.0  # how long a rank's peer-connection failure waits for a peer's death to show
+# What a rank's traceback says when a collective failed because a peer went away (gloo, NCCL, the
+# torch store, TensorFlow's collectives): such a failure waits for the evidence of a death.
+PEER_LOST_ERRORS = re.compile(
+    r"connection (reset|closed) by peer|broken pipe|socket closed|remote process exited"
+    r"|NCCL communicator was aborted|ncclRemoteError|UnavailableError", re.IGNORECASE)
+
+
+def lost_a_peer(error: str) -> bool:
+    """Whether a rank's traceback ``error`` says a collective broke because a peer's connection did."""
+    return PEER_LOST_ERRORS.search(error) is not None
+
+
+def _last_line(error: str, limit: int = 300) -> str:
+    lines = [line for line in error.splitlines() if line.strip()]
+    return (lines[-1] if lines else "")[:limit]
 
 
 class GangHost(Protocol):
@@ -40,6 +67,17 @@ class GangHost(Protocol):
 
 
 @dataclass
+class Held:
+    """The failure a gang's trial ends with unless a rank dies by ``deadline`` (``time.monotonic()``);
+    ``raw``: the failing rank's own traceback."""
+
+    outcome: TrialOutcome
+    rank: int
+    raw: str
+    deadline: float
+
+
+@dataclass
 class Gang:
     """The workers running one distributed trial, by rank, and the outcomes they sent (or, for a rank
     no longer awaited, its status: ``lost``, ``aborted``)."""
@@ -48,6 +86,8 @@ class Gang:
     members: list[Peer]
     outcomes: dict[int, TrialOutcome] = field(default_factory=dict)
     ended: bool = False
+    reporters: set[int] = field(default_factory=set)  # ranks that said they failed (outcome to follow)
+    held: Held | None = None  # a peer-connection failure waiting for a peer's death to show
 
     def rank_of(self, peer: Peer) -> int:
         """``peer``'s rank in this gang."""
@@ -127,12 +167,48 @@ class GangDispatch:
         return f"rank {rank} of {len(gang.members)} ({where}) failed:\n{error}"
 
     def rank_failed(self, gang: Gang, peer: Peer, trial_id: int, error: str) -> None:
-        """``peer``'s function raised in ``trial_id``: the trial fails now, the other ranks abort
-        (``peer`` sends its own outcome once it has cleaned up)."""
+        """``peer``'s function raised in ``trial_id``: the trial fails now (after a peer-connection
+        error, unless a rank dies within :data:`PEER_LOST_GRACE_S`), the other ranks abort (``peer``
+        sends its own outcome once it has cleaned up)."""
         if not gang.ended and trial_id == gang.trial_id:
+            rank = gang.rank_of(peer)
+            gang.reporters.add(rank)
             failed = TrialOutcome(trial_id=gang.trial_id, status="failed",
-                                  error=self._rank_error(gang, gang.rank_of(peer), error))
-            self._end(gang, failed, spare=peer)
+                                  error=self._rank_error(gang, rank, error))
+            self._failure(gang, rank, failed, error)
+
+    def _failure(self, gang: Gang, rank: int, failed: TrialOutcome, error: str) -> None:
+        """Rank ``rank`` failed with traceback ``error``: end the trial with ``failed``, or hold it
+        while the error says a peer's connection broke."""
+        if not lost_a_peer(error):
+            gang.held = None
+            self._end(gang, failed)
+            return
+        if gang.held is None:
+            gang.held = Held(failed, rank, error, time.monotonic() + PEER_LOST_GRACE_S)
+        self._settle_held(gang, time.monotonic())
+
+    def _settle_held(self, gang: Gang, now: float) -> None:
+        """End a held failure once no rank is left that could still die, or at its deadline (lost if
+        the backend saw a rank's process end meanwhile, else failed)."""
+        held = gang.held
+        if held is None or gang.ended:
+            return
+        awaited = [r for r in range(len(gang.members)) if r not in gang.outcomes and r not in gang.reporters]
+        if awaited and now < held.deadline:
+            return
+        dead = [r for r in awaited if self.host.backend.worker_alive(gang.members[r].info) is False]
+        if dead:
+            self._lose(gang, dead[0])
+            self.host.dispatch_waiting()
+        else:
+            gang.held = None
+            self._end(gang, held.outcome)
+
+    def tick(self, now: float) -> None:
+        """End the held failures whose grace has passed."""
+        for gang in list(self.gangs.values()):
+            self._settle_held(gang, now)
 
     def rank_finished(self, gang: Gang, peer: Peer, outcome: TrialOutcome) -> None:
         """One rank's outcome: a failure ends the trial at once; otherwise it ends with rank 0's
@@ -152,7 +228,9 @@ class GangDispatch:
                     chief = gang.outcomes.get(0)
                     failed["metrics"] = (chief.get("metrics") if chief is not None else None) or {}
                     failed.pop("error_kind", None)
-                self._end(gang, failed)
+                self._failure(gang, rank, failed, str(outcome.get("error") or ""))
+            elif gang.held is not None:
+                self._settle_held(gang, time.monotonic())
             elif len(gang.outcomes) == len(gang.members):
                 chief = gang.outcomes[0].copy()
                 skipped = [s for o in gang.outcomes.values() for s in o.get("files_skipped") or ()]
@@ -167,36 +245,45 @@ class GangDispatch:
         peer.trial_id = None
         gang.settle(rank, "lost")
         if not gang.ended:
-            gang.ended = True
-            self.host.driver.lose(gang.trial_id, f"rank {rank} of {len(gang.members)} ({peer.name}) died "
-                                                 f"or lost its connection while running the trial")
-            self._abort_others(gang, f"rank {rank} died")
+            self._lose(gang, rank)
         self._forget_if_done(gang)
+
+    def _lose(self, gang: Gang, rank: int) -> None:
+        """Rank ``rank`` died: the trial is lost, every rank still running aborts (a held failure, the
+        survivor's, is what the death caused: the reason quotes it)."""
+        gang.ended = True
+        reason = (f"rank {rank} of {len(gang.members)} ({gang.members[rank].name}) died or lost its "
+                  f"connection while running the trial")
+        if gang.held is not None:
+            reason += f" (rank {gang.held.rank} had reported: {_last_line(gang.held.raw)})"
+            gang.held = None
+        self.host.driver.lose(gang.trial_id, reason)
+        self._abort_others(gang, f"rank {rank} died")
 
     def timed_out(self, trial_id: int) -> None:
         """``trial_id`` ran past its time limit: no outcome of its ranks is awaited any more (the loop
         ends their processes)."""
         gang = self.gangs.get(trial_id)
         if gang is not None:
-            gang.ended = True
+            gang.ended, gang.held = True, None
             for rank in range(len(gang.members)):
                 if rank not in gang.outcomes:
                     gang.settle(rank, "aborted")
             self._forget_if_done(gang)
 
-    def _end(self, gang: Gang, outcome: TrialOutcome, spare: Peer | None = None) -> None:
-        """Record the trial's outcome; abort the ranks still running (except ``spare``, which failed and
-        sends its own outcome once it has cleaned up)."""
+    def _end(self, gang: Gang, outcome: TrialOutcome) -> None:
+        """Record the trial's outcome; abort the ranks still running (except those that reported their
+        failure: each sends its own outcome once it has cleaned up)."""
         gang.ended = True
         self.host.driver.finish(cast(dict[str, Any], outcome))
         error = str(outcome.get("error") or "another rank failed")
         reason = "the trial ended" if outcome.get("status") != "failed" else error.splitlines()[0]
-        self._abort_others(gang, reason, spare)
+        self._abort_others(gang, reason, gang.reporters)
         self.host.dispatch_waiting()
 
-    def _abort_others(self, gang: Gang, reason: str, spare: Peer | None = None) -> None:
+    def _abort_others(self, gang: Gang, reason: str, spare: Collection[int] = ()) -> None:
         for rank, member in enumerate(gang.members):
-            if rank in gang.outcomes or member is spare or member.trial_id != gang.trial_id:
+            if rank in gang.outcomes or rank in spare or member.trial_id != gang.trial_id:
                 continue
             gang.settle(rank, "aborted")
             member.trial_id = None

@@ -16,14 +16,23 @@ def _fmt_elapsed(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
+def finished_trials(summary: dict[str, Any]) -> int:
+    """Trials that ended, less those replaced by a clone (which goes on in their place)."""
+    return summary["completed"] + summary["failed"] + summary["stopped"] - summary.get("replaced", 0)
+
+
 def describe(summary: dict[str, Any], metric: str) -> str:
-    """One line: ``12/40 done · 2 running · 1 failed · 3 stopped · best accuracy=0.93 · 00:14``."""
-    finished = summary["completed"] + summary["failed"] + summary["stopped"]
+    """One line: ``12/40 done · 2 running · 1 failed · 3 stopped · best accuracy=0.93 · 00:14``; a
+    population (PBT) counts its members: ``2/8 trials · 4 running · 9 replaced by clones · ...``."""
+    replaced = summary.get("replaced", 0)
+    finished = finished_trials(summary)
     parts = [f"{finished}/{summary['planned']} trials", f"{summary['running']} running"]
     if summary["failed"]:
         parts.append(f"{summary['failed']} failed")
-    if summary["stopped"]:
-        parts.append(f"{summary['stopped']} stopped")
+    if summary["stopped"] - replaced > 0:
+        parts.append(f"{summary['stopped'] - replaced} stopped")
+    if replaced:
+        parts.append(f"{replaced} replaced by clones")
     if summary["best"] is not None:
         parts.append(f"best {metric}={summary['best']:.6g}")
     parts.append(_fmt_elapsed(summary["elapsed"]))
@@ -89,7 +98,7 @@ class TerminalProgress(NoProgress):
         self.bar.start()
 
     def update(self, summary: dict[str, Any]) -> None:
-        finished = summary["completed"] + summary["failed"] + summary["stopped"]
+        finished = finished_trials(summary)
         status = describe(summary, self.metric).split(" · ", 1)[1]
         self.bar.update(self.task, completed=finished, total=summary["planned"], status=status)
 
@@ -128,7 +137,7 @@ class NotebookProgress(NoProgress):
             lines.append("starting…")
             body.append("<progress style='width:30em'></progress> <code>starting…</code>")
         else:
-            finished = summary["completed"] + summary["failed"] + summary["stopped"]
+            finished = finished_trials(summary)
             line = describe(summary, self.metric)
             lines.append(line)
             body.append(f"<progress value='{finished}' max='{summary['planned']}' style='width:30em'>"

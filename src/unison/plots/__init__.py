@@ -22,6 +22,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "ablation": (),
     "history": ("metric",),
     "curves": ("metric",),
+    "pbt": ("metric",),
     "parallel": ("metric", "params"),
     "importance": ("metric", "params", "evaluator"),
     "slice": ("metric", "params"),
@@ -34,6 +35,7 @@ _NEEDS = {
     "ablation": "an ablation study (unison.Ablation)",
     "history": "a search with a completed trial",
     "curves": "reports: reporter.report(step=..., name=value) in the training function",
+    "pbt": "a population-based-training search (Search(scheduler=unison.PBT(...))) whose trials reported",
     "parallel": "a search with a completed trial and a hyperparameter that varies",
     "importance": "a search with two completed trials and a hyperparameter that varies",
     "slice": "a search with a completed trial and a hyperparameter that varies",
@@ -47,11 +49,12 @@ INSTALL = "pip install 'unison[plot]'"
 def kinds(result: Any) -> list[str]:
     """The plot kinds that apply to ``result``, its default first.
 
-    A search: ``history``, ``curves`` (when trials reported steps), ``parallel``, ``importance``,
-    ``slice``, ``contour`` (two varying hyperparameters), ``pareto`` (several objectives) and
-    ``timeline``, those that show final values only once a trial completed (``importance``: two);
-    its default is ``pareto`` for several objectives, else ``curves`` if trials reported, else
-    ``history`` (``timeline`` while no trial completed). An ablation: ``ablation``, ``curves``,
+    A search: ``history``, ``curves`` (when trials reported steps), ``pbt`` (a population-based-training
+    search that reported), ``parallel``, ``importance``, ``slice``, ``contour`` (two varying
+    hyperparameters), ``pareto`` (several objectives) and ``timeline``, those that show final values only
+    once a trial completed (``importance``: two); its default is ``pbt`` where it applies, else ``pareto``
+    for several objectives, else ``curves`` if trials reported, else ``history`` (``timeline`` while no
+    trial completed). An ablation: ``ablation``, ``curves``,
     ``timeline``. A single run: ``curves``, if it reported.
     """
     if not hasattr(result, "rows"):  # a single run
@@ -64,10 +67,11 @@ def kinds(result: Any) -> list[str]:
     varying = varying_params(rows)
     multi = len(data.objective_metrics(result)) > 1
     done = sum(row["status"] == "completed" for row in rows)
-    applies = {"history": done > 0, "curves": reported, "parallel": done > 0 and bool(varying),
+    applies = {"history": done > 0, "curves": reported, "pbt": reported and data.is_population(rows),
+               "parallel": done > 0 and bool(varying),
                "importance": done > 1 and bool(varying), "slice": done > 0 and bool(varying),
                "contour": done > 0 and len(varying) >= 2, "pareto": multi and done > 0, "timeline": True}
-    preferred = ["pareto" if multi else "curves", "curves", "history", "timeline"]
+    preferred = ["pbt", "pareto" if multi else "curves", "curves", "history", "timeline"]
     default = next(k for k in preferred if applies[k])
     return [default, *(k for k, ok in applies.items() if ok and k != default)]
 

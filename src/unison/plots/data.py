@@ -22,6 +22,9 @@ COLORS = {"completed": "#4c72b0", "best": "#dd8452", "stopped": "#a6a6a6", "fail
           "running": "#8172b3", "pending": "#ccb974"}
 STATUS_LABELS = {"completed": "completed", "stopped": "stopped early (×)", "failed": "failed",
                  "running": "running", "pending": "pending"}
+# One colour per population member (a PBT search), cycled past ten members (matplotlib's tab10).
+MEMBER_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                 "#bcbd22", "#17becf")
 EFFECT_COLORS = {"worse": "#c44e52", "better": "#4c72b0", "no effect shown": "#a6a6a6"}
 EFFECT_LABELS = {"worse": "worse without it", "better": "better without it",
                  "no effect shown": "no effect shown (95% interval contains 0)"}
@@ -37,6 +40,30 @@ class Curve:
     values: list[float]
     label: str
     best: bool = False
+
+
+@dataclass
+class Segment:
+    """One trial of a population-based-training search: its reported ``metric`` by step in its
+    population slot ``member``. A clone's line starts at ``start``, its parent's point at ``cloned_step``
+    (the value its checkpoint inherited); a ``replaced`` trial's slot was taken by a later clone."""
+
+    trial_id: int
+    member: int
+    status: str
+    steps: list[float]
+    values: list[float]
+    label: str
+    parent: int | None = None
+    cloned_step: int | None = None
+    start: tuple[float, float] | None = None
+    replaced: bool = False
+    best: bool = False
+
+    @property
+    def color(self) -> str:
+        """The member's colour."""
+        return MEMBER_COLORS[self.member % len(MEMBER_COLORS)]
 
 
 @dataclass
@@ -94,16 +121,18 @@ def reported_metrics(frame: Any) -> list[str]:
     return [str(c) for c in frame.columns if c not in CURVE_KEYS]
 
 
-def curve_metric(result: Any, frame: Any, metric: str | None) -> str:
-    """The reported metric a ``curves`` plot shows: ``metric``, or the optimized one (else the first)."""
+def curve_metric(result: Any, frame: Any, metric: str | None, kind: str = "curves") -> str:
+    """The reported metric a ``curves`` (or ``pbt``) plot shows: ``metric``, or the optimized one (else
+    the first)."""
     reported = reported_metrics(frame)
     if not reported:
-        raise ValueError("plot('curves'): no trial reported a metric (reporter.report(step=..., name=value))")
+        raise ValueError(f"plot({kind!r}): no trial reported a metric "
+                         "(reporter.report(step=..., name=value))")
     if metric is None:
         return next((m for m in objective_metrics(result) if m in reported), reported[0])
     if metric not in reported:
         hint = did_you_mean(metric, reported)
-        message = f"plot('curves', metric={metric!r}): the trials reported {reported}.{hint}"
+        message = f"plot({kind!r}, metric={metric!r}): the trials reported {reported}.{hint}"
         raise ValueError(message.rstrip("."))
     return metric
 
@@ -140,6 +169,56 @@ def curves_title(metric: str, drawn: list[Curve]) -> str:
     """``"accuracy by step: 12 trials, 7 stopped early"``."""
     stopped = sum(c.status == "stopped" for c in drawn)
     return f"{metric} by step: {len(drawn)} trials" + (f", {stopped} stopped early" if stopped else "")
+
+
+def is_population(rows: list[dict[str, Any]]) -> bool:
+    """Whether the trials are a population-based-training search's (they have a population slot)."""
+    return any(isinstance(row.get("member"), int) for row in rows)
+
+
+def population(result: Any, frame: Any, metric: str) -> list[Segment]:
+    """Each trial of a population-based-training search that reported ``metric``, in trial order, with
+    where its line starts (a clone: its parent's point at ``cloned_step``) and whether it was replaced."""
+    rows = [row for row in trial_rows(result) if isinstance(row.get("member"), int)]
+    points = {int(tid): group[["step", metric]].dropna().sort_values("step", kind="stable")
+              for tid, group in frame.groupby("trial_id", sort=True)}
+    last_in_slot = {row["member"]: row["trial_id"] for row in sorted(rows, key=lambda r: r["trial_id"])}
+    best = getattr(result, "best", None)
+    out = []
+    for row in sorted(rows, key=lambda r: r["trial_id"]):
+        tid, own = row["trial_id"], points.get(row["trial_id"])
+        if own is None or own.empty:
+            continue
+        parent = row["parent"] if isinstance(row.get("parent"), int) else None
+        cloned = row["cloned_step"] if isinstance(row.get("cloned_step"), int) else None
+        start = _point_at(points.get(parent), metric, cloned) if parent is not None else None
+        out.append(Segment(tid, row["member"], row["status"], own["step"].tolist(), own[metric].tolist(),
+                           _segment_label(row, parent, cloned), parent, cloned, start,
+                           replaced=last_in_slot[row["member"]] != tid,
+                           best=best is not None and best.trial_id == tid))
+    return out
+
+
+def _point_at(points: Any, metric: str, step: int | None) -> tuple[float, float] | None:
+    """The last of ``points`` at or before ``step`` (a checkpoint's step is a reported step)."""
+    if points is None or step is None:
+        return None
+    before = points[points["step"] <= step]
+    return None if before.empty else (float(before["step"].iloc[-1]), float(before[metric].iloc[-1]))
+
+
+def _segment_label(row: dict[str, Any], parent: int | None, cloned: int | None) -> str:
+    lineage = f"<br>clone of trial {parent} at step {cloned}" if parent is not None else ""
+    return (f"trial {row['trial_id']} ({row['status']}), member {row['member']}{lineage}"
+            + _hparams_text(row.get("hparams") or {}))
+
+
+def population_title(result: Any, metric: str) -> str:
+    """``"score by step: population of 4, 6 clones"``."""
+    rows = [row for row in trial_rows(result) if isinstance(row.get("member"), int)]
+    members = len({row["member"] for row in rows})
+    clones = sum(isinstance(row.get("parent"), int) for row in rows)
+    return f"{metric} by step: population of {members}, {clones} clone{'' if clones == 1 else 's'}"
 
 
 def _hparams_text(hparams: dict[str, Any]) -> str:

@@ -1,7 +1,9 @@
-"""unison's own kinds as plotly figures: ``history``, ``curves``, ``timeline`` and ``ablation``.
+"""unison's own kinds as plotly figures: ``history``, ``curves``, ``pbt``, ``timeline`` and ``ablation``.
 
-Each trace carries ``meta`` (``{"trial_id": ..., "status": ...}`` for a curve, ``{"status": ...}`` or
-``{"effect": ...}`` for a group of bars), so what a figure drew can be read back from its data.
+Each trace carries ``meta`` (``{"trial_id": ..., "status": ...}`` for a curve, the same with ``member``,
+``parent``, ``cloned_step``, ``replaced``, ``best`` and ``part`` (``"line"`` or ``"clone"``) for a ``pbt``
+trace, ``{"status": ...}`` or ``{"effect": ...}`` for a group of bars), so what a figure drew can be read
+back from its data.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ _LAYOUT = {"template": "plotly_white", "hovermode": "closest", "legend": {"items
 
 def draw(result: Any, kind: str, options: dict[str, Any]) -> Any:
     """``result``'s plot of ``kind`` as a ``plotly.graph_objects.Figure``."""
-    drawings = {"history": history, "curves": curves, "timeline": timeline, "ablation": ablation}
+    drawings = {"history": history, "curves": curves, "pbt": pbt, "timeline": timeline, "ablation": ablation}
     return drawings[kind](result, **options)
 
 
@@ -47,6 +49,41 @@ def curves(result: Any, metric: str | None = None) -> Any:
         legend.add(group)
     fig.update_layout(title=data.curves_title(metric, drawn), xaxis_title="step", yaxis_title=metric,
                       **_LAYOUT)
+    return fig
+
+
+def pbt(result: Any, metric: str | None = None) -> Any:
+    """A population-based-training search: per population member (one colour each), the ``metric`` of
+    every trial that filled its slot; a clone's line starts with a dashed connector from its parent's
+    point at ``cloned_step``, a replaced trial ends in an x, the best trial is thick and drawn last."""
+    import plotly.graph_objects as go
+
+    frame = result.curves
+    metric = data.curve_metric(result, frame, metric, "pbt")
+    segments = data.population(result, frame, metric)
+    fig = go.Figure()
+    legend: set[int] = set()
+    hover = f"%{{text}}<br>step %{{x}}<br>{metric} %{{y:.4g}}<extra></extra>"
+    for seg in sorted(segments, key=lambda s: (s.best, s.member, s.trial_id)):
+        meta = {"trial_id": seg.trial_id, "member": seg.member, "status": seg.status, "parent": seg.parent,
+                "cloned_step": seg.cloned_step, "replaced": seg.replaced, "best": seg.best}
+        common = {"legendgroup": f"member {seg.member}", "name": f"member {seg.member}",
+                  "legendrank": 1000 + seg.member}
+        if seg.start is not None:
+            fig.add_trace(go.Scatter(
+                x=[seg.start[0], seg.steps[0]], y=[seg.start[1], seg.values[0]], mode="lines",
+                line={"color": seg.color, "width": 1.5, "dash": "dash"}, showlegend=False,
+                text=[seg.label] * 2, meta={**meta, "part": "clone"}, hovertemplate=hover, **common))
+        sizes = [0] * (len(seg.steps) - 1) + [10 if seg.replaced else 6]
+        fig.add_trace(go.Scatter(
+            x=seg.steps, y=seg.values, mode="lines+markers", showlegend=seg.member not in legend,
+            line={"color": seg.color, "width": 3.5 if seg.best else 1.5},
+            marker={"symbol": "x" if seg.replaced else "circle", "size": sizes},
+            text=[seg.label] * len(seg.steps), meta={**meta, "part": "line"}, hovertemplate=hover, **common))
+        legend.add(seg.member)
+    note = "dashed: a clone continues from its parent's checkpoint; ×: replaced by a clone; thick: the best"
+    fig.update_layout(title=f"{data.population_title(result, metric)}<br><sup>{note}</sup>",
+                      xaxis_title="step", yaxis_title=metric, margin={"t": 90}, **_LAYOUT)
     return fig
 
 

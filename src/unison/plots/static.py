@@ -13,7 +13,7 @@ from unison.plots import data
 
 def save_png(result: Any, kind: str, options: dict[str, Any], path: Path) -> None:
     """Draw ``kind`` and save it as a PNG at ``path``."""
-    drawings = {"history": history, "curves": curves, "timeline": timeline, "ablation": ablation}
+    drawings = {"history": history, "curves": curves, "pbt": pbt, "timeline": timeline, "ablation": ablation}
     fig = drawings[kind](result, **options)
     fig.savefig(path, dpi=120)
 
@@ -49,6 +49,39 @@ def curves(result: Any, metric: str | None = None) -> Any:
     if handles:
         ax.legend(handles=handles, loc="best", fontsize=8)
     ax.set_title(data.curves_title(metric, drawn))
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def pbt(result: Any, metric: str | None = None) -> Any:
+    """A population-based-training search's members (one colour each) by step: a clone starts with a
+    dashed connector from its parent's point at ``cloned_step``, a replaced trial ends in an x, the best
+    trial is thick."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    frame = result.curves
+    metric = data.curve_metric(result, frame, metric, "pbt")
+    segments = data.population(result, frame, metric)
+    fig = _figure(7.5, 4.5)
+    ax = fig.subplots()
+    for seg in sorted(segments, key=lambda s: (s.best, s.member, s.trial_id)):
+        z = 3 if seg.best else 2
+        if seg.start is not None:
+            ax.plot([seg.start[0], seg.steps[0]], [seg.start[1], seg.values[0]], color=seg.color,
+                    linestyle="--", linewidth=1.0, zorder=z)
+        ax.plot(seg.steps, seg.values, color=seg.color, linewidth=3.0 if seg.best else 1.2, zorder=z)
+        ax.plot(seg.steps[-1:], seg.values[-1:], linestyle="none", color=seg.color,
+                marker="x" if seg.replaced else "o", markersize=7 if seg.replaced else 3.5, zorder=z)
+    members = sorted({seg.member: seg.color for seg in segments}.items())
+    handles = [Line2D([], [], color=color, label=f"member {member}") for member, color in members]
+    handles += [Line2D([], [], color="#404040", linestyle="--", label="clone of a checkpoint"),
+                Line2D([], [], color="#404040", linestyle="none", marker="x", label="replaced by a clone")]
+    ax.legend(handles=handles, loc="best", fontsize=8)
+    ax.set_title(data.population_title(result, metric))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)

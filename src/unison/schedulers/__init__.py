@@ -7,16 +7,17 @@ from typing import Any
 
 from unison._validate import lookup
 from unison.schedulers.asha import ASHA
-from unison.schedulers.base import CONTINUE, Continue, Decision, Scheduler, Stop, decision_of
+from unison.schedulers.base import CONTINUE, Continue, Decision, Exploit, Pause, Scheduler, Stop, decision_of
 from unison.schedulers.hyperband import Hyperband
 from unison.schedulers.median import MedianStopping
+from unison.schedulers.pbt import PBT
 
 # By name, each is built with its defaults: ``"asha"`` is ``ASHA()`` (min_resource=1, reduction_factor=3,
 # no max_resource); ``"hyperband"`` needs its resources, so the name alone is refused with a hint.
 BUILTIN_SCHEDULERS = {"median": MedianStopping, "asha": ASHA, "hyperband": Hyperband}
 
-__all__ = ["Scheduler", "Stop", "Continue", "CONTINUE", "Decision", "decision_of", "MedianStopping", "ASHA",
-           "Hyperband", "BUILTIN_SCHEDULERS", "make_scheduler"]
+__all__ = ["Scheduler", "Stop", "Exploit", "Pause", "PBT", "Continue", "CONTINUE", "Decision", "decision_of",
+           "MedianStopping", "ASHA", "Hyperband", "BUILTIN_SCHEDULERS", "make_scheduler"]
 
 
 def make_scheduler(spec: Any) -> Scheduler | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,21 @@ class Stop:
     """A decision to stop a trial, with the reason shown in the trial table."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class Exploit(Stop):
+    """A decision to stop a trial and put a clone of trial ``source`` in its place: a new trial with
+    ``hparams`` that starts from ``source``'s latest checkpoint (population-based training)."""
+
+    source: int
+    hparams: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Pause(Stop):
+    """A decision to stop a trial for now and run it again later from its latest checkpoint, so that
+    waiting trials get a turn (population-based training with fewer slots than members)."""
 
 
 Decision: TypeAlias = Continue | Stop
@@ -56,6 +71,10 @@ class Scheduler:
     def setup(self, mode: str) -> None:
         """Called once before the first report."""
         self.mode = mode
+
+    def on_start(self, trial_id: int, hparams: dict[str, Any], cloned_step: int | None = None) -> None:
+        """Trial ``trial_id`` starts (again, after a retry) with ``hparams``; a clone made by an
+        :class:`Exploit` decision starts from its parent's checkpoint of step ``cloned_step``."""
 
     def on_report(self, trial_id: int, step: int, value: float) -> Decision:
         """Return ``CONTINUE`` to let the trial go on, or ``Stop(reason)`` to stop it now."""

@@ -51,7 +51,10 @@ class Context:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.device, self.seed, self.attempt = device, seed, attempt
         self._session: RankSession | None = None
-        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+        # a URL (checkpoint_storage="s3://...") stays a string: Path would fold its "//"
+        self.checkpoint_path: Path | str | None = (
+            None if checkpoint_path is None else checkpoint_path if "://" in str(checkpoint_path)
+            else Path(checkpoint_path))
         self.checkpoint_step = checkpoint_step if checkpoint_path is not None else None
         self._checkpoint: Any = None
         self._checkpoint_loaded = checkpoint_path is None

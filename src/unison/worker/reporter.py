@@ -54,7 +54,11 @@ class Reporter:
         checkpoint of that step: a directory the function wrote (its path; it is copied), or a picklable
         object such as a ``state_dict`` or a dict (saved with ``torch.save`` when it holds torch
         tensors, else cloudpickled). It is saved whole before this returns; a retried or resumed trial
-        gets the last one as ``ctx.checkpoint`` (and its step as ``ctx.checkpoint_step``).
+        gets the last one as ``ctx.checkpoint`` (and its step as ``ctx.checkpoint_step``). In a
+        distributed trial rank 0's checkpoint is the trial's: the other ranks' ``checkpoint=`` is
+        ignored (every rank of a retry gets rank 0's as ``ctx.checkpoint``); sharded state (FSDP) is
+        saved by every rank into one directory with ``torch.distributed.checkpoint``, which rank 0
+        passes.
 
         Raises :class:`unison.TrialStopped` when the scheduler stops the trial; let it propagate.
         Raises :class:`unison.MetricNotReported` when the experiment's first report lacks the metric

@@ -17,6 +17,7 @@ from typing import Any
 
 from unison.errors import TrialStopped
 from unison.worker.ablate import component_generators
+from unison.worker.checkpoint_ship import SHIP_CHECKPOINTS
 from unison.worker.checkpoints import FOLDER, Checkpointer, Policy
 from unison.worker.ctx import Context, _default_device
 from unison.worker.generators import once, takes_no_arguments
@@ -224,10 +225,17 @@ class TrialRunner:
 def _checkpointer(trial: Mapping[str, Any], ctx: Context) -> Checkpointer | None:
     """What saves the trial's checkpoints into its folder: rank 0's (a distributed trial's checkpoint is
     its rank 0's; the other ranks' ``checkpoint=`` is ignored). A worker without the driver's disk
-    writes into its temporary trial folder, shipped with the trial's other files when it ends: that is
-    where chunked shipping or ``checkpoint_storage=`` (issue 16, later) takes over."""
+    saves each into its temporary trial folder and ships it to the driver in chunks (the trial's
+    ``SHIP_CHECKPOINTS`` entry, see :mod:`unison.worker.checkpoint_ship`), unless the checkpoints go to
+    shared storage (``root``, ``checkpoint_storage=``)."""
     if not ctx.is_chief:
         return None
+    root = (trial.get("checkpoint") or {}).get("root")
+    if root:  # checkpoint_storage=: the trial's checkpoints folder on shared storage, written directly
+        return Checkpointer(root, Policy.from_message(trial.get("checkpoint")))
+    ship = trial.get(SHIP_CHECKPOINTS)  # a worker without the driver's disk (serve._run_shipped)
+    if ship is not None:  # saved into the temporary trial folder, shipped to the driver in chunks
+        return ship(Path(trial["trial_dir"]) / FOLDER, Policy.from_message(trial.get("checkpoint")))
     return Checkpointer(Path(trial["trial_dir"]) / FOLDER, Policy.from_message(trial.get("checkpoint")))
 
 

@@ -10,6 +10,11 @@ rank of this worker's distributed trial failed, and this rank may be stuck in a 
 would only time out): it flushes the trial's logs (ships them, without the driver's disk) and ends
 the process at once with :data:`ABORT_EXIT`; the backend starts a new worker in its place. Inside
 a Spark task it also stops the trial under way when the driver hangs up (:func:`_stop_trials`).
+
+A worker without the driver's disk (Spark executors) runs each trial in a temporary folder: it streams
+each checkpoint the trial saves to the driver before the report naming it, and the reader thread
+stages the checkpoint a trial resumes from, which the driver streams before its ``trial`` message
+(see :mod:`unison.worker.checkpoint_ship`); the trial's other files go back in its result.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from typing import Any, cast
 from unison.launch import ABORT_EXIT, DRIVER_GONE_EXIT, worker_settings
 from unison.protocol import (
     ABORT,
+    CHECKPOINT_ACK,
+    CHECKPOINT_CHUNK,
     DECISION,
     FATAL,
     FILES,
@@ -54,6 +61,8 @@ from unison.protocol import (
     TrialOutcome,
     client_connect,
 )
+from unison.worker.checkpoint_ship import SHIP_CHECKPOINTS, CheckpointRefused, ShippingCheckpointer, Staging
+from unison.worker.checkpoints import FOLDER, Policy
 from unison.worker.reporter import Decide
 from unison.worker.runtime import TrialRunner
 
@@ -148,17 +157,26 @@ def _heartbeat(conn: Connection, interval: float, stop: threading.Event, exit_pr
 
 
 def _read(conn: Connection, inbox: queue.Queue[dict[str, Any]], current: dict[str, Any],
-          shared_filesystem: bool, ship_limit: int) -> None:
+          shared_filesystem: bool, ship_limit: int, staging: Staging | None = None) -> None:
     """The reader thread: queue the driver's messages; act on ``abort`` at once.
 
-    When the driver hangs up, a worker inside a Spark task (``current["interrupter"]`` is not
-    ``None``) stops its trials now: see :func:`_stop_trials`.
+    Without the driver's disk (``staging``), the chunks of the checkpoint a trial resumes from are
+    written into ``staging``, never queued, and the ``trial`` message after them is pointed at that
+    copy before it is queued (it may be one the worker holds while it runs another). When the driver
+    hangs up, a worker inside a Spark task (``current["interrupter"]`` is not ``None``) stops its
+    trials now: see :func:`_stop_trials`.
     """
     try:
         while True:
             message = conn.recv()
-            if message.get("t") == ABORT:
+            kind = message.get("t")
+            if kind == ABORT:
                 _abort(conn, message, current, shared_filesystem, ship_limit)
+            elif staging is not None and kind == CHECKPOINT_CHUNK:
+                staging.add(message)
+                continue
+            elif staging is not None and kind == TRIAL:
+                staging.resolve(message)
             inbox.put(message)
     except Exception:  # noqa: BLE001 - any broken stream: the main thread sees the driver is gone
         inbox.put({"t": _CLOSED})
@@ -186,6 +204,8 @@ def _stop_trials(current: dict[str, Any], shared_filesystem: bool) -> None:
         _flush_std_streams()
         if not shared_filesystem and current.get("local_dir"):
             shutil.rmtree(current["local_dir"], ignore_errors=True)
+        if current.get("staging") is not None:
+            current["staging"].close()
         os._exit(DRIVER_GONE_EXIT)
 
 
@@ -202,10 +222,13 @@ def _abort(conn: Connection, message: dict[str, Any], current: dict[str, Any], s
         if trial_id is not None and not shared_filesystem and local_dir:
             from unison import trialfiles
 
+            shutil.rmtree(Path(local_dir) / FOLDER, ignore_errors=True)  # a checkpoint being shipped
             files, _ = trialfiles.collect(Path(local_dir), ship_limit)
             conn.send(FilesMessage(t=FILES, trial_id=trial_id, files=files))
             shutil.rmtree(local_dir, ignore_errors=True)
     finally:
+        if current.get("staging") is not None:
+            current["staging"].close()
         os._exit(ABORT_EXIT)
 
 
@@ -265,7 +288,11 @@ class _Session:
         self.shared_filesystem, self.ship_limit = shared_filesystem, ship_limit
         self.stop = threading.Event()  # ends the heartbeat thread
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.current: dict[str, Any] = {}  # trial_id, local_dir, interrupter: seen by the reader thread
+        # trial_id, local_dir, interrupter, staging: seen by the reader thread
+        self.current: dict[str, Any] = {}
+        # Without the driver's disk: the checkpoints the driver ships for trials that resume from them
+        self.staging = None if shared_filesystem else Staging()
+        self.current["staging"] = self.staging
         # The driver may hand this worker its next trial while one runs: it waits here, and the worker
         # starts it right after sending the result (the driver counts it started when that arrives).
         self.held: deque[dict[str, Any]] = deque()
@@ -280,7 +307,8 @@ class _Session:
         threading.Thread(target=_heartbeat, daemon=True,
                          args=(conn, heartbeat_interval, session.stop, exit_when_driver_gone)).start()
         threading.Thread(target=_read, name="unison-reader", daemon=True,
-                         args=(conn, session.inbox, session.current, shared_filesystem, ship_limit)).start()
+                         args=(conn, session.inbox, session.current, shared_filesystem, ship_limit,
+                               session.staging)).start()
         return session
 
     def load(self, payload: bytes) -> tuple[TrialRunner, _Endpoint | None] | None:
@@ -310,7 +338,7 @@ class _Session:
                 if endpoint is not None:  # where this worker would host a process group as rank 0
                     endpoint.describe(message)
                 self.conn.send(message)
-                request = self.held.popleft() if self.held else _next(self.inbox)
+                request = self.held.popleft() if self.held else self._next_request()
                 if request["t"] != TRIAL:
                     break
                 message = ReadyMessage(t=READY, result=self._run(runner, request))
@@ -323,7 +351,16 @@ class _Session:
                 self.current["interrupter"].close()
             self.stop.set()
             self.conn.close()
+            if self.staging is not None:
+                self.staging.close()
         return done
+
+    def _next_request(self) -> dict[str, Any]:
+        """The driver's next message other than a late ``checkpoint_ack`` (of a refused checkpoint)."""
+        message = _next(self.inbox)
+        while message.get("t") == CHECKPOINT_ACK:
+            message = _next(self.inbox)
+        return message
 
     def _run(self, runner: TrialRunner, request: dict[str, Any]) -> TrialOutcome:
         """Run the trial of the ``trial`` message ``request``."""
@@ -344,32 +381,56 @@ class _Session:
         not see the driver's disk)."""
         from unison import trialfiles
 
-        local_dir = tempfile.mkdtemp(prefix=f"unison-trial-{request['trial_id']}-")
+        trial_id = request["trial_id"]
+        local_dir = tempfile.mkdtemp(prefix=f"unison-trial-{trial_id}-")
         self.current["local_dir"] = local_dir
         try:
-            result = runner.run({**request, "trial_dir": local_dir}, decide, notify)
+            ship = functools.partial(self._shipping, trial_id)
+            result = runner.run({**request, "trial_dir": local_dir, SHIP_CHECKPOINTS: ship}, decide, notify)
+            # Checkpoints went to the driver as they were saved: what is left of one is no trial file
+            shutil.rmtree(Path(local_dir) / FOLDER, ignore_errors=True)
             result["files"], skipped = trialfiles.collect(Path(local_dir), self.ship_limit)
             if skipped:
                 result["files_skipped"] = skipped
         finally:
             self.current["local_dir"] = None
             shutil.rmtree(local_dir, ignore_errors=True)
+            if self.staging is not None:
+                self.staging.discard(trial_id)  # the copy of the checkpoint it resumed from
         return result
+
+    def _shipping(self, trial_id: int, root: Path, policy: Policy) -> ShippingCheckpointer:
+        """What saves ``trial_id``'s checkpoints into ``root`` and ships them to the driver."""
+        return ShippingCheckpointer(root, policy, trial_id, self.conn.send, self._next_ack)
+
+    def _next_ack(self) -> dict[str, Any]:
+        """The driver's next ``checkpoint_ack`` (a trial it hands over meanwhile is held)."""
+        reply = _next(self.inbox)
+        while reply.get("t") == TRIAL:
+            self.held.append(reply)
+            reply = _next(self.inbox)
+        if reply.get("t") != CHECKPOINT_ACK:
+            raise ConnectionError(f"expected the driver's checkpoint_ack, got a {reply.get('t')!r} message")
+        return reply
 
     def _decide(self, trial_id: int, step: int, metrics: dict[str, float],
                 checkpoint: dict[str, Any] | None = None) -> str | None:
-        """Send the driver a report (with the checkpoint it saved, already on disk) and wait for its
-        decision; a trial it hands over meanwhile is held."""
+        """Send the driver a report (with the checkpoint it saved, already on disk, or shipped) and wait
+        for its decision; a trial it hands over meanwhile is held. Raises :class:`CheckpointRefused`
+        when the driver refused the shipped checkpoint."""
         report = ReportMessage(t=REPORT, trial_id=trial_id, step=step, metrics=metrics)
         if checkpoint is not None:
             report["checkpoint"] = cast(CheckpointSaved, checkpoint)
         self.conn.send(report)
         reply = _next(self.inbox)
-        while reply.get("t") == TRIAL:
-            self.held.append(reply)
+        while reply.get("t") in (TRIAL, CHECKPOINT_ACK):  # acks: of the chunks of the checkpoint shipped
+            if reply["t"] == TRIAL:
+                self.held.append(reply)
             reply = _next(self.inbox)
         if reply.get("t") != DECISION:
             raise ConnectionError(f"expected the driver's decision, got a {reply.get('t')!r} message")
+        if reply.get("fail"):  # the driver refused the checkpoint (over its limit, or incomplete)
+            raise CheckpointRefused(reply["fail"])
         if reply.get("error"):  # the experiment's first report lacks the optimized metric
             from unison.errors import MetricNotReported
 
