@@ -15,9 +15,10 @@ removed by the next save. After each save the trial keeps its last ``keep`` chec
 one by the search's metric (its value is in ``meta.json``, so the rule holds across a trial's
 attempts); the others are deleted, ``meta.json`` first.
 
-Here the worker writes into the trial folder on the driver's disk (inline, local, Spark local-mode).
-A worker without that disk (Spark executors) is where checkpoint shipping or ``checkpoint_storage=``
-plugs in: :class:`Checkpointer` is given the folder to write into. A plain path (a shared mount) is
+Here the worker writes into the trial folder on the driver's disk (inline, local). A worker without
+that disk (every Spark executor, local mode too) saves into its temporary trial folder and streams the
+checkpoint to the driver (:mod:`unison.worker.checkpoint_ship`), or writes to ``checkpoint_storage=``:
+:class:`Checkpointer` is given the folder to write into. A plain path (a shared mount) is
 written as above. An fsspec URL (``checkpoint_storage="s3://..."``, see
 :mod:`unison.worker.checkpoint_storage`) has no atomic rename: the files are written into the final
 ``step-000012/`` and ``meta.json`` last, so the folder is a checkpoint only once it is whole; pruning
