@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -46,19 +47,25 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def start_script(tmp_path: Path, script: str, *args: object) -> subprocess.Popen[bytes]:
+    """The driver script ``tests/<script>`` run with ``args`` as a child process (so a test can SIGKILL
+    it), its output in ``tmp_path/driver.out``, importing what this process imports."""
+    out = open(tmp_path / "driver.out", "wb")  # noqa: SIM115 - the child owns it once started
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / script), *map(str, args)],
+        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
+    out.close()
+    return proc
+
+
 def start_driver(tmp_path: Path, trials: int, sleep: float) -> tuple[subprocess.Popen[bytes], Path, Path]:
     """``tests/fault_driver.py`` as a child process; returns it, its storage and its work folder."""
     storage, work = tmp_path / "runs", tmp_path / "work"
     storage.mkdir()
     work.mkdir()
-    out = open(tmp_path / "driver.out", "wb")  # noqa: SIM115 - the child owns it once started
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "fault_driver.py"), str(storage), str(work), str(trials),
-         str(sleep)],
-        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-    out.close()
-    return proc, storage, work
+    return start_script(tmp_path, "fault_driver.py", storage, work, trials, sleep), storage, work
 
 
 def read_until_closed(sock: socket.socket, timeout: float) -> bytes:

@@ -26,7 +26,7 @@ if str(TESTS) not in sys.path:  # helpers_checkpoint must be importable by name,
     sys.path.insert(0, str(TESTS))
 
 from helpers_checkpoint import STEPS, expected_loss, make_search, train  # noqa: E402
-from processes import alive, journal, wait_for  # noqa: E402
+from processes import alive, journal, start_script, wait_for  # noqa: E402
 
 
 def _steps(root: Path) -> list[int]:
@@ -224,13 +224,7 @@ def _run_driver(tmp_path: Path, backend: str, trials: int) -> tuple[subprocess.P
     storage, work = tmp_path / "runs", tmp_path / "work"
     storage.mkdir()
     work.mkdir()
-    out = open(tmp_path / "driver.out", "wb")  # noqa: SIM115 - the child owns it once started
-    proc = subprocess.Popen(
-        [sys.executable, str(TESTS / "checkpoint_driver.py"), str(storage), str(work), str(trials), "0.15",
-         backend], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
-    out.close()
-    return proc, storage, work
+    return start_script(tmp_path, "checkpoint_driver.py", storage, work, trials, 0.15, backend), storage, work
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
 from helpers_pbt import STEPS, check_population, gain, make_search, train  # noqa: E402
-from processes import alive, journal, wait_for  # noqa: E402
+from processes import alive, journal, start_script, wait_for  # noqa: E402
 
 
 def _pbt(**options: Any) -> unison.PBT:
@@ -150,11 +149,7 @@ def test_a_population_larger_than_the_slots_takes_turns(tmp_path: Path, backend:
 def test_a_resumed_population_continues_where_the_driver_died(tmp_path: Path) -> None:
     storage = tmp_path / "runs"
     storage.mkdir()
-    out = open(tmp_path / "driver.out", "wb")  # noqa: SIM115 - the child owns it once started
-    proc = subprocess.Popen([sys.executable, str(TESTS / "pbt_driver.py"), str(storage), "4", "0.1"],
-                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
-    out.close()
+    proc = start_script(tmp_path, "pbt_driver.py", storage, 4, 0.1)
     try:
         path = wait_for(lambda: [p for p in storage.iterdir() if (p / "journal.jsonl").is_file()], 30,
                         "the experiment's journal")[0]

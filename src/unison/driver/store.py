@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from unison.errors import ExperimentLocked, StorageFull
+from unison.worker.checkpoints import fsync_path
 
 DEFAULT_STORAGE = "unison-runs"
 SYNCED_EVENTS = frozenset({"status"})  # fsynced before append returns
@@ -43,12 +44,6 @@ def _write_all(fd: int, data: bytes) -> None:
         done += os.write(fd, view[done:])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Syncer:
@@ -338,7 +333,7 @@ class ExperimentStore:
                 os.close(fd)
             os.replace(tmp, path)
             if sync and sync_dir:
-                _fsync_dir(path.parent)
+                fsync_path(path.parent)
         except BaseException as exc:
             try:
                 tmp.unlink()
@@ -426,7 +421,7 @@ class ExperimentStore:
 
     def _sync_journal_dir(self) -> None:
         if self._journal_dir_pending:  # (two threads may both do it: harmless)
-            _fsync_dir(self.path)
+            fsync_path(self.path)
             self._journal_dir_pending = False
 
     def _end_on_line_boundary(self, fd: int, size: int) -> int:
