@@ -7,6 +7,8 @@ directory holds: the journal's start, report and end events, and each trial's ``
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -305,3 +307,38 @@ def test_names_work_in_callbacks_and_in_the_environment(monkeypatch, tmp_path):
     r = unison.run(lambda: {"loss": 0.5}, storage=tmp_path, callbacks=["recorder"])  # named twice: one
     (rec,) = made
     assert rec.of_kind("end")[0][1].metrics == {"loss": 0.5}
+
+
+PRINTING_SEARCH = '''
+import unison
+
+class PrintReports(unison.Callback):
+    def on_report(self, trial, step, metrics):
+        print(f"heard {trial.trial_id} {step}")
+
+def train(x, reporter):
+    for step in range(40):
+        print(f"trial says {step}")
+        reporter.report(step=step, score=x)
+    return {"score": x}
+
+search = unison.Search({"x": unison.uniform(0, 1)}, metric="score", trials=25, seed=3)
+result = unison.run(train, search, backend="inline", progress=False, callbacks=[PrintReports()])
+print("experiment", result.path)
+'''
+
+
+def test_an_inline_searchs_callback_prints_to_the_console_and_the_trials_into_their_logs(tmp_path):
+    # The callback thread prints while the inline trials swap sys.stdout: it crashed the interpreter
+    # (a print through a freed stream) or landed in a trial's stdout.log before the streams were routed.
+    done = subprocess.run([sys.executable, "-c", PRINTING_SEARCH], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "raised" not in done.stderr
+    heard = [line for line in done.stdout.splitlines() if line.startswith("heard ")]
+    assert len(heard) == 25 * 40
+    assert "trial says" not in done.stdout
+    path = Path(tmp_path, done.stdout.split("experiment ", 1)[1].strip())
+    for trial_dir in sorted((path / "trials").iterdir()):
+        log = (trial_dir / "stdout.log").read_text()
+        assert log.splitlines() == [f"trial says {step}" for step in range(40)], trial_dir

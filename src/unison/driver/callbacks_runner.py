@@ -17,6 +17,7 @@ from typing import Any
 
 from unison.callbacks import IDLE_S, Callback, ExperimentInfo, TrialInfo
 from unison.driver.store import ExperimentStore
+from unison.worker.capture import mark_console_thread, unmark_console_thread
 
 DRAIN_TIMEOUT_S = 30.0  # how long the experiment's end waits for the callbacks to catch up
 _END = object()  # the queue's last item
@@ -90,6 +91,13 @@ class CallbackRunner:
         self._call("on_experiment_end", result)
 
     def _run(self) -> None:
+        mark_console_thread()  # on the inline backend a trial's capture must not take what a callback prints
+        try:
+            self._serve()
+        finally:
+            unmark_console_thread()
+
+    def _serve(self) -> None:
         self._call("on_experiment_start", self.experiment)
         while True:
             try:

@@ -17,6 +17,7 @@ from typing import Any
 
 from unison.errors import TrialStopped
 from unison.worker.ablate import component_generators
+from unison.worker.capture import OutputCapture
 from unison.worker.checkpoint_ship import SHIP_CHECKPOINTS
 from unison.worker.checkpoints import FOLDER, Checkpointer, Policy
 from unison.worker.ctx import Context, _default_device
@@ -44,11 +45,11 @@ class _TrialLogs:
 
     def __init__(self, log_dir: Path, capture_output: bool) -> None:
         self.metrics = LazyLog(log_dir / "metrics.jsonl", json_note=True)
-        self._saved = sys.stdout, sys.stderr
         self._streams: tuple[LazyLog, LazyLog] | None = None
+        self._capture: OutputCapture | None = None
         if capture_output:
             self._streams = LazyLog(log_dir / "stdout.log"), LazyLog(log_dir / "stderr.log")
-            sys.stdout, sys.stderr = self._streams
+            self._capture = OutputCapture(*self._streams)
 
     def write_error(self, text: str) -> None:
         """Append a failed trial's traceback to its captured ``stderr.log``."""
@@ -57,8 +58,9 @@ class _TrialLogs:
 
     def close(self) -> None:
         self.metrics.close()
+        if self._capture is not None:
+            self._capture.close()
         if self._streams is not None:
-            sys.stdout, sys.stderr = self._saved
             for log in self._streams:
                 log.close()
 
