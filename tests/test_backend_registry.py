@@ -52,5 +52,5 @@ def test_a_subclass_without_a_name_keeps_its_parents_and_replaces_nothing(monkey
 
 def test_an_unknown_backend_name_lists_every_registered_one_with_did_you_mean(counting_inline):
     with pytest.raises(ValueError, match=r"unknown backend 'counting-inlin': did you mean 'counting-inline'"
-                                         r".*'inline', 'local', 'spark'"):
+                                         r".*'inline', 'local', 'ray', 'spark'"):
         resolve_backend("counting-inlin")

@@ -45,7 +45,7 @@ def test_an_unknown_name_far_from_any_gets_the_list_without_a_guess():
 
 def test_unknown_backend_name_gets_a_did_you_mean(tmp_path):
     with pytest.raises(ValueError, match=r"unknown backend 'locl': did you mean 'local'\? Use one of "
-                                         r"\['inline', 'local', 'spark'\]"):
+                                         r"\['inline', 'local', 'ray', 'spark'\]"):
         unison.run(lambda x: x, unison.Search(SPACE, trials=1), backend="locl", storage=tmp_path)
     assert not list(tmp_path.iterdir())  # nothing was written
 

@@ -171,8 +171,8 @@ def test_context_backend_reads_the_notebooks_parameter(shell: Any, capsys: pytes
     assert unison.context_backend() == "inline"
     run(shell, capsys, "import unison\nbackend = unison.Local(workers=2)")
     assert unison.context_backend() is shell.user_ns["backend"]
-    run(shell, capsys, 'backend = "ray"')
-    known = r"unknown backend 'ray'.*'inline', 'local', 'spark'.*variable `backend`"
+    run(shell, capsys, 'backend = "dask"')
+    known = r"unknown backend 'dask'.*'inline', 'local', 'ray', 'spark'.*variable `backend`"
     with pytest.raises(ValueError, match=known):
         unison.context_backend()
     run(shell, capsys, 'backend = "sprak"')

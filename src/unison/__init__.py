@@ -17,6 +17,7 @@ _PUBLIC = {
     "unison.backends.base": ("Backend",),
     "unison.backends.inline": ("Inline",),
     "unison.backends.local": ("Local",),
+    "unison.backends.ray": ("Ray",),
     "unison.backends.spark": ("Spark",),
     "unison.callbacks": ("Callback",),
     "unison.mlflow_logger": ("MLflowLogger",),
@@ -74,6 +75,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from unison.backends.base import Backend  # noqa: F401
     from unison.backends.inline import Inline  # noqa: F401
     from unison.backends.local import Local  # noqa: F401
+    from unison.backends.ray import Ray  # noqa: F401
     from unison.backends.spark import Spark  # noqa: F401
     from unison.callbacks import Callback  # noqa: F401
     from unison.contexts.ablation import Ablation, Ablator, Component, LeaveOneOut  # noqa: F401
