@@ -162,6 +162,8 @@ def test_a_local_search_is_heard_in_the_driver(tmp_path):
     check_search(rec, result)
     workers = {c[1].worker for c in rec.of_kind("start")}
     assert workers and None not in workers and all(c[1].host for c in rec.of_kind("start"))
+    # A local worker process names no cluster node: the column is there, empty
+    assert all(c[1].node is None for c in rec.of_kind("start")) and result.trials["node"].isna().all()
 
 
 # --------------------------------------------------------------------------------------- ablation

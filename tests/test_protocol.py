@@ -197,6 +197,11 @@ MALFORMED_TO_DRIVER = [
     ({"t": "hello", "worker": "../../etc/passwd", "host": "h", "pid": 1},
      "hello message: 'worker' must match"),
     ({"t": "hello", "worker": "w", "host": None, "pid": 1}, "'host' must be a str, got None"),
+    ({"t": "hello", "worker": "w", "host": "h", "pid": 1, "node": 7}, "hello message: 'node' must be a str"),
+    ({"t": "hello", "worker": "w", "host": "h", "pid": 1, "node": "f" * 201},
+     "'node' has 201 characters, at most 200 are allowed"),
+    ({"t": "hello", "worker": "w", "host": "h", "pid": 1, "node": "node/../x"},
+     "hello message: 'node' must match"),
     ({"t": "ready", "port": 70000}, "ready message: 'port' must be between 0 and 65535, got 70000"),
     ({"t": "ready", "gpus": "2"}, "'gpus' must be an int, got str"),
     ({"t": "ready", "result": "done"}, "ready message: 'result' must be a map, got str"),
@@ -253,7 +258,8 @@ def test_messages_workers_really_send_are_valid() -> None:
             {"trial_id": 7, "hparams": {"x": 0.5}, "trial_dir": trial_dir}, decide)
     assert result["status"] == "completed"
     assert reports[1]["checkpoint"]["path"] == "checkpoints/step-000001"
-    for message in [HELLO, {"t": "ready"}, {"t": "ready", "result": result}, *reports,
+    node = {**HELLO, "node": "a" * 56}  # a Ray node id: 56 hex characters
+    for message in [HELLO, node, {"t": "ready"}, {"t": "ready", "result": result}, *reports,
                     {"t": "ready", "address": "127.0.0.1", "port": 29500, "gpus": 0},
                     {"t": "rank_failed", "trial_id": 7, "error": "Traceback ..."},
                     {"t": "files", "trial_id": 7, "files": {"stdout.log": b"hi\n"}},

@@ -42,8 +42,13 @@ def local_ray() -> Any:
         os.environ["RAY_AUTH_MODE"] = saved
 
 
+def here() -> str:
+    """This Ray's address, for the state API (which otherwise guesses, and may ask another Ray)."""
+    return str(ray.get_runtime_context().gcs_address)
+
+
 def our_actors(*states: str) -> list[Any]:
-    actors = state.list_actors(filters=[("class_name", "=", "UnisonRayWorker")], limit=1000)
+    actors = state.list_actors(address=here(), filters=[("class_name", "=", "UnisonRayWorker")], limit=1000)
     return [a for a in actors if not states or a.state in states]
 
 
@@ -66,13 +71,23 @@ def test_a_search_runs_on_two_actors_and_their_files_come_back(tmp_path: Path) -
         time.sleep(0.3)  # long enough for both slots to take trials
         return {"value": 2 * x}
 
+    class Nodes(unison.Callback):
+        seen: list[str | None] = []
+
+        def on_trial_start(self, trial: Any) -> None:
+            self.seen.append(trial.node)
+
     started = time.monotonic()
-    r = unison.run(train, search(4), backend="ray", storage=tmp_path, progress=False)
+    r = unison.run(train, search(4), backend="ray", storage=tmp_path, progress=False, callbacks=[Nodes()])
     took = time.monotonic() - started
     assert r.status == "completed"
     assert list(r.trials["status"]) == ["completed"] * 4
     assert set(r.trials["worker"]) == {"ray-0", "ray-1"}
     assert os.getpid() not in set(r.trials["pid"])
+    # The node each actor ran on: this process's node, the only one of this Ray
+    node = ray.get_runtime_context().get_node_id()
+    assert list(r.trials["node"]) == [node] * 4 and Nodes.seen == [node] * 4
+    assert list(unison.SearchResult.load(r.path).trials["node"]) == [node] * 4  # read from the journal
     for row in r.rows:
         folder = r.path / "trials" / f"{row['trial_id']:04d}"
         assert (folder / "stdout.log").read_text() == f"stdout of trial {row['trial_id']}\n"
@@ -112,7 +127,9 @@ def test_an_actor_killed_mid_trial_is_retried_and_the_search_completes(tmp_path:
     assert r.status == "completed"
     assert list(r.trials["status"]) == ["completed"] * 5
     assert r.trials.set_index("trial_id").loc[1, "attempts"] == 2, r.trials
-    assert int(marker.read_text()) not in set(r.trials["pid"])  # the retry ran in another actor
+    retried = r.trials.set_index("trial_id").loc[1]
+    assert int(marker.read_text()) != retried["pid"]  # the retry ran in another actor
+    assert retried["worker"] != killed[0].split("-", 2)[2]  # actors are unison-<token>-<worker>
     log = (r.path / "workers" / "ray.log").read_text()
     assert "failed: ActorDiedError" in log, log
     [lost] = [ev for ev in journal(r.path) if ev["e"] == "lost"]
@@ -139,7 +156,7 @@ def test_a_two_rank_ddp_run_starts_its_ranks_in_one_placement_group(tmp_path: Pa
     assert (trial / "rank-1" / "metrics.jsonl").is_file()  # shipped back from rank 1's actor
     assert "in one placement group" in (run.path / "workers" / "ray.log").read_text()
     assert our_actors("ALIVE", "PENDING_CREATION", "RESTARTING", "DEPENDENCIES_UNREADY") == []
-    assert {g.state for g in state.list_placement_groups(limit=1000)} <= {"REMOVED"}
+    assert {g.state for g in state.list_placement_groups(address=here(), limit=1000)} <= {"REMOVED"}
     print(f"2-rank DDP run on Ray: {took:.2f} s")
 
 
@@ -162,7 +179,10 @@ def test_a_run_of_more_ranks_than_the_cluster_holds_fails_saying_what_is_missing
 
 
 def test_actors_that_cannot_import_unison_fail_the_run_saying_why(tmp_path: Path) -> None:
-    backend = unison.Ray(runtime_env={"env_vars": {"PYTHONPATH": str(tmp_path / "nowhere")}})
+    # A node whose unison cannot be imported: a package of that name, first on the actors' path, fails
+    (tmp_path / "unison").mkdir()
+    (tmp_path / "unison" / "__init__.py").write_text("raise ImportError('this unison is broken')\n")
+    backend = unison.Ray(runtime_env={"env_vars": {"PYTHONPATH": str(tmp_path)}})
     started = time.monotonic()
     with pytest.raises(unison.WorkerError, match=r"keep failing before they connect(?s:.*)failed to import"):
         unison.run(lambda x: x, search(2), backend=backend, storage=tmp_path, progress=False)
@@ -183,7 +203,7 @@ def interrupt_when_started(storage: Path, starts: int) -> None:
 
 def nothing_of_ours_runs() -> None:
     assert our_actors("ALIVE", "PENDING_CREATION", "RESTARTING", "DEPENDENCIES_UNREADY") == []
-    assert {g.state for g in state.list_placement_groups(limit=1000)} <= {"REMOVED"}
+    assert {g.state for g in state.list_placement_groups(address=here(), limit=1000)} <= {"REMOVED"}
 
 
 @pytest.mark.parametrize("kind", ["search", "distributed"])

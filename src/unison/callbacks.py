@@ -66,6 +66,7 @@ class TrialInfo:
         attempt: 0 for the first attempt, 1 after its worker was lost once, ...
         worker: the worker that ran it.
         host: the host the worker ran on.
+        node: the cluster node the worker ran on (a Ray node id: two nodes may share a host), else ``None``.
         trial_dir: the trial's folder (logs, ``metrics.jsonl``, what the function wrote in it).
         component: an ablation trial's component (its name), else ``None``.
         seed: an ablation trial's seed, a single run's seed, else ``None``.
@@ -83,6 +84,7 @@ class TrialInfo:
     attempt: int = 0
     worker: str | None = None
     host: str | None = None
+    node: str | None = None
     component: str | None = None
     seed: int | None = None
     started: float | None = None

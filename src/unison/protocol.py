@@ -41,7 +41,7 @@ _LENGTH = struct.Struct(">I")
 
 # ----------------------------------------------------------------------------- message kinds
 # What workers send the driver.
-HELLO: Final = "hello"              # worker, host, pid: who it is
+HELLO: Final = "hello"              # worker, host, pid (and a Ray node id): who it is
 READY: Final = "ready"              # asks for a trial; carries the previous trial's result and, in
                                     # distributed experiments, the endpoint it would host a process group at
 REPORT: Final = "report"            # an intermediate report: trial_id, step, metrics; answered by DECISION
@@ -293,6 +293,7 @@ TO_DRIVER: dict[str, _Schema] = {
         "worker": _Field(_text(200, _WORKER_NAME)),
         "host": _Field(_NAME),
         "pid": _Field(_integer(0)),
+        "node": _opt(_text(200, _WORKER_NAME)),  # the cluster node (Ray's node id), beside the hostname
     },
     READY: {
         "result": _opt(_record(RESULT_SCHEMA)),
@@ -354,13 +355,18 @@ class TrialOutcome(_TrialOutcomeKeys, total=False):
     logs_cut: dict[str, int]
 
 
-class HelloMessage(TypedDict):
-    """A worker's first message: who it is."""
-
+class _HelloKeys(TypedDict):
     t: Literal["hello"]
     worker: str
     host: str
     pid: int
+
+
+class HelloMessage(_HelloKeys, total=False):
+    """A worker's first message: who it is, and the cluster node it runs on if it runs on one (Ray's
+    node id: two Ray nodes may share a hostname)."""
+
+    node: str
 
 
 class _ReadyKeys(TypedDict):

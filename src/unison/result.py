@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 _FIXED_COLUMNS = ("trial_id", "status")
-_TAIL_COLUMNS = ("steps", "last_step", "duration", "worker", "host", "pid", "attempts", "stop_reason",
-                 "error", "checkpoint")
+_TAIL_COLUMNS = ("steps", "last_step", "duration", "worker", "host", "node", "pid", "attempts",
+                 "stop_reason", "error", "checkpoint")
 # Population-based training's columns, in a table of a search that used it: the population slot a trial
 # fills, the trial it was cloned from, its checkpoint's step, and its hyperparameters' schedule
 _LINEAGE_COLUMNS = ("member", "parent", "cloned_step")
@@ -202,7 +202,8 @@ def rows_from_journal(events: list[dict[str, Any]], metric: str | list[str]) -> 
         if kind == "start":
             row = rows.setdefault(tid, {"trial_id": tid, "metrics": {}, "steps": 0})
             row.update(status="running", hparams=ev["hparams"], worker=ev.get("worker"),
-                       host=ev.get("host"), pid=ev.get("pid"), attempts=ev.get("attempt", 0) + 1)
+                       host=ev.get("host"), node=ev.get("node"), pid=ev.get("pid"),
+                       attempts=ev.get("attempt", 0) + 1)
             if ev.get("spec"):  # an ablation trial's component and seed
                 row["spec"] = ev["spec"]
             row.update(ev.get("lineage") or {})  # population-based training: member, parent, cloned_step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 from unison.launch import LaunchSpec
@@ -46,6 +47,13 @@ class Backend:
         """How many worker slots exist for trials of ``k`` ranks each (a backend may wait, up to a
         limit, until ``k`` exist, or offer ``k`` where its default would be fewer)."""
         return self.slots()
+
+    def gang_group(self, info: dict[str, Any]) -> Hashable | None:
+        """Which group of workers the worker ``info`` (its hello) belongs to, when the backend placed
+        the ranks of each trial of a search with ``workers_per_trial`` together (Ray's placement
+        groups): the driver then starts each trial on the idle workers of one group. ``None``: any
+        idle workers will do."""
+        return None
 
     def start(self, spec: LaunchSpec) -> None:
         """Start ``spec.workers`` workers that connect to ``spec.address`` with ``spec.secret`` and load

@@ -9,7 +9,9 @@ that dies (killed, its node lost) is a lost worker: the driver retries its trial
 ends, however it ends. ray is imported only when a Ray backend is used.
 
 A distributed run (``unison.Distributed``) puts its ranks' actors into one placement group, so that
-all of them start together or none does.
+all of them start together or none does. A search with ``workers_per_trial=k`` gets one placement
+group of ``k`` bundles per trial it runs at once; the driver gives each trial the ``k`` actors of one
+group (see :meth:`Ray.gang_group`), so ``placement_strategy`` holds for every trial's ranks.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class UnisonRayWorker:
         try:
             info["trials"] = serve(address, secret, payload, worker, heartbeat_interval,
                                    shared_filesystem=False, ship_limit=ship_limit,
-                                   exit_when_driver_gone=False)
+                                   exit_when_driver_gone=False, node=info["node"])
         except (ConnectionError, OSError) as exc:  # the driver is unreachable, or already gone
             info["error"] = f"{type(exc).__name__}: {exc}"
         return info
@@ -174,7 +176,9 @@ class Ray(Backend):
         self._stopping = False
         self._log: IO[str] | None = None
         self._payload: Any = None
-        self._group: Any = None  # the placement group of a distributed run
+        self._groups: list[Any] = []  # placement groups: one of a distributed run, one per gang of a search
+        self._ranks = 1  # ranks per trial (gang_slots(k) says k)
+        self._group_size = 1  # the bundles of each placement group
         self._token = ""
 
     # ------------------------------------------------------------------ the cluster
@@ -203,13 +207,25 @@ class Ray(Backend):
         return min(counts)
 
     def slots(self) -> int:
+        """``slots``, else as many as the cluster holds: waits up to ``executor_wait_s`` for one (an
+        autoscaling cluster may start with no worker node), else fails saying what exists."""
+        self._ranks = 1
         if self.requested_slots is not None:
             return int(self.requested_slots)
-        return max(1, self._fit(*self._resources()))
+        deadline = time.monotonic() + self.executor_wait_s
+        while (n := self._fit(*self._resources())) < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if n < 1:
+            cpus, gpus = self._resources()
+            raise WorkerError(f"a Ray slot needs {self._per_slot()}, but the cluster has {cpus:g} CPUs and "
+                              f"{gpus:g} GPUs (waited executor_wait_s={self.executor_wait_s:g} s): add nodes "
+                              f"or lower num_cpus_per_slot / num_gpus_per_slot")
+        return n
 
     def gang_slots(self, k: int) -> int:
         """Slots for trials of ``k`` ranks: waits up to ``executor_wait_s`` for the cluster to hold
         ``k`` (an autoscaling cluster grows), else fails saying what exists and what is needed."""
+        self._ranks = k
         if self.requested_slots is not None:
             return int(self.requested_slots)
         deadline = time.monotonic() + self.executor_wait_s
@@ -263,40 +279,48 @@ class Ray(Backend):
         self._note(f"Ray {ray.__version__}, {spec.workers} slot(s) of {self._per_slot()}"
                    f"{' in one placement group' if spec.barrier else ''}, workers connect to "
                    f"{self._address[0]}:{self._address[1]}, actors unison-{self._token}-ray-*")
+        self._group_size = spec.workers if spec.barrier else self._ranks
         if spec.barrier:
-            self._group = self._placement_group(spec.workers)
+            self._placement_groups(1, spec.workers, f"the {spec.workers} ranks of this distributed run")
+        elif self._ranks > 1:
+            at_once = spec.workers // self._ranks
+            self._placement_groups(at_once, self._ranks, f"{at_once} trial(s) of {self._ranks} ranks at once")
         for slot in range(spec.workers):
             self._launch(slot, 0)
 
-    def _placement_group(self, n: int) -> Any:
-        """A placement group of ``n`` bundles, ready within ``executor_wait_s``, or a WorkerError."""
+    def _placement_groups(self, groups: int, n: int, what: str) -> None:
+        """Make ``groups`` placement groups of ``n`` bundles each (the backend's groups, which
+        :meth:`stop` removes) and wait up to ``executor_wait_s`` until all are ready, else raise a
+        WorkerError saying what ``what`` needs and what the cluster has."""
         ray = self._ray()
-        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.placement_group import placement_group
 
-        bundle = {"CPU": self.num_cpus_per_slot, "GPU": self.num_gpus_per_slot}
-        group = placement_group([{k: v for k, v in bundle.items() if v}] * n,
-                                strategy=self.placement_strategy, name=f"unison-{self._token}")
-        ready, _ = ray.wait([group.ready()], timeout=self.executor_wait_s)
-        if not ready:
-            remove_placement_group(group)
+        bundle = {key: amount for key, amount in (("CPU", self.num_cpus_per_slot),
+                                                  ("GPU", self.num_gpus_per_slot)) if amount}
+        for index in range(groups):
+            self._groups.append(placement_group([bundle] * n, strategy=self.placement_strategy,
+                                                name=f"unison-{self._token}-{index}"))
+        ready, _ = ray.wait([group.ready() for group in self._groups], num_returns=groups,
+                            timeout=self.executor_wait_s)
+        if len(ready) < groups:
             cpus, gpus = self._resources()
             raise WorkerError(
-                f"the {n} ranks of this distributed run need a Ray placement group of {n} bundles of "
+                f"{what} need{'s' if groups == 1 else ''} {groups} Ray placement group(s) of {n} bundles of "
                 f"{self._per_slot()} ({self.placement_strategy}), which the cluster ({cpus:g} CPUs, "
                 f"{gpus:g} GPUs) did not grant within executor_wait_s={self.executor_wait_s:g} s")
-        self._note(f"placement group {group.id.hex()} ready: {n} bundles, {self.placement_strategy}")
-        return group
+        for group in self._groups:
+            self._note(f"placement group {group.id.hex()} ready: {n} bundles, {self.placement_strategy}")
 
     def _launch(self, slot: int, generation: int) -> None:
         options: dict[str, Any] = {"num_cpus": self.num_cpus_per_slot, "num_gpus": self.num_gpus_per_slot,
                                    "max_restarts": 0, "name": None}
         if self.runtime_env is not None:
             options["runtime_env"] = self.runtime_env
-        if self._group is not None:
+        if self._groups:
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                self._group, placement_group_bundle_index=slot)
+                self._groups[slot // self._group_size], placement_group_bundle_index=slot % self._group_size)
         record = _Slot(slot, generation, None, None)
         options["name"] = f"unison-{self._token}-{record.name}"
         record.actor = self._actor_class.options(**options).remote()
@@ -363,6 +387,13 @@ class Ray(Backend):
         record = self._slots.get(int(match.group(1))) if match else None
         return record if record is not None and record.name == info.get("worker") else None
 
+    def gang_group(self, info: dict[str, Any]) -> int | None:
+        """The placement group of the worker ``info`` (its hello) describes, in a gang search."""
+        record = self._own(info)
+        if record is None or self._ranks == 1 or len(self._groups) < 2:
+            return None
+        return record.slot // self._group_size
+
     def worker_connected(self, info: dict[str, Any]) -> None:
         record = self._own(info)
         if record is not None:
@@ -419,7 +450,7 @@ class Ray(Backend):
                     self._note(f"{record.name}: still running at stop: killed")
                 self._kill(record)
             self._wait_dead(records)
-        self._remove_group()
+        self._remove_groups()
         self._slots.clear()
         self._payload = None
         self._note("stopped" + (" (forced)" if force else ""))
@@ -458,16 +489,17 @@ class Ray(Backend):
             names = ", ".join(record.name for record in alive)
             self._note(f"{names}: not reported dead {DEAD_WAIT_S:g} s after ray.kill")
 
-    def _remove_group(self) -> None:
-        group, self._group = self._group, None
-        if group is None or not self._ray_up():
+    def _remove_groups(self) -> None:
+        groups, self._groups = self._groups, []
+        if not groups or not self._ray_up():
             return
         from ray.util.placement_group import remove_placement_group
 
-        try:
-            remove_placement_group(group)
-        except Exception as exc:  # noqa: BLE001 - already removed, or Ray is shutting down
-            self._note(f"removing placement group failed: {_short(exc)}")
+        for group in groups:
+            try:
+                remove_placement_group(group)
+            except Exception as exc:  # noqa: BLE001 - already removed, or Ray is shutting down
+                self._note(f"removing placement group {group.id.hex()} failed: {_short(exc)}")
 
     def __repr__(self) -> str:
         slots = "" if self.requested_slots is None else f", slots={self.requested_slots}"

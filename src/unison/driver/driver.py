@@ -38,6 +38,7 @@ class TrialState:
     attempt: int = 0
     worker: str | None = None
     host: str | None = None
+    node: str | None = None  # the cluster node (a Ray node id) where the worker said it runs on one
     pid: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     value: float | list[float] | None = None  # a list: one value per metric of a multi-objective search
@@ -75,6 +76,7 @@ class TrialState:
             "duration": self.duration,
             "worker": self.worker,
             "host": self.host,
+            "node": self.node,
             "pid": self.pid,
             "attempts": self.attempt + 1,
             "stop_reason": self.stop_reason,
@@ -148,7 +150,7 @@ class SearchDriver:
                 trial = self.trials.get(tid) or TrialState(tid, ev["hparams"], spec=ev.get("spec") or {},
                                                            lineage=ev.get("lineage"))
                 trial.attempt, trial.worker, trial.status = ev.get("attempt", 0), ev.get("worker"), "running"
-                trial.host, trial.pid = ev.get("host"), ev.get("pid")
+                trial.host, trial.node, trial.pid = ev.get("host"), ev.get("node"), ev.get("pid")
                 self.trials[tid] = trial
                 if not trial.is_clone:
                     self.next_number = max(self.next_number, tid + 1)
@@ -294,12 +296,15 @@ class SearchDriver:
         self.pending.appendleft(trial_id)
 
     def start(self, trial: TrialState, worker: str, host: str | None = None,
-              pid: int | None = None, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """Record that ``trial`` starts on ``worker`` (process ``pid`` on ``host``); return the
-        message that describes it. A distributed trial names its ranks' workers, hosts and pids in
-        ``ranks`` (``worker``, ``host``, ``pid`` are then rank 0's, the workers joined by commas)."""
+              pid: int | None = None, ranks: list[dict[str, Any]] | None = None,
+              node: str | None = None) -> dict[str, Any]:
+        """Record that ``trial`` starts on ``worker`` (process ``pid`` on ``host``, cluster node ``node``
+        if the worker named one); return the message that describes it. A distributed trial names its
+        ranks' workers, hosts and pids in ``ranks`` (``worker``, ``host``, ``pid``, ``node`` are then
+        rank 0's, the workers joined by commas)."""
         self.reserved.discard(trial.trial_id)
         trial.status, trial.worker, trial.host, trial.pid = "running", worker, host, pid
+        trial.node = node
         trial.started_at = time.monotonic()
         self.running += 1
         message = self.message(trial)
@@ -307,6 +312,7 @@ class SearchDriver:
         self.store.append(
             {"e": "start", "id": trial.trial_id, "hparams": trial.hparams, "attempt": trial.attempt,
              "worker": worker, "host": host, "pid": pid, "t": time.time(),
+             **({"node": node} if node is not None else {}),
              **({"spec": trial.spec} if trial.spec else {}), **({"ranks": ranks} if ranks else {}),
              **({"lineage": trial.lineage} if trial.lineage else {}),
              **({"resumed_from": resumed} if resumed is not None else {})}

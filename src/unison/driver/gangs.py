@@ -124,21 +124,43 @@ class GangDispatch:
         """Start distributed trials while ``size`` workers are idle."""
         driver, waiting = self.host.driver, self.host.waiting
         while len(waiting) >= self.size and driver.can_start() and not driver.finished:
+            members = self._idle_gang(waiting)
+            if members is None:
+                break
             trial = driver.next_trial()
             if trial is None:
+                waiting.extendleft(reversed(members))  # idle still, at the front as they were
                 break
-            members = [waiting.popleft() for _ in range(self.size)]
             # Ranks on one host get consecutive numbers (local ranks 0, 1, ...), rank 0's host first.
             hosts = list(dict.fromkeys(str(m.info.get("host")) for m in members))
             members.sort(key=lambda m: (hosts.index(str(m.info.get("host"))), m.peer_id))
             self._start(trial, members)
 
+    def _idle_gang(self, waiting: deque[Peer]) -> list[Peer] | None:
+        """``size`` idle workers, taken from ``waiting``: the oldest ones, or, where the backend placed
+        workers in groups (:meth:`Backend.gang_group`), the first group whose workers are all idle
+        (``None`` while none is)."""
+        group_of = self.host.backend.gang_group
+        groups: dict[Any, list[Peer]] = {}
+        for peer in waiting:
+            group = group_of(peer.info)
+            if group is None:
+                return [waiting.popleft() for _ in range(self.size)]
+            members = groups.setdefault(group, [])
+            members.append(peer)
+            if len(members) == self.size:
+                for member in members:
+                    waiting.remove(member)
+                return members
+        return None
+
     def _start(self, trial: TrialState, members: list[Peer]) -> None:
         self.gangs[trial.trial_id] = Gang(trial.trial_id, members)
-        ranks = [{"worker": m.name, "host": m.info.get("host"), "pid": m.info.get("pid")} for m in members]
+        ranks = [{"worker": m.name, "host": m.info.get("host"), "pid": m.info.get("pid"),
+                  **({"node": m.info["node"]} if "node" in m.info else {})} for m in members]
         chief = members[0]
         message = self.host.driver.start(trial, ",".join(m.name for m in members), chief.info.get("host"),
-                                         chief.info.get("pid"), ranks=ranks)
+                                         chief.info.get("pid"), ranks=ranks, node=chief.info.get("node"))
         for rank, member in enumerate(members):
             member.trial_id = trial.trial_id
             self.host.send(member, trial_message(message, self._dist(members, rank)))

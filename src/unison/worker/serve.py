@@ -256,6 +256,7 @@ def serve(
     shared_filesystem: bool = True,
     ship_limit: int | None = None,
     exit_when_driver_gone: bool = True,
+    node: str | None = None,
 ) -> int:
     """Serve trials for the driver at ``address`` until it says shut down; return the trial count.
 
@@ -264,13 +265,14 @@ def serve(
     ``ship_limit`` bytes a trial). ``exit_when_driver_gone``: end the process at once when the
     driver stops answering (a worker process of the local backend); otherwise (inside a Spark task)
     the trial under way is interrupted (see :func:`_read`) and the loop returns, so the task ends
-    cleanly; call it from the main thread there (signals reach no other).
+    cleanly; call it from the main thread there (signals reach no other). ``node``: the cluster node
+    this worker runs on (a Ray node id), told to the driver in the hello (the trial table's ``node``).
     """
     from unison import trialfiles
 
     ship_limit = trialfiles.SHIP_LIMIT_BYTES if ship_limit is None else ship_limit
     session = _Session.open(address, secret, worker, heartbeat_interval, exit_when_driver_gone,
-                            shared_filesystem, ship_limit)
+                            shared_filesystem, ship_limit, node)
     loaded = session.load(payload)
     if loaded is None:
         return 0
@@ -299,10 +301,14 @@ class _Session:
 
     @classmethod
     def open(cls, address: tuple[str, int], secret: bytes, worker: str, heartbeat_interval: float,
-             exit_when_driver_gone: bool, shared_filesystem: bool, ship_limit: int) -> _Session:
+             exit_when_driver_gone: bool, shared_filesystem: bool, ship_limit: int,
+             node: str | None = None) -> _Session:
         """Connect to the driver, say hello, and start the heartbeat and reader threads."""
         conn = client_connect(address, secret)
-        conn.send(HelloMessage(t=HELLO, worker=worker, host=socket.gethostname(), pid=os.getpid()))
+        hello = HelloMessage(t=HELLO, worker=worker, host=socket.gethostname(), pid=os.getpid())
+        if node is not None:
+            hello["node"] = node
+        conn.send(hello)
         session = cls(conn, shared_filesystem, ship_limit)
         threading.Thread(target=_heartbeat, daemon=True,
                          args=(conn, heartbeat_interval, session.stop, exit_when_driver_gone)).start()
