@@ -190,6 +190,18 @@ def test_actors_that_cannot_import_unison_fail_the_run_saying_why(tmp_path: Path
     nothing_of_ours_runs()
 
 
+def test_the_runtime_env_reaches_the_training_function(tmp_path: Path) -> None:
+    def train(x: float, ctx: Any) -> float:
+        (ctx.trial_dir / "env.txt").write_text(os.environ.get("UNISON_RAY_TEST", "unset"))
+        return x
+
+    backend = unison.Ray(slots=1, runtime_env={"env_vars": {"UNISON_RAY_TEST": "from runtime_env"}})
+    r = unison.run(train, search(2), backend=backend, storage=tmp_path, progress=False)
+    assert [(r.path / "trials" / f"{t:04d}" / "env.txt").read_text() for t in r.trials["trial_id"]] == \
+        ["from runtime_env"] * 2
+    assert "UNISON_RAY_TEST" not in os.environ
+
+
 def interrupt_when_started(storage: Path, starts: int) -> None:
     """Ctrl-C the main thread once ``starts`` trials (or ranks' trial) started under ``storage``."""
     deadline = time.monotonic() + 60
