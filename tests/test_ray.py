@@ -202,6 +202,27 @@ def test_the_runtime_env_reaches_the_training_function(tmp_path: Path) -> None:
     assert "UNISON_RAY_TEST" not in os.environ
 
 
+def test_kept_actors_serve_the_next_experiment_until_closed(tmp_path: Path) -> None:
+    def train(x: float) -> float:
+        time.sleep(0.2)
+        return x
+
+    with unison.Ray(slots=2, keep_actors=True) as backend:
+        first = unison.run(train, search(4), backend=backend, storage=tmp_path / "a", progress=False)
+        assert len(our_actors("ALIVE")) == 2  # kept, idle
+        started = time.monotonic()
+        second = unison.run(train, search(4, seed=1), backend=backend, storage=tmp_path / "b", progress=False)
+        took = time.monotonic() - started
+        assert set(second.trials["pid"]) == set(first.trials["pid"])  # the same actors' processes
+        assert "2 kept actor(s) serve this experiment" in (second.path / "workers" / "ray.log").read_text()
+        # a distributed run places its ranks anew: the kept actors make way
+        run = unison.run(lambda ctx: float(ctx.rank), unison.Distributed(workers=2), backend=backend,
+                         storage=tmp_path / "c", progress=False)
+        assert run.value == 0.0
+    nothing_of_ours_runs()
+    print(f"4 trials of 0.2 s on 2 kept actors: {took:.2f} s")
+
+
 def interrupt_when_started(storage: Path, starts: int) -> None:
     """Ctrl-C the main thread once ``starts`` trials (or ranks' trial) started under ``storage``."""
     deadline = time.monotonic() + 60

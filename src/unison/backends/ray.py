@@ -16,16 +16,15 @@ group (see :meth:`Ray.gang_group`), so ``placement_strategy`` holds for every tr
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from unison._validate import check_number
 from unison.backends.base import Backend
+from unison.backends.ray_actor import UnisonRayWorker, death_cause, short_error
 from unison.errors import WorkerError
 from unison.launch import LaunchSpec
 from unison.trialfiles import MAX_SHIP_LIMIT_BYTES, SHIP_LIMIT_BYTES
@@ -38,33 +37,6 @@ _WILDCARDS = ("", "0.0.0.0", "::")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 _NAME = re.compile(r"ray-(\d+)(?:\.(\d+))?$")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the names in its messages
-
-
-class UnisonRayWorker:
-    """The actor of one slot (``ray.remote`` is applied when a backend starts: ray is not imported
-    with unison). Its class name is how ``ray.util.state.list_actors`` shows unison's actors."""
-
-    def serve(self, address: tuple[str, int], secret: bytes, payload: bytes, worker: str,
-              heartbeat_interval: float, ship_limit: int) -> dict[str, Any]:
-        """Serve trials until the driver says shut down or hangs up, then say how it went.
-
-        It runs in the actor's main thread, so a trial the driver hung up on is interrupted there (see
-        :class:`unison.worker.serve._TrialInterrupter`), and the call returns normally.
-        """
-        import ray
-
-        from unison.worker.serve import serve
-
-        info: dict[str, Any] = {"worker": worker, "host": socket.gethostname(), "pid": os.getpid(),
-                                "node": ray.get_runtime_context().get_node_id(), "trials": 0, "error": None}
-        try:
-            info["trials"] = serve(address, secret, payload, worker, heartbeat_interval,
-                                   shared_filesystem=False, ship_limit=ship_limit,
-                                   exit_when_driver_gone=False, node=info["node"])
-        except (ConnectionError, OSError) as exc:  # the driver is unreachable, or already gone
-            info["error"] = f"{type(exc).__name__}: {exc}"
-        return info
 
 
 @dataclass
@@ -78,19 +50,6 @@ class _Slot:
     @property
     def name(self) -> str:
         return f"ray-{self.slot}" if self.generation == 0 else f"ray-{self.slot}.{self.generation}"
-
-
-def _short(exc: BaseException) -> str:
-    """One line about why a Ray call failed (Ray's messages run to many lines)."""
-    text = " ".join(_ANSI.sub("", str(exc)).split())
-    return f"{type(exc).__name__}: {text[:600]}"
-
-
-def _cause(error: str) -> str:
-    """Why Ray says an actor died, in a sentence ("it was killed by `ray.kill`", "its worker process
-    has died"), else the start of ``error``."""
-    match = re.search(r"The actor is dead because (.+?\.)(?: |$)", error)
-    return f"Ray actor died: {match.group(1)}" if match else error[:300]
 
 
 class Ray(Backend):
@@ -117,6 +76,11 @@ class Ray(Backend):
         checkpoint_limit_mb: what one trial's streamed checkpoints may hold on the driver's disk.
         placement_strategy: how a distributed run's bundles are placed (``"PACK"``, ``"SPREAD"``,
             ``"STRICT_PACK"``, ``"STRICT_SPREAD"``).
+        keep_actors: keep the slots' actors alive when an experiment ends well, for the next
+            experiment run with this backend (no actor start-up, ~1-3 s, then); they hold their CPUs
+            meanwhile, until :meth:`close` (or ``with unison.Ray(keep_actors=True) as backend:``),
+            ``ray.shutdown()`` or this process's end. An experiment that fails or is interrupted kills
+            them all the same, and a distributed run or a search of k-rank trials starts its own.
     """
 
     name = "ray"
@@ -137,6 +101,7 @@ class Ray(Backend):
         executor_wait_s: float = 60.0,
         checkpoint_limit_mb: float = CHECKPOINT_LIMIT_MB,
         placement_strategy: str = "PACK",
+        keep_actors: bool = False,
     ) -> None:
         self.address = address
         self.requested_slots = check_number(slots, "slots", owner="Ray", integer=True, low=1, allow_none=True)
@@ -151,6 +116,11 @@ class Ray(Backend):
             raise ValueError(f"Ray(placement_strategy=...) must be one of {', '.join(_STRATEGIES)}, "
                              f"got {placement_strategy!r}")
         self.placement_strategy = placement_strategy
+        if not isinstance(keep_actors, bool):
+            raise TypeError(f"Ray(keep_actors=...) must be True or False, got {keep_actors!r}")
+        self.keep_actors = keep_actors
+        self._idle: list[Any] = []  # actors kept from the last experiment (keep_actors)
+        self._idle_job: Any = None  # the Ray job they belong to: another ray.init() ended them
         self._listen_host = listen_host
         self.listen_port = check_number(listen_port, "listen_port", owner="Ray", integer=True, low=0,
                                         high=65535)
@@ -280,13 +250,15 @@ class Ray(Backend):
                    f"{' in one placement group' if spec.barrier else ''}, workers connect to "
                    f"{self._address[0]}:{self._address[1]}, actors unison-{self._token}-ray-*")
         self._group_size = spec.workers if spec.barrier else self._ranks
+        placed = spec.barrier or self._ranks > 1
+        reuse = self._take_idle(0 if placed else spec.workers)  # before the groups: they may want those CPUs
         if spec.barrier:
             self._placement_groups(1, spec.workers, f"the {spec.workers} ranks of this distributed run")
         elif self._ranks > 1:
             at_once = spec.workers // self._ranks
             self._placement_groups(at_once, self._ranks, f"{at_once} trial(s) of {self._ranks} ranks at once")
         for slot in range(spec.workers):
-            self._launch(slot, 0)
+            self._launch(slot, 0, reuse[slot] if slot < len(reuse) else None)
 
     def _placement_groups(self, groups: int, n: int, what: str) -> None:
         """Make ``groups`` placement groups of ``n`` bundles each (the backend's groups, which
@@ -305,13 +277,26 @@ class Ray(Backend):
         if len(ready) < groups:
             cpus, gpus = self._resources()
             raise WorkerError(
-                f"{what} need{'s' if groups == 1 else ''} {groups} Ray placement group(s) of {n} bundles of "
+                f"{what} need {groups} Ray placement group(s) of {n} bundles of "
                 f"{self._per_slot()} ({self.placement_strategy}), which the cluster ({cpus:g} CPUs, "
                 f"{gpus:g} GPUs) did not grant within executor_wait_s={self.executor_wait_s:g} s")
         for group in self._groups:
             self._note(f"placement group {group.id.hex()} ready: {n} bundles, {self.placement_strategy}")
 
-    def _launch(self, slot: int, generation: int) -> None:
+    def _take_idle(self, n: int) -> list[Any]:
+        """Up to ``n`` kept actors of this Ray, to serve again; the others are killed (their CPUs may be
+        wanted by a placement group)."""
+        idle, self._idle = self._idle, []
+        if idle and self._idle_job != self._ray().get_runtime_context().get_job_id():
+            return []  # Ray was shut down and initialized again: those actors are gone
+        keep, extra = idle[:n], idle[n:]
+        for actor in extra:
+            self._kill_actor(actor, "kept actor")
+        if keep:
+            self._note(f"{len(keep)} kept actor(s) serve this experiment")
+        return keep
+
+    def _launch(self, slot: int, generation: int, actor: Any = None) -> None:
         options: dict[str, Any] = {"num_cpus": self.num_cpus_per_slot, "num_gpus": self.num_gpus_per_slot,
                                    "max_restarts": 0, "name": None}
         if self.runtime_env is not None:
@@ -321,9 +306,10 @@ class Ray(Backend):
 
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 self._groups[slot // self._group_size], placement_group_bundle_index=slot % self._group_size)
-        record = _Slot(slot, generation, None, None)
+        record = _Slot(slot, generation, actor, None)
         options["name"] = f"unison-{self._token}-{record.name}"
-        record.actor = self._actor_class.options(**options).remote()
+        if record.actor is None:
+            record.actor = self._actor_class.options(**options).remote()
         record.ref = record.actor.serve.remote(self._address, self._secret, self._payload, record.name,
                                                self.heartbeat_interval, self.max_trial_files_bytes)
         self._slots[slot] = record
@@ -342,7 +328,7 @@ class Ray(Backend):
         try:
             return self._ray().get(record.ref), None
         except Exception as exc:  # noqa: BLE001 - the actor died, or serve() raised in it
-            return None, _short(exc)
+            return None, short_error(exc)
 
     def poll(self) -> None:
         """Start a new actor in the slot of each one that ended while the experiment goes on."""
@@ -355,7 +341,7 @@ class Ray(Backend):
             error = error or (info or {}).get("error")
             self._note(f"{record.name} ended after {time.monotonic() - record.started:.1f} s: "
                        + (f"failed: {error}" if error else f"{info}"))
-            self._exits.setdefault(record.name, f"killed ({_cause(error)})" if error else "exit code 0")
+            self._exits.setdefault(record.name, f"killed ({death_cause(error)})" if error else "exit code 0")
             self._kill(record)
             started = record.name in self._connected or record.name in self._aborted
             unreachable = bool((info or {}).get("error"))  # the driver is listening: a real problem
@@ -376,10 +362,13 @@ class Ray(Backend):
                 f"through runtime_env)? The last error:\n{error}")
 
     def _kill(self, record: _Slot) -> None:
+        self._kill_actor(record.actor, record.name)
+
+    def _kill_actor(self, actor: Any, name: str) -> None:
         try:
-            self._ray().kill(record.actor, no_restart=True)
+            self._ray().kill(actor, no_restart=True)
         except Exception as exc:  # noqa: BLE001 - already gone, or Ray is shutting down
-            self._note(f"ray.kill({record.name}) failed: {_short(exc)}")
+            self._note(f"ray.kill({name}) failed: {short_error(exc)}")
 
     def _own(self, info: dict[str, Any]) -> _Slot | None:
         """The running slot actor ``info`` (a hello) describes, if it is one of ours."""
@@ -416,7 +405,7 @@ class Ray(Backend):
         if not self._done(record, wait_s):
             return None
         info_back, error = self._outcome(record)
-        how = f"killed ({_cause(error)})" if error else "exit code 0"
+        how = f"killed ({death_cause(error)})" if error else "exit code 0"
         self._exits[record.name] = how
         return how
 
@@ -434,7 +423,8 @@ class Ray(Backend):
 
         The driver has told the workers to shut down or hung up on them, so each actor's call returns
         within moments (a trial the driver hung up on is interrupted); ``force`` does not wait for that.
-        Then every actor is ``ray.kill``-ed, and this waits until Ray reports each one dead.
+        Then every actor is ``ray.kill``-ed, and this waits until Ray reports each one dead; with
+        ``keep_actors``, those whose call returned well are kept instead, unless ``force``.
         """
         self._stopping = True
         records = list(self._slots.values())
@@ -442,14 +432,22 @@ class Ray(Backend):
             ray = self._ray()
             if not force:
                 ray.wait([r.ref for r in records], num_returns=len(records), timeout=STOP_WAIT_S)
+            killed = []
             for record in records:
                 if self._done(record):
                     info, error = self._outcome(record)
                     self._note(f"{record.name}: {info if info else f'failed: {error}'}")
+                    if self.keep_actors and not force and not self._groups and info and not info["error"]:
+                        self._idle.append(record.actor)
+                        self._idle_job = ray.get_runtime_context().get_job_id()
+                        continue
                 else:
                     self._note(f"{record.name}: still running at stop: killed")
                 self._kill(record)
-            self._wait_dead(records)
+                killed.append(record)
+            self._wait_dead(killed)
+            if force:
+                self.close()
         self._remove_groups()
         self._slots.clear()
         self._payload = None
@@ -457,6 +455,22 @@ class Ray(Backend):
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def close(self) -> None:
+        """Kill the actors kept for the next experiment (``keep_actors``); the backend stays usable."""
+        idle, self._idle = self._idle, []
+        if not idle or not self._ray_up() or self._idle_job != self._ray().get_runtime_context().get_job_id():
+            return
+        records = [_Slot(-1, 0, actor, None) for actor in idle]
+        for record in records:
+            self._kill_actor(record.actor, "kept actor")
+        self._wait_dead(records)
+
+    def __enter__(self) -> Ray:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _ray_up(self) -> bool:
         try:
@@ -499,7 +513,7 @@ class Ray(Backend):
             try:
                 remove_placement_group(group)
             except Exception as exc:  # noqa: BLE001 - already removed, or Ray is shutting down
-                self._note(f"removing placement group {group.id.hex()} failed: {_short(exc)}")
+                self._note(f"removing placement group {group.id.hex()} failed: {short_error(exc)}")
 
     def __repr__(self) -> str:
         slots = "" if self.requested_slots is None else f", slots={self.requested_slots}"
