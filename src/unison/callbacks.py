@@ -67,6 +67,8 @@ class TrialInfo:
         worker: the worker that ran it.
         host: the host the worker ran on.
         node: the cluster node the worker ran on (a Ray node id: two nodes may share a host), else ``None``.
+        gpus: the physical ids of the GPUs the backend gave the trial's worker (every rank's, in rank
+            order, for a distributed trial), ``[]`` without any.
         trial_dir: the trial's folder (logs, ``metrics.jsonl``, what the function wrote in it).
         component: an ablation trial's component (its name), else ``None``.
         seed: an ablation trial's seed, a single run's seed, else ``None``.
@@ -85,6 +87,7 @@ class TrialInfo:
     worker: str | None = None
     host: str | None = None
     node: str | None = None
+    gpus: list[str] = field(default_factory=list)
     component: str | None = None
     seed: int | None = None
     started: float | None = None

@@ -30,6 +30,8 @@ from typing import Any, Final, Literal, TypedDict, cast
 
 import msgpack
 
+from unison.gpus import GPU_ID, MAX_GPU_ID_CHARS, MAX_GPUS
+
 MAGIC = b"UNISON01"
 NONCE_BYTES = 32
 SECRET_BYTES = 32  # 256 bits, per experiment
@@ -294,6 +296,8 @@ TO_DRIVER: dict[str, _Schema] = {
         "host": _Field(_NAME),
         "pid": _Field(_integer(0)),
         "node": _opt(_text(200, _WORKER_NAME)),  # the cluster node (Ray's node id), beside the hostname
+        # the physical ids of the GPUs its backend gave it (CUDA_VISIBLE_DEVICES), see unison.gpus
+        "gpus": _opt(_sequence(_text(MAX_GPU_ID_CHARS, GPU_ID), MAX_GPUS)),
     },
     READY: {
         "result": _opt(_record(RESULT_SCHEMA)),
@@ -363,10 +367,11 @@ class _HelloKeys(TypedDict):
 
 
 class HelloMessage(_HelloKeys, total=False):
-    """A worker's first message: who it is, and the cluster node it runs on if it runs on one (Ray's
-    node id: two Ray nodes may share a hostname)."""
+    """A worker's first message: who it is, the cluster node it runs on if it runs on one (Ray's
+    node id: two Ray nodes may share a hostname), and the GPUs its backend gave it, if any."""
 
     node: str
+    gpus: list[str]
 
 
 class _ReadyKeys(TypedDict):

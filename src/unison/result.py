@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 _FIXED_COLUMNS = ("trial_id", "status")
-_TAIL_COLUMNS = ("steps", "last_step", "duration", "worker", "host", "node", "pid", "attempts",
+_TAIL_COLUMNS = ("steps", "last_step", "duration", "worker", "host", "node", "gpus", "pid", "attempts",
                  "stop_reason", "error", "checkpoint")
 # Population-based training's columns, in a table of a search that used it: the population slot a trial
 # fills, the trial it was cloned from, its checkpoint's step, and its hyperparameters' schedule
@@ -192,6 +192,12 @@ def hparam_schedule(rows: dict[int, dict[str, Any]], trial_id: int) -> list[tupl
     return schedule
 
 
+def _gpus_text(gpus: Any) -> str | None:
+    """A start event's GPUs as the trial table shows them (as ``TrialState.row`` does): ``"0,1"``, or
+    ``None`` without any."""
+    return ",".join(map(str, gpus)) if isinstance(gpus, list) and gpus else None
+
+
 def rows_from_journal(events: list[dict[str, Any]], metric: str | list[str]) -> list[dict[str, Any]]:
     """The trial rows recorded in a journal (trials that never ended show as ``running``)."""
     rows: dict[int, dict[str, Any]] = {}
@@ -203,6 +209,7 @@ def rows_from_journal(events: list[dict[str, Any]], metric: str | list[str]) -> 
             row = rows.setdefault(tid, {"trial_id": tid, "metrics": {}, "steps": 0})
             row.update(status="running", hparams=ev["hparams"], worker=ev.get("worker"),
                        host=ev.get("host"), node=ev.get("node"), pid=ev.get("pid"),
+                       gpus=_gpus_text(ev.get("gpus")),
                        attempts=ev.get("attempt", 0) + 1)
             if ev.get("spec"):  # an ablation trial's component and seed
                 row["spec"] = ev["spec"]

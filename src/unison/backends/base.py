@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unison.launch import LaunchSpec
+
+if TYPE_CHECKING:
+    from unison.gpus import GpuRequest
 
 _REGISTRY: dict[str, type[Backend]] = {}
 
@@ -42,6 +45,20 @@ class Backend:
     def slots(self) -> int:
         """How many trials can run at once."""
         raise NotImplementedError
+
+    def use_gpus(self, request: GpuRequest) -> None:
+        """Give each worker started from now on ``request.per_worker`` GPUs of its own (``0``: none, and
+        forget what an earlier experiment asked), before anything starts; raise a ``ValueError`` saying
+        what exists when a trial's GPUs do not fit. This default places no GPU: it refuses any."""
+        if not request.per_worker:
+            return
+        if self.in_process:
+            raise ValueError(f"{request.what}: the inline backend runs trials one at a time in the driver's "
+                             f"own process, which cannot give a trial GPUs of its own: use backend='local' "
+                             f"(unison.Local(gpus=[...]) to name the GPUs)")
+        raise ValueError(f"{request.what}: the {self.name!r} backend does not give trials GPUs of their own: "
+                         f"use unison.Local(gpus=[...]), unison.Spark or unison.Ray, or leave {request.knob} "
+                         f"unset")
 
     def gang_slots(self, k: int) -> int:
         """How many worker slots exist for trials of ``k`` ranks each (a backend may wait, up to a

@@ -12,6 +12,7 @@ import time
 import weakref
 from typing import IO, Any
 
+from unison import gpus as _gpus
 from unison._validate import check_number, is_number
 from unison.backends.base import Backend
 from unison.errors import WorkerError
@@ -89,6 +90,14 @@ class Local(Backend):
             function holding the GIL in one long C call starves the heartbeat thread (a trial stuck
             for good is what ``Search(trial_timeout_s=...)`` ends). Seconds, larger than
             ``heartbeat_interval``; default: 10 heartbeat intervals.
+        gpus: the GPUs the workers may use: ``"auto"`` (default: those ``CUDA_VISIBLE_DEVICES`` lists if
+            it is set, else those ``nvidia-smi -L`` lists, looked up only when a context asks for GPUs),
+            a list of ids (``[0, 1]``, taken as given: no CUDA check) or ``0`` (none: every worker gets
+            an empty ``CUDA_VISIBLE_DEVICES``). With ``Search(gpus_per_trial=g)`` (or ``Ablation``,
+            or ``Distributed(gpus_per_worker=g)``) each worker process gets a fixed set of ``g`` GPUs
+            (a fraction ``1/n``: ``n`` workers share one) in ``CUDA_VISIBLE_DEVICES``, kept by the
+            worker that replaces it, and ``min(workers, floor(GPUs / g))`` trials run at once. Without
+            such a request the workers see the listed GPUs (all of them, with ``"auto"``).
 
     Each worker runs in a session (and process group) of its own: Ctrl-C in the terminal reaches the
     driver only, and ending a worker (when it exits, is killed or the search stops) SIGKILLs its group,
@@ -102,8 +111,11 @@ class Local(Backend):
         workers: int | None = None,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float | None = None,
+        gpus: str | int | list[int] | list[str] = "auto",
     ) -> None:
         self.workers = check_number(workers, "workers", owner="Local", integer=True, low=1, allow_none=True)
+        self.gpus = _gpus.check_gpu_ids(gpus)
+        self._gpu_slots: list[list[str]] | None = None  # each slot's GPUs, while a context asks for GPUs
         self.heartbeat_interval = _seconds("heartbeat_interval", heartbeat_interval, "1")
         if heartbeat_timeout is None:
             self.heartbeat_timeout = 10 * self.heartbeat_interval
@@ -117,6 +129,7 @@ class Local(Backend):
                     f"e.g. {10 * self.heartbeat_interval:g} (10 intervals, the default)"
                 )
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._slot_of: dict[str, int] = {}  # a worker's slot: its replacement gets the slot's GPUs
         self._logs: dict[str, IO[bytes]] = {}
         self._spawned = 0
         self._early_deaths = 0  # workers in a row that ended before they said hello
@@ -127,17 +140,45 @@ class Local(Backend):
         self._stopping = False
 
     def slots(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        return self._gpu_bound(self.workers or os.cpu_count() or 1)
 
     def gang_slots(self, k: int) -> int:
         # Without workers= a distributed trial gets its k processes even on fewer cores.
-        return self.workers or max(os.cpu_count() or 1, k)
+        return self._gpu_bound(self.workers or max(os.cpu_count() or 1, k))
+
+    def _gpu_bound(self, slots: int) -> int:
+        return slots if self._gpu_slots is None else min(slots, len(self._gpu_slots))
+
+    def use_gpus(self, request: _gpus.GpuRequest) -> None:
+        """Give each worker started from now on ``request.per_worker`` GPUs of its own (none: forget
+        an earlier request); raise if a trial's GPUs do not fit."""
+        if not request.per_worker:
+            self._gpu_slots = None
+            return
+        ids, found = (_gpus.detect_gpus() if self.gpus == "auto" else (self.gpus, ""))
+        self._gpu_slots = _gpus.slot_gpus(ids, request, f"Local(gpus={self._gpus_arg()})", found)
+
+    def _gpus_arg(self) -> str:
+        """``gpus=`` as the user could have written it."""
+        if isinstance(self.gpus, str) or not self.gpus:
+            return repr(self.gpus) if isinstance(self.gpus, str) else "0"
+        return "[" + ", ".join(g if g.isdigit() else repr(g) for g in self.gpus) + "]"
+
+    def _gpu_environment(self, slot: int) -> dict[str, str]:
+        """What tells the worker of ``slot`` its GPUs (nothing when no context asked for any and
+        ``gpus="auto"``: the workers see what the driver sees)."""
+        if self._gpu_slots is not None:
+            return _gpus.worker_environment(self._gpu_slots[slot])
+        if self.gpus == "auto":
+            return {}
+        return {"CUDA_VISIBLE_DEVICES": ",".join(self.gpus)}
 
     def start(self, spec: LaunchSpec) -> None:
         workers, log_dir = spec.workers, spec.log_dir
         self._spec = spec
         self._env = dict(os.environ)
         self._env["PYTHONUNBUFFERED"] = "1"
+        self._env.pop(_gpus.GPUS_VAR, None)  # a worker's GPUs are the ones this backend gives it
         # Numerical libraries start one thread per core in every worker; split the cores instead,
         # unless the user chose a number.
         threads = str(max(1, (os.cpu_count() or 1) // workers))
@@ -148,14 +189,17 @@ class Local(Backend):
         self._stopping = False
         self._early_deaths = 0
         _LIVE.add(self)
-        for _ in range(workers):
-            self._spawn()
+        if self._gpu_slots is not None and workers > len(self._gpu_slots):
+            raise ValueError(f"{workers} workers asked for, but {self!r} has GPUs for {len(self._gpu_slots)}")
+        for slot in range(workers):
+            self._spawn(slot)
 
-    def _spawn(self) -> None:
+    def _spawn(self, slot: int) -> None:
         name = f"worker-{self._spawned}"
         self._spawned += 1
         log = open(self._log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
-        env = dict(self._env, **self._spec.worker_environment(name, self.heartbeat_interval))
+        env = dict(self._env, **self._spec.worker_environment(name, self.heartbeat_interval),
+                   **self._gpu_environment(slot))
         # A new session: Ctrl-C in the terminal reaches the driver only, which stops the workers; and
         # a process group of its own, ended with the worker, so what its trials start ends with it.
         proc = subprocess.Popen(
@@ -165,6 +209,7 @@ class Local(Backend):
         )
         self._procs[name] = proc
         self._logs[name] = log
+        self._slot_of[name] = slot
 
     def poll(self) -> None:
         if self._stopping:
@@ -191,7 +236,7 @@ class Local(Backend):
                         f"({self._early_deaths} in a row, the last with {describe_exit(code)}); the last "
                         f"one's output ({self._log_dir / (name + '.log')}):\n{log}"
                     )
-            self._spawn()  # keep every slot filled; the driver retries the trial it was running
+            self._spawn(self._slot_of.pop(name))  # keep every slot filled; the driver retries its trial
 
     def worker_connected(self, info: dict[str, Any]) -> None:
         name = self._own(info)
@@ -277,7 +322,9 @@ class Local(Backend):
             log.close()
         self._procs.clear()
         self._logs.clear()
+        self._slot_of.clear()
         _LIVE.discard(self)
 
     def __repr__(self) -> str:
-        return f"Local(workers={self.slots()})"
+        gpus = "" if self.gpus == "auto" else f", gpus={self._gpus_arg()}"
+        return f"Local(workers={self.slots()}{gpus})"

@@ -167,7 +167,11 @@ class Ablation:
             ``timeout``), and run again only with ``retry_on_timeout=True``.
         keep_checkpoints: as for :class:`unison.Search`: how many of a run's latest checkpoints are kept
             (besides its best one). Default 2.
+        gpus_per_trial: as for :class:`unison.Search`: the GPUs each configuration's run gets (a whole
+            number, or a fraction ``1/n``: ``n`` runs share a GPU). Default 0: none asked for.
     """
+
+    gpus_per_trial: int | float = 0  # what a study pickled before the option existed has
 
     def __init__(
         self,
@@ -187,12 +191,14 @@ class Ablation:
         trial_timeout_s: float | None = None,
         retry_on_timeout: bool = False,
         keep_checkpoints: int = 2,
+        gpus_per_trial: float = 0,
     ) -> None:
         from unison._validate import check_hparam_names, check_number
-        from unison.contexts.search import check_keep_checkpoints, check_trial_timeout
+        from unison.contexts.search import check_gpus_per_trial, check_keep_checkpoints, check_trial_timeout
 
         self.trial_timeout_s = check_trial_timeout(trial_timeout_s, "Ablation")
         self.keep_checkpoints = check_keep_checkpoints(keep_checkpoints, "Ablation")
+        self.gpus_per_trial = check_gpus_per_trial(gpus_per_trial, 1, "Ablation")
         if not isinstance(retry_on_timeout, bool):
             raise ValueError(f"Ablation(retry_on_timeout=...) must be True or False, "
                              f"got {retry_on_timeout!r}")
@@ -246,7 +252,7 @@ class Ablation:
                       optimizer=_AblationPlan(self), max_concurrent=self.max_concurrent,
                       max_failures=self.max_failures, max_retries=self.max_retries,
                       trial_timeout_s=self.trial_timeout_s, retry_on_timeout=self.retry_on_timeout,
-                      keep_checkpoints=self.keep_checkpoints)
+                      keep_checkpoints=self.keep_checkpoints, gpus_per_trial=self.gpus_per_trial)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -259,6 +265,7 @@ class Ablation:
             **({"trial_timeout_s": self.trial_timeout_s} if self.trial_timeout_s is not None else {}),
             **({"retry_on_timeout": True} if self.retry_on_timeout else {}),
             **({"keep_checkpoints": self.keep_checkpoints} if self.keep_checkpoints != 2 else {}),
+            **({"gpus_per_trial": self.gpus_per_trial} if self.gpus_per_trial else {}),
         }
 
     def to_plan(self, model: Any = None, data: Any = None) -> Plan:

@@ -87,7 +87,14 @@ class Distributed:
             (it is copied); a retry reads it back with ``dcp.load(state, checkpoint_id=ctx.checkpoint)``.
             The result's ``checkpoint`` is the latest one's folder (:func:`unison.load_checkpoint`
             reads it).
+        gpus_per_worker: the GPUs of each rank (default 0: none asked for; each rank then uses
+            ``cuda:<local_rank>`` of the GPUs it sees). A whole number: the backend
+            (``unison.Local(gpus=...)``) starts every rank's process with ``CUDA_VISIBLE_DEVICES`` set
+            to exactly its GPUs, ``ctx.device`` is ``"cuda:0"`` and ``ctx.gpus`` their physical ids,
+            and the process group is ``nccl`` when every rank's torch sees a GPU.
     """
+
+    gpus_per_worker: int = 0  # what a run pickled before the option existed has
 
     def __init__(
         self,
@@ -101,6 +108,7 @@ class Distributed:
         max_retries: int = 0,
         keep_checkpoints: int = 2,
         mode: str = "max",
+        gpus_per_worker: int = 0,
     ) -> None:
         from unison._validate import check_hparam_names
         from unison.contexts.search import check_keep_checkpoints
@@ -146,6 +154,8 @@ class Distributed:
             raise ValueError(f"Distributed(mode=...) must be 'max' or 'min' (which direction of metric= is "
                              f"better, for the best checkpoint kept); got {mode!r}")
         self.mode = mode
+        self.gpus_per_worker = check_number(gpus_per_worker, "gpus_per_worker", owner="Distributed",
+                                            integer=True, low=0)
 
     @property
     def dist_options(self) -> dict[str, Any]:
@@ -162,7 +172,8 @@ class Distributed:
 
         return Search(dict(self.hparams), metric=self.metric or "value", mode=self.mode, trials=1,
                       optimizer="random", max_retries=self.max_retries, workers_per_trial=self.workers,
-                      keep_checkpoints=self.keep_checkpoints)
+                      keep_checkpoints=self.keep_checkpoints,
+                      gpus_per_trial=self.workers * self.gpus_per_worker)
 
     def to_dict(self) -> dict[str, Any]:
         described = {"workers": self.workers, "hparams": self.hparams, "metric": self.metric,
@@ -175,6 +186,8 @@ class Distributed:
             described["keep_checkpoints"] = self.keep_checkpoints
         if self.mode != "max":
             described["mode"] = self.mode
+        if self.gpus_per_worker:
+            described["gpus_per_worker"] = self.gpus_per_worker
         return described
 
     def to_plan(self, model: Any = None, data: Any = None) -> Plan:

@@ -34,6 +34,20 @@ def check_trial_timeout(value: Any, owner: str) -> float | None:
                         unit="seconds")
 
 
+def check_gpus_per_trial(value: Any, workers_per_trial: int | None, owner: str) -> int | float:
+    """``gpus_per_trial`` checked: a whole number of GPUs or a fraction ``1/n`` of one (``n`` trials
+    share it); split over a trial's ranks, whole GPUs per rank (NCCL refuses two ranks on one GPU)."""
+    from unison.gpus import check_gpu_fraction
+
+    gpus = check_gpu_fraction(value, "gpus_per_trial", owner)
+    ranks = workers_per_trial or 1
+    if ranks > 1 and gpus and (not isinstance(gpus, int) or gpus % ranks):
+        raise ValueError(f"{owner}(gpus_per_trial={value!r}, workers_per_trial={ranks}): every rank of a "
+                         f"trial needs whole GPUs of its own (NCCL refuses two ranks on one GPU), so "
+                         f"gpus_per_trial must be a multiple of {ranks}, e.g. {ranks} (one GPU per rank)")
+    return gpus
+
+
 def _as_list(value: Any, repeat: int) -> list[Any]:
     """A string repeated ``repeat`` times, a list or tuple as a list, anything else as ``[]``."""
     if isinstance(value, str):
@@ -82,7 +96,16 @@ class Search:
             ``max_retries`` times (default ``False``: a timed-out trial fails at once).
         keep_checkpoints: how many of a trial's latest checkpoints (``reporter.report(checkpoint=...)``)
             are kept, besides its best one by ``metric``; older ones are deleted. Default 2.
+        gpus_per_trial: the GPUs each trial gets (default 0: none asked for, the workers see what they
+            see today): a whole number, or a fraction ``1/n`` of one GPU (``0.5``: two trials share
+            each GPU). The backend (``unison.Local(gpus=...)``) starts every worker process with
+            ``CUDA_VISIBLE_DEVICES`` set to exactly its GPUs (``ctx.gpus`` lists their physical ids,
+            ``ctx.device`` is ``"cuda:0"``, the trial table's ``gpus`` column records them), and at most
+            ``floor(GPUs / gpus_per_trial)`` trials run at once. With ``workers_per_trial=k`` the
+            trial's GPUs are split over its ranks: a multiple of ``k``.
     """
+
+    gpus_per_trial: int | float = 0  # what a search pickled before the option existed has
 
     def __init__(
         self,
@@ -100,6 +123,7 @@ class Search:
         trial_timeout_s: float | None = None,
         retry_on_timeout: bool = False,
         keep_checkpoints: int = 2,
+        gpus_per_trial: float = 0,
     ) -> None:
         # A function of the best trial so far: a pipeline calls it, then replace(space=...), before the stage.
         self.space_fn: Callable[[Any], dict[str, Any]] | None = space if callable(space) else None
@@ -142,6 +166,7 @@ class Search:
             raise ValueError(f"Search(retry_on_timeout=...) must be True or False, got {retry_on_timeout!r}")
         self.retry_on_timeout = retry_on_timeout
         self.keep_checkpoints = check_keep_checkpoints(keep_checkpoints, "Search")
+        self.gpus_per_trial = check_gpus_per_trial(gpus_per_trial, self.workers_per_trial, "Search")
         if (optimizer == "grid" or isinstance(optimizer, GridSearch)) and self.space_fn is None:
             size = self.build_optimizer().size()
             if size is not None and self.trials is not None and self.trials > size:
@@ -203,7 +228,8 @@ class Search:
                     "seed": self.seed, "max_concurrent": self.max_concurrent,
                     "max_failures": self.max_failures, "max_retries": self.max_retries,
                     "workers_per_trial": self.workers_per_trial, "trial_timeout_s": self.trial_timeout_s,
-                    "retry_on_timeout": self.retry_on_timeout, "keep_checkpoints": self.keep_checkpoints}
+                    "retry_on_timeout": self.retry_on_timeout, "keep_checkpoints": self.keep_checkpoints,
+                    "gpus_per_trial": self.gpus_per_trial}
         return Search(**{**settings, **changes})
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,6 +263,7 @@ class Search:
             **({"trial_timeout_s": self.trial_timeout_s} if self.trial_timeout_s is not None else {}),
             **({"retry_on_timeout": True} if self.retry_on_timeout else {}),
             **({"keep_checkpoints": self.keep_checkpoints} if self.keep_checkpoints != 2 else {}),
+            **({"gpus_per_trial": self.gpus_per_trial} if self.gpus_per_trial else {}),
         }
 
     @classmethod

@@ -131,7 +131,8 @@ class CallbackRunner:
         return TrialInfo(
             trial_id=tid, hparams=dict(event.get("hparams") or {}), status="running",
             trial_dir=self.store.trial_dir(tid), attempt=event.get("attempt", 0), worker=event.get("worker"),
-            host=event.get("host"), node=event.get("node"), seed=spec.get("seed", self.seed),
+            host=event.get("host"), node=event.get("node"), gpus=list(event.get("gpus") or ()),
+            seed=spec.get("seed", self.seed),
             component=component.get("name") if isinstance(component, dict) else None, started=event.get("t"))
 
     def _ended(self, tid: int, event: dict[str, Any]) -> TrialInfo:
@@ -141,7 +142,8 @@ class CallbackRunner:
             trial_dir=started.trial_dir, metrics=event.get("metrics") or {},
             stop_reason=event.get("stop_reason"), error=event.get("error"), duration=event.get("duration"),
             attempt=started.attempt, worker=event.get("worker", started.worker), host=started.host,
-            node=started.node, component=started.component, seed=started.seed, started=started.started)
+            node=started.node, gpus=started.gpus, component=started.component, seed=started.seed,
+            started=started.started)
 
     def _call(self, method: str, *args: Any) -> None:
         """Call ``method`` of every callback still enabled; one that raises is warned of and disabled."""

@@ -431,7 +431,7 @@ class RemoteLoop:
     def _start(self, peer: Peer, trial: TrialState) -> dict[str, Any]:
         peer.trial_id = trial.trial_id
         return self.driver.start(trial, peer.name, peer.info.get("host"), peer.info.get("pid"),
-                                 node=peer.info.get("node"))
+                                 node=peer.info.get("node"), gpus=peer.info.get("gpus"))
 
     def _may_reserve(self, peer: Peer) -> bool:
         """Whether to hand busy ``peer`` its next trial now, so it starts without a round trip to the

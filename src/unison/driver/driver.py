@@ -39,6 +39,7 @@ class TrialState:
     worker: str | None = None
     host: str | None = None
     node: str | None = None  # the cluster node (a Ray node id) where the worker said it runs on one
+    gpus: list[str] | None = None  # the GPUs its backend gave the worker (every rank's, in rank order)
     pid: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     value: float | list[float] | None = None  # a list: one value per metric of a multi-objective search
@@ -77,6 +78,7 @@ class TrialState:
             "worker": self.worker,
             "host": self.host,
             "node": self.node,
+            "gpus": ",".join(self.gpus) if self.gpus else None,
             "pid": self.pid,
             "attempts": self.attempt + 1,
             "stop_reason": self.stop_reason,
@@ -151,6 +153,7 @@ class SearchDriver:
                                                            lineage=ev.get("lineage"))
                 trial.attempt, trial.worker, trial.status = ev.get("attempt", 0), ev.get("worker"), "running"
                 trial.host, trial.node, trial.pid = ev.get("host"), ev.get("node"), ev.get("pid")
+                trial.gpus = ev.get("gpus")
                 self.trials[tid] = trial
                 if not trial.is_clone:
                     self.next_number = max(self.next_number, tid + 1)
@@ -297,14 +300,15 @@ class SearchDriver:
 
     def start(self, trial: TrialState, worker: str, host: str | None = None,
               pid: int | None = None, ranks: list[dict[str, Any]] | None = None,
-              node: str | None = None) -> dict[str, Any]:
+              node: str | None = None, gpus: list[str] | None = None) -> dict[str, Any]:
         """Record that ``trial`` starts on ``worker`` (process ``pid`` on ``host``, cluster node ``node``
-        if the worker named one); return the message that describes it. A distributed trial names its
-        ranks' workers, hosts and pids in ``ranks`` (``worker``, ``host``, ``pid``, ``node`` are then
-        rank 0's, the workers joined by commas)."""
+        if the worker named one, with the GPUs ``gpus`` its backend gave it); return the message that
+        describes it. A distributed trial names its ranks' workers, hosts, pids and GPUs in ``ranks``
+        (``worker``, ``host``, ``pid``, ``node`` are then rank 0's, the workers joined by commas;
+        ``gpus`` every rank's, in rank order)."""
         self.reserved.discard(trial.trial_id)
         trial.status, trial.worker, trial.host, trial.pid = "running", worker, host, pid
-        trial.node = node
+        trial.node, trial.gpus = node, list(gpus) if gpus else None
         trial.started_at = time.monotonic()
         self.running += 1
         message = self.message(trial)
@@ -312,7 +316,7 @@ class SearchDriver:
         self.store.append(
             {"e": "start", "id": trial.trial_id, "hparams": trial.hparams, "attempt": trial.attempt,
              "worker": worker, "host": host, "pid": pid, "t": time.time(),
-             **({"node": node} if node is not None else {}),
+             **({"node": node} if node is not None else {}), **({"gpus": trial.gpus} if trial.gpus else {}),
              **({"spec": trial.spec} if trial.spec else {}), **({"ranks": ranks} if ranks else {}),
              **({"lineage": trial.lineage} if trial.lineage else {}),
              **({"resumed_from": resumed} if resumed is not None else {})}

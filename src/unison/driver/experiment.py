@@ -242,8 +242,12 @@ def _checkpoint_storage(given: str | Path | None, resume_path: str | Path | None
 
 def _check_backend(plan: Plan, backend: Backend) -> int:
     """The worker slots a trial of ``k > 1`` ranks may use (0 for ordinary trials); raise if ``backend``
-    cannot run the plan's trials."""
+    cannot run the plan's trials. A backend that places GPUs is told what each worker gets first: it
+    sizes its slots by them."""
+    from unison.gpus import GpuRequest, place
+
     k = plan.workers_per_trial
+    place(backend, GpuRequest.of(plan.kind, getattr(plan.search, "gpus_per_trial", 0), k))
     if k == 1:
         return 0
     if backend.in_process:

@@ -157,10 +157,13 @@ class GangDispatch:
     def _start(self, trial: TrialState, members: list[Peer]) -> None:
         self.gangs[trial.trial_id] = Gang(trial.trial_id, members)
         ranks = [{"worker": m.name, "host": m.info.get("host"), "pid": m.info.get("pid"),
-                  **({"node": m.info["node"]} if "node" in m.info else {})} for m in members]
+                  **({"node": m.info["node"]} if "node" in m.info else {}),
+                  **({"gpus": m.info["gpus"]} if m.info.get("gpus") else {})} for m in members]
         chief = members[0]
+        gpus = [gpu for m in members for gpu in m.info.get("gpus") or ()]
         message = self.host.driver.start(trial, ",".join(m.name for m in members), chief.info.get("host"),
-                                         chief.info.get("pid"), ranks=ranks, node=chief.info.get("node"))
+                                         chief.info.get("pid"), ranks=ranks, node=chief.info.get("node"),
+                                         gpus=gpus)
         for rank, member in enumerate(members):
             member.trial_id = trial.trial_id
             self.host.send(member, trial_message(message, self._dist(members, rank)))

@@ -11,9 +11,19 @@ if TYPE_CHECKING:
 
 
 def _default_device() -> str:
-    torch = sys.modules.get("torch")  # never import torch just to answer this
+    """``"cuda:0"`` in a worker its backend gave GPUs (``CUDA_VISIBLE_DEVICES`` lists only those: the
+    first is device 0), else ``"cuda"``, when torch sees CUDA; else ``"cpu"``. Torch is imported to
+    answer only in a worker given GPUs (it is there to use them), else only asked if loaded."""
+    import importlib.util
+
+    from unison.gpus import assigned_gpus
+
+    gpus = assigned_gpus()
+    torch = sys.modules.get("torch")
+    if torch is None and gpus and importlib.util.find_spec("torch") is not None:
+        import torch
     if torch is not None and torch.cuda.is_available():
-        return "cuda"
+        return "cuda:0" if gpus else "cuda"
     return "cpu"
 
 
@@ -32,8 +42,12 @@ class Context:
             created when first asked for (a trial that writes nothing costs no folder).
         rank, world_size, local_rank: the process's place in a distributed run (0, 1, 0 otherwise);
             ``local_rank`` counts the ranks on the same host.
-        device: ``"cuda"`` when torch is loaded and sees a GPU, else ``"cpu"``; in a distributed run
-            this rank's device (``"cuda:<local_rank>"`` or ``"cpu"``).
+        device: ``"cuda"`` when torch is loaded and sees a GPU (``"cuda:0"``, the first of its own
+            GPUs, when the backend gave the worker some), else ``"cpu"``; in a distributed run this
+            rank's device (``"cuda:<local_rank>"``, ``"cuda:0"`` with GPUs of its own, or ``"cpu"``).
+        gpus: the physical ids of the GPUs the backend gave this worker process (its
+            ``CUDA_VISIBLE_DEVICES``, e.g. ``["2", "3"]``), ``[]`` when it gave none
+            (``Search(gpus_per_trial=...)``, ``Distributed(gpus_per_worker=...)``).
         seed: a per-trial seed the function may use for its own randomness.
         attempt: 0 the first time a trial runs, 1.. when it is re-run after its worker died.
         checkpoint: what the trial resumes from: ``None`` on a first attempt; on a retry after its
@@ -46,8 +60,12 @@ class Context:
 
     def __init__(self, trial_id: int, trial_dir: str | Path, rank: int = 0, world_size: int = 1,
                  local_rank: int = 0, device: str = "cpu", seed: int | None = None, attempt: int = 0,
-                 checkpoint_path: str | Path | None = None, checkpoint_step: int | None = None) -> None:
+                 checkpoint_path: str | Path | None = None, checkpoint_step: int | None = None,
+                 gpus: list[str] | None = None) -> None:
+        from unison.gpus import assigned_gpus
+
         self.trial_id, self._trial_dir, self._trial_dir_made = trial_id, Path(trial_dir), False
+        self.gpus = assigned_gpus() if gpus is None else list(gpus)
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.device, self.seed, self.attempt = device, seed, attempt
         self._session: RankSession | None = None

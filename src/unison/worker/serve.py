@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+from unison.gpus import assigned_gpus
 from unison.launch import ABORT_EXIT, DRIVER_GONE_EXIT, worker_settings
 from unison.protocol import (
     ABORT,
@@ -308,6 +309,9 @@ class _Session:
         hello = HelloMessage(t=HELLO, worker=worker, host=socket.gethostname(), pid=os.getpid())
         if node is not None:
             hello["node"] = node
+        gpus = assigned_gpus()
+        if gpus:
+            hello["gpus"] = gpus
         conn.send(hello)
         session = cls(conn, shared_filesystem, ship_limit)
         threading.Thread(target=_heartbeat, daemon=True,
