@@ -9,7 +9,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/unison demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25  # the slowest tests: CI must stay under 30 minutes
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks examples

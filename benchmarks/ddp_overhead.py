@@ -18,8 +18,16 @@ its Python workers are warmed up with a trivial job first; unison's first Spark 
 that import torch for the first time) is reported separately, as "cold", from the later runs, which
 reuse Spark's Python workers; every TorchDistributor run starts fresh ``torchrun`` processes.
 
+(c) ``--gpu`` (only where ``torch.cuda.is_available()``): on one GPU, the per-step time of the same small
+    training loop hand-written in this process against run by unison (``Search(trials=1,
+    gpus_per_trial=1)`` on the local backend: a worker process given the GPU, ``ctx.device``), both
+    with a pinned-memory DataLoader and non-blocking copies (target <= 1.05x); then a search's
+    throughput (trials per minute, the call's wall time) with ``gpus_per_trial=0.25`` (four trials
+    share the GPU) against ``gpus_per_trial=1`` (one at a time) on the same small model.
+
     python benchmarks/ddp_overhead.py            # about 3 minutes on 2 cores
     python benchmarks/ddp_overhead.py --quick    # a smoke run
+    python benchmarks/ddp_overhead.py --gpu      # (c) only, about 2 minutes on one GPU
 """
 
 from __future__ import annotations
@@ -170,6 +178,147 @@ def run_distributor(local_mode: bool) -> dict[str, Any]:
     return {**stats, "wall_s": time.perf_counter() - start}
 
 
+# ------------------------------------------------------------------------------------ (c) one GPU
+GPU = {"rows": 32768, "batch": 256, "hidden": 1024, "epochs": 16, "search_trials": 12, "search_epochs": 10}
+
+
+def gpu_loader(dataset: Any) -> Any:
+    import torch
+
+    return torch.utils.data.DataLoader(dataset, batch_size=GPU["batch"], shuffle=True, pin_memory=True)
+
+
+def make_gpu_data() -> Any:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(GPU["rows"], FEATURES, generator=generator)
+    return torch.utils.data.TensorDataset(x, torch.randint(0, CLASSES, (GPU["rows"],), generator=generator))
+
+
+def make_gpu_model() -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    hidden = GPU["hidden"]
+    return nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, CLASSES))
+
+
+def gpu_loop(model: Any, loader: Any, device: str, epochs: int) -> dict[str, float]:
+    """The loop both sides run on ``device``: per-step time over epochs 1.. (epoch 0 warms up)."""
+    import torch
+
+    model = model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    steps, start = 0, 0.0
+    loss = torch.zeros((), device=device)
+    for epoch in range(epochs):
+        if epoch == 1:
+            torch.cuda.synchronize(device)
+            start, steps = time.perf_counter(), 0
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+    torch.cuda.synchronize(device)
+    return {"step_ms": 1000 * (time.perf_counter() - start) / max(steps, 1), "steps": steps,
+            "loss": loss.item()}
+
+
+def gpu_train(model: Any, dataset: Any, ctx: Any, epochs: int) -> dict[str, float]:
+    if not ctx.device.startswith("cuda"):
+        raise RuntimeError(f"the trial was to run on a GPU, but ctx.device is {ctx.device!r} "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    return {**gpu_loop(model, gpu_loader(dataset), ctx.device, epochs), "gpus": len(ctx.gpus)}
+
+
+def run_gpu_hand() -> dict[str, Any]:
+    start = time.perf_counter()
+    stats = gpu_loop(make_gpu_model(), gpu_loader(make_gpu_data()), "cuda:0", GPU["epochs"])
+    return {**stats, "wall_s": time.perf_counter() - start}
+
+
+def run_gpu_unison(storage: Path) -> dict[str, Any]:
+    start = time.perf_counter()
+    result = unison.run(gpu_train, unison.Search({"epochs": GPU["epochs"]}, trials=1, gpus_per_trial=1),
+                        model=make_gpu_model, data=make_gpu_data, backend=unison.Local(workers=1),
+                        storage=storage, progress=False)
+    (row,) = result.rows
+    if row["status"] != "completed":
+        raise RuntimeError(f"the unison GPU trial failed: see {result.path}/trials/0000/stderr.log")
+    return {**row["metrics"], "wall_s": time.perf_counter() - start}
+
+
+def run_gpu_search(share: float, storage: Path) -> dict[str, Any]:
+    """A search of ``GPU["search_trials"]`` short trials, ``share`` GPUs each: its wall time."""
+    start = time.perf_counter()
+    space = {"epochs": GPU["search_epochs"], "lr": unison.loguniform(1e-3, 1e-1)}
+    search = unison.Search(space, metric="loss", mode="min", trials=GPU["search_trials"], seed=0,
+                           gpus_per_trial=share)
+    result = unison.run(gpu_train, search, model=make_gpu_model, data=make_gpu_data,
+                        backend=unison.Local(workers=4), storage=storage, progress=False)
+    wall = time.perf_counter() - start
+    done = sum(row["status"] == "completed" for row in result.rows)
+    if done < GPU["search_trials"]:
+        raise RuntimeError(f"{GPU['search_trials'] - done} trial(s) of the gpus_per_trial={share} search "
+                           f"failed: see {result.path}")
+    workers = json.loads((result.path / "experiment.json").read_text()).get("workers")
+    return {"wall_s": wall, "trials": done, "workers": workers, "trials_per_min": 60 * done / wall}
+
+
+def gpu_main(repeats: int, out: Path | None) -> None:
+    try:
+        import torch
+    except ImportError:
+        sys.exit("no CUDA GPU here: ddp_overhead.py --gpu needs PyTorch with CUDA; torch is not installed")
+    if not torch.cuda.is_available():
+        sys.exit(f"no CUDA GPU here: ddp_overhead.py --gpu needs torch.cuda.is_available() (torch "
+                 f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    storage = Path(tempfile.mkdtemp(prefix="unison-bench-gpu-"))
+    runs: dict[str, list[dict[str, Any]]] = {}
+    try:
+        print(f"(c) one GPU: {torch.cuda.get_device_name(0)}")
+        for _ in range(repeats):
+            runs.setdefault("hand-written", []).append(run_gpu_hand())
+            runs.setdefault("unison Local", []).append(run_gpu_unison(storage))
+            for name in ("hand-written", "unison Local"):
+                print(f"  {name:32s} {runs[name][-1]['step_ms']:7.3f} ms/step", flush=True)
+        for share in (1, 0.25):
+            name = f"search gpus_per_trial={share:g}"
+            runs[name] = [run_gpu_search(share, storage)]
+            print(f"  {name:32s} {runs[name][0]}", flush=True)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+    write_gpu_report(runs, repeats, out or HERE / "results" / "ddp_overhead-gpu.json")
+
+
+def write_gpu_report(runs: dict[str, list[dict[str, Any]]], repeats: int, out: Path) -> None:
+    import torch
+
+    step_ratio = _median(runs["unison Local"], "step_ms") / _median(runs["hand-written"], "step_ms")
+    shared, whole = runs["search gpus_per_trial=0.25"][0], runs["search gpus_per_trial=1"][0]
+    report = {
+        "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "workload": {**GPU, "features": FEATURES, "classes": CLASSES}, "repeats": repeats, "runs": runs,
+        "per_step_ratio": step_ratio, "search_speedup_quarter_vs_whole": shared["trials_per_min"]
+        / whole["trials_per_min"], "targets": {"per_step_ratio_max": TARGETS["per_step_ratio_max"]},
+        "met": {"per_step_ratio": step_ratio <= TARGETS["per_step_ratio_max"]},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    met = "met" if step_ratio <= TARGETS["per_step_ratio_max"] else "NOT met"
+    print(f"\nper-step unison / hand-written = {step_ratio:.3f} (target <= {TARGETS['per_step_ratio_max']}: "
+          f"{met}); search throughput gpus_per_trial=0.25 / 1 = "
+          f"{report['search_speedup_quarter_vs_whole']:.2f}x\nwritten to {out}")
+
+
 # ---------------------------------------------------------------------------------------- main
 def start_spark() -> Any:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -192,8 +341,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each contender (default 3)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 repeat, 2 epochs")
     parser.add_argument("--skip-spark", action="store_true", help="only the local comparison")
+    parser.add_argument("--gpu", action="store_true", help="(c) only: one GPU (needs CUDA)")
     parser.add_argument("--out", type=Path, default=None, help="where the JSON goes")
     args = parser.parse_args()
+    if args.gpu:
+        gpu_main(1 if args.quick else args.repeats, args.out)
+        return
     if args.quick:
         args.repeats, CONFIG["epochs"] = 1, 2
     out = args.out or HERE / "results" / ("ddp_overhead-quick.json" if args.quick else "ddp_overhead.json")

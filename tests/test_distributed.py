@@ -124,6 +124,14 @@ def test_a_prepared_loader_shards_and_advances_its_sampler_epoch_per_pass() -> N
         distributed_loader(torch.utils.data.DataLoader(dataset, sampler=sampler), 0, 2, seed=0)
 
 
+def test_a_prepared_loader_pins_memory_on_a_cuda_device_only() -> None:
+    from unison.frameworks.torch import distributed_loader
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=2)
+    assert distributed_loader(loader, 0, 2, seed=0, device="cuda:0").pin_memory
+    assert not distributed_loader(loader, 0, 2, seed=0, device="cpu").pin_memory
+
+
 def test_distributed_and_workers_per_trial_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="workers"):
         unison.Distributed(workers=0)

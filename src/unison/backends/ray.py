@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from unison import gpus as _gpus
 from unison._validate import check_number
 from unison.backends.base import Backend
 from unison.backends.ray_actor import UnisonRayWorker, death_cause, short_error
@@ -107,6 +108,7 @@ class Ray(Backend):
         self.requested_slots = check_number(slots, "slots", owner="Ray", integer=True, low=1, allow_none=True)
         self.num_cpus_per_slot = check_number(num_cpus_per_slot, "num_cpus_per_slot", owner="Ray", low=0)
         self.num_gpus_per_slot = check_number(num_gpus_per_slot, "num_gpus_per_slot", owner="Ray", low=0)
+        self._gpus_asked = self.num_gpus_per_slot  # num_gpus_per_slot as given; use_gpus may set another
         if not (self.num_cpus_per_slot or self.num_gpus_per_slot):
             raise ValueError("Ray(num_cpus_per_slot=0, num_gpus_per_slot=0): a slot must reserve something")
         if runtime_env is not None and not isinstance(runtime_env, dict):
@@ -175,6 +177,20 @@ class Ray(Backend):
         if self.num_gpus_per_slot:
             counts.append(int(gpus // self.num_gpus_per_slot))
         return min(counts)
+
+    def use_gpus(self, request: _gpus.GpuRequest) -> None:
+        """Each slot's actor reserves ``request.per_worker`` GPUs for this experiment (Ray sets its
+        ``CUDA_VISIBLE_DEVICES``; a fraction shares a GPU between actors), and the slots count them;
+        ``0`` goes back to ``num_gpus_per_slot`` as given. Raise if that was set to another amount."""
+        gpus = request.per_worker or self._gpus_asked
+        if request.per_worker and self._gpus_asked and abs(self._gpus_asked - request.per_worker) > 1e-9:
+            raise ValueError(f"{request.what} asks for {request.per_worker:g} GPU(s) per Ray actor, but "
+                             f"Ray(num_gpus_per_slot={self._gpus_asked:g}) reserves another amount: leave "
+                             f"num_gpus_per_slot unset (the context's {request.knob} sets it) or make "
+                             f"the two agree")
+        if gpus != self.num_gpus_per_slot:
+            self.close()  # actors kept from the last experiment hold its GPUs, not these
+            self.num_gpus_per_slot = gpus
 
     def slots(self) -> int:
         """``slots``, else as many as the cluster holds: waits up to ``executor_wait_s`` for one (an

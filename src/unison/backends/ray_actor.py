@@ -27,7 +27,15 @@ class UnisonRayWorker:
         """
         import ray
 
+        from unison.gpus import GPUS_VAR, visible_ids
         from unison.worker.serve import serve
+
+        # Ray set CUDA_VISIBLE_DEVICES for an actor with num_gpus; UNISON_GPUS tells the worker the same ids
+        gpus = visible_ids(",".join(str(gpu) for gpu in ray.get_gpu_ids()))
+        if gpus:
+            os.environ[GPUS_VAR] = ",".join(gpus)
+        else:
+            os.environ.pop(GPUS_VAR, None)
 
         info: dict[str, Any] = {"worker": worker, "host": socket.gethostname(), "pid": os.getpid(),
                                 "node": ray.get_runtime_context().get_node_id(), "trials": 0, "error": None}

@@ -28,6 +28,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from unison import gpus as _gpus
 from unison._validate import check_number
 from unison.backends.base import Backend
 from unison.errors import WorkerError
@@ -42,6 +43,35 @@ STOP_WAIT_S = 10.0  # ... and stop() waits this long in all for Spark to report 
 _WILDCARDS = ("", "0.0.0.0", "::")
 _LOCAL_MASTER = re.compile(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?$")
 _LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]$")
+TASK_GPUS = "spark.task.resource.gpu.amount"
+EXECUTOR_GPUS = "spark.executor.resource.gpu.amount"
+_GPU_CONF = (f"{EXECUTOR_GPUS} (GPUs per executor), {TASK_GPUS} (GPUs per task: 1, or 0.5 for two tasks per "
+             f"GPU) and a discovery script that lists each executor's GPUs "
+             f"(spark.executor.resource.gpu.discoveryScript, or spark.worker.resource.gpu.amount and "
+             f"spark.worker.resource.gpu.discoveryScript on a standalone cluster)")
+
+
+def _tasks_per_executor(conf: Any, cores: int) -> int:
+    """How many tasks one executor of ``cores`` cores runs at once: cores ÷ ``spark.task.cpus``, or
+    fewer where its GPUs ÷ ``spark.task.resource.gpu.amount`` are."""
+    tasks = cores // int(conf.get("spark.task.cpus", "1"))
+    per_task = float(conf.get(TASK_GPUS, "0"))
+    if per_task > 0:
+        gpus = float(conf.get(EXECUTOR_GPUS, "0"))
+        tasks = min(tasks, int(gpus / per_task + 1e-9))
+    return tasks
+
+
+def _task_gpu_environment(task: Any) -> None:
+    """Give this Python worker the GPUs Spark assigned the task (``TaskContext.resources()["gpu"]``, set
+    when ``spark.task.resource.gpu.amount`` is): ``CUDA_VISIBLE_DEVICES`` and ``UNISON_GPUS`` name them;
+    without any, a reused Python worker forgets an earlier task's ``UNISON_GPUS``."""
+    resource = (task.resources() if task is not None else {}).get("gpu")
+    addresses = _gpus.visible_ids(",".join(resource.addresses)) if resource is not None else []
+    if addresses:
+        os.environ.update(_gpus.worker_environment(addresses))
+    else:
+        os.environ.pop(_gpus.GPUS_VAR, None)
 
 
 def _serve_slot(address: tuple[str, int], secret: bytes, payload: Any, slot: int | None, generation: int,
@@ -57,6 +87,7 @@ def _serve_slot(address: tuple[str, int], secret: bytes, payload: Any, slot: int
     from unison.worker.serve import serve
 
     task = TaskContext.get()
+    _task_gpu_environment(task)
     if slot is None:
         slot = task.partitionId() if task is not None else 0
     attempt = task.attemptNumber() if task is not None else 0
@@ -212,7 +243,9 @@ class Spark(Backend):
         return self.master.startswith("local")
 
     def _concurrent_tasks(self) -> int:
-        """How many one-CPU tasks the cluster runs at once now: executors × cores ÷ spark.task.cpus."""
+        """How many tasks the cluster runs at once now: executors × what one executor runs at once,
+        which is cores ÷ spark.task.cpus, or fewer where its GPUs ÷ spark.task.resource.gpu.amount are
+        (Spark's scheduler counts both; so does its default resource profile, asked first)."""
         sc = self.spark_context
         try:
             jsc = sc._jsc.sc()
@@ -220,15 +253,39 @@ class Spark(Backend):
         except Exception:  # noqa: BLE001 - a private JVM method: fall back to the configuration
             pass
         conf = sc.getConf()
-        task_cpus = int(conf.get("spark.task.cpus", "1"))
         if m := _LOCAL_MASTER.match(self.master):
             threads = m.group(1)
             cores = 1 if threads is None else (os.cpu_count() or 1) if threads == "*" else int(threads)
-            return cores // task_cpus
+            return cores // int(conf.get("spark.task.cpus", "1"))
         if m := _LOCAL_CLUSTER.match(self.master):
-            return int(m.group(1)) * int(m.group(2)) // task_cpus
+            return int(m.group(1)) * _tasks_per_executor(conf, int(m.group(2)))
         executors = max(0, sc._jsc.sc().getExecutorMemoryStatus().size() - 1)  # minus the driver
-        return executors * int(conf.get("spark.executor.cores", "1")) // task_cpus
+        return executors * _tasks_per_executor(conf, int(conf.get("spark.executor.cores", "1")))
+
+    def use_gpus(self, request: _gpus.GpuRequest) -> None:
+        """Spark assigns GPUs itself, from the session's resource configuration: each task gets
+        ``spark.task.resource.gpu.amount`` of its executor's GPUs, and its worker sees exactly those
+        (``CUDA_VISIBLE_DEVICES``, ``ctx.gpus``). Raise, before anything starts, when the session's
+        GPUs per task are not ``request.per_worker`` or its master cannot schedule GPUs."""
+        if not request.per_worker:
+            return
+        conf = self.spark_context.getConf()
+        if _LOCAL_MASTER.match(self.master):
+            raise ValueError(
+                f"{request.what}: Spark's {self.master} mode does not schedule GPUs (a task that asks "
+                f"for one never starts): use a cluster (standalone, YARN, Kubernetes, or "
+                f"local-cluster[N,cores,memory] on one machine) whose SparkSession sets {_GPU_CONF}")
+        task = conf.get(TASK_GPUS)
+        try:
+            amount = float(task) if task is not None else None
+        except ValueError:
+            amount = None
+        if amount is None or abs(amount - request.per_worker) > 1e-9:
+            what = "does not set it" if task is None else f"sets {TASK_GPUS}={task}"
+            raise ValueError(
+                f"{request.what} needs {request.per_worker:g} GPU(s) per Spark task, but the SparkSession "
+                f"on {self.master} {what}: Spark places the GPUs, so build the session with "
+                f"{TASK_GPUS}={request.per_worker:g}, {_GPU_CONF}")
 
     def gang_slots(self, k: int) -> int:
         """The slots for trials of ``k`` ranks: waits up to ``executor_wait_s`` until ``k`` task slots

@@ -166,7 +166,7 @@ def prepare(obj: Any, device: str, rank: int, world_size: int, strategy: str | N
     if isinstance(obj, torch.nn.Module):
         return wrap_model(obj, device, strategy)
     if isinstance(obj, DataLoader):
-        return distributed_loader(obj, rank, world_size, seed)
+        return distributed_loader(obj, rank, world_size, seed, device)
     if isinstance(obj, torch.optim.Optimizer):
         return obj
     raise TypeError(f"ctx.prepare does not know how to distribute a {type(obj).__name__}: it takes a "
@@ -272,10 +272,11 @@ def _is_fsdp(model: Any) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def distributed_loader(loader: Any, rank: int, world_size: int, seed: int) -> Any:
+def distributed_loader(loader: Any, rank: int, world_size: int, seed: int, device: str = "cpu") -> Any:
     """``loader`` re-created over this rank's part of its dataset (a :class:`DistributedSampler`
     that shuffles if ``loader`` did), as a :class:`DistributedLoader` that advances the sampler's
-    epoch each time it is iterated again."""
+    epoch each time it is iterated again. On a CUDA ``device`` it pins its batches' memory (the
+    copies to the GPU are then faster, and ``.to(device, non_blocking=True)`` overlaps them)."""
     import inspect
 
     from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
@@ -304,6 +305,8 @@ def distributed_loader(loader: Any, rank: int, world_size: int, seed: int) -> An
         "in_order") if name in accepted and hasattr(loader, name)}
     if not kwargs.get("num_workers"):
         kwargs.pop("prefetch_factor", None)  # only valid with worker processes
+    if device.startswith("cuda"):
+        kwargs["pin_memory"] = True
     return DistributedLoader(loader.dataset, sampler=sampler, **kwargs)
 
 
