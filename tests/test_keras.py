@@ -363,7 +363,9 @@ def test_the_same_keras_function_as_single_run_search_and_ablation(backend, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+# On Spark with Keras on torch only (the Keras backend changes nothing in how Spark runs the trials,
+# and TensorFlow on Spark is tested in tests/test_tensorflow_distributed.py): CI's 30 minutes
+@pytest.mark.parametrize("backend", BACKENDS[:1])
 def test_the_same_keras_function_as_search_and_ablation_on_spark(backend, tmp_path):
     pytest.importorskip("pyspark")
     summary = run_scenarios(backend, tmp_path, "--spark")

@@ -73,15 +73,20 @@ class Ray(Backend):
             still runs keeps its trial.
         max_trial_files_bytes: how much of a trial's files an actor ships back to the driver's
             experiment directory (default 8 MiB; at most 48 MiB). See :mod:`unison.trialfiles`.
-        executor_wait_s: how long the ranks of a distributed run wait for their placement group.
+        executor_wait_s: how long to wait for the cluster to hold the slots (or one trial's ranks)
+            and for the placement groups of distributed trials, before failing saying what exists.
         checkpoint_limit_mb: what one trial's streamed checkpoints may hold on the driver's disk.
-        placement_strategy: how a distributed run's bundles are placed (``"PACK"``, ``"SPREAD"``,
-            ``"STRICT_PACK"``, ``"STRICT_SPREAD"``).
+        placement_strategy: how the bundles of a distributed run, or of each trial of a search with
+            ``workers_per_trial``, are placed (``"PACK"``, ``"SPREAD"``, ``"STRICT_PACK"``,
+            ``"STRICT_SPREAD"``).
         keep_actors: keep the slots' actors alive when an experiment ends well, for the next
             experiment run with this backend (no actor start-up, ~1-3 s, then); they hold their CPUs
             meanwhile, until :meth:`close` (or ``with unison.Ray(keep_actors=True) as backend:``),
-            ``ray.shutdown()`` or this process's end. An experiment that fails or is interrupted kills
-            them all the same, and a distributed run or a search of k-rank trials starts its own.
+            ``ray.shutdown()`` or this process's end. An experiment that fails or is interrupted once
+            its workers started kills them all the same (one that fails before, e.g. on its
+            arguments, leaves the kept ones for ``close``); a distributed run or a search of k-rank
+            trials starts its own. Kept actors keep what their trials imported: a changed module of
+            yours is not imported again.
     """
 
     name = "ray"
@@ -171,11 +176,11 @@ class Ray(Backend):
 
     def _fit(self, cpus: float, gpus: float) -> int:
         """How many slots ``cpus`` and ``gpus`` hold."""
-        counts = []
+        counts = []  # (1.0 // 0.2 is 4.0 in floats: divide, then floor with a little slack)
         if self.num_cpus_per_slot:
-            counts.append(int(cpus // self.num_cpus_per_slot))
+            counts.append(int(cpus / self.num_cpus_per_slot + 1e-9))
         if self.num_gpus_per_slot:
-            counts.append(int(gpus // self.num_gpus_per_slot))
+            counts.append(int(gpus / self.num_gpus_per_slot + 1e-9))
         return min(counts)
 
     def use_gpus(self, request: _gpus.GpuRequest) -> None:
@@ -191,38 +196,38 @@ class Ray(Backend):
         if gpus != self.num_gpus_per_slot:
             self.close()  # actors kept from the last experiment hold its GPUs, not these
             self.num_gpus_per_slot = gpus
+        if request.per_worker:  # before anything is written: the cluster must hold one trial's GPUs
+            self._wait_for(request.ranks, f"{request.what} needs {request.ranks} Ray slot(s) of")
 
     def slots(self) -> int:
-        """``slots``, else as many as the cluster holds: waits up to ``executor_wait_s`` for one (an
-        autoscaling cluster may start with no worker node), else fails saying what exists."""
+        """``slots``, else as many as the cluster holds; waits up to ``executor_wait_s`` until it
+        holds one (an autoscaling cluster may start with no worker node), else fails saying what
+        exists."""
         self._ranks = 1
-        if self.requested_slots is not None:
-            return int(self.requested_slots)
-        deadline = time.monotonic() + self.executor_wait_s
-        while (n := self._fit(*self._resources())) < 1 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if n < 1:
-            cpus, gpus = self._resources()
-            raise WorkerError(f"a Ray slot needs {self._per_slot()}, but the cluster has {cpus:g} CPUs and "
-                              f"{gpus:g} GPUs (waited executor_wait_s={self.executor_wait_s:g} s): add nodes "
-                              f"or lower num_cpus_per_slot / num_gpus_per_slot")
-        return n
+        n = self._wait_for(1, "a Ray slot needs")
+        return int(self.requested_slots) if self.requested_slots is not None else n
 
     def gang_slots(self, k: int) -> int:
         """Slots for trials of ``k`` ranks: waits up to ``executor_wait_s`` for the cluster to hold
         ``k`` (an autoscaling cluster grows), else fails saying what exists and what is needed."""
         self._ranks = k
-        if self.requested_slots is not None:
-            return int(self.requested_slots)
+        n = self._wait_for(k, f"a trial of {k} ranks needs {k} Ray slots of")
+        return int(self.requested_slots) if self.requested_slots is not None else n
+
+    def _wait_for(self, k: int, needs: str) -> int:
+        """How many slots the cluster holds, once it holds ``k`` (within ``executor_wait_s``); else a
+        WorkerError starting with ``needs``. A slot that can never be scheduled would hang the
+        experiment: its actor waits for resources for good."""
         deadline = time.monotonic() + self.executor_wait_s
         while (n := self._fit(*self._resources())) < k and time.monotonic() < deadline:
             time.sleep(0.5)
         if n < k:
             cpus, gpus = self._resources()
             raise WorkerError(
-                f"a trial of {k} ranks needs {k} Ray slots of {self._per_slot()} each "
-                f"({k * self.num_cpus_per_slot:g} CPUs, {k * self.num_gpus_per_slot:g} GPUs), but the "
-                f"cluster has {cpus:g} CPUs and {gpus:g} GPUs (waited {self.executor_wait_s:g} s)")
+                f"{needs} {self._per_slot()} each ({k * self.num_cpus_per_slot:g} CPUs, "
+                f"{k * self.num_gpus_per_slot:g} GPUs), but the cluster has {cpus:g} CPUs and {gpus:g} GPUs "
+                f"(waited executor_wait_s={self.executor_wait_s:g} s): add nodes, or ask for less per slot "
+                f"(num_cpus_per_slot, num_gpus_per_slot, gpus_per_trial)")
         return n
 
     def _per_slot(self) -> str:
@@ -444,43 +449,57 @@ class Ray(Backend):
         """
         self._stopping = True
         records = list(self._slots.values())
-        if records and self._ray_up():
-            ray = self._ray()
-            if not force:
-                ray.wait([r.ref for r in records], num_returns=len(records), timeout=STOP_WAIT_S)
-            killed = []
+        try:
+            if records and self._ray_up():
+                self._end_actors(records, force)
+        except BaseException:  # a second Ctrl-C while waiting: still kill everything, without waiting
             for record in records:
-                if self._done(record):
-                    info, error = self._outcome(record)
-                    self._note(f"{record.name}: {info if info else f'failed: {error}'}")
-                    if self.keep_actors and not force and not self._groups and info and not info["error"]:
-                        self._idle.append(record.actor)
-                        self._idle_job = ray.get_runtime_context().get_job_id()
-                        continue
-                else:
-                    self._note(f"{record.name}: still running at stop: killed")
                 self._kill(record)
-                killed.append(record)
-            self._wait_dead(killed)
-            if force:
-                self.close()
-        self._remove_groups()
-        self._slots.clear()
-        self._payload = None
-        self._note("stopped" + (" (forced)" if force else ""))
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+            self.close(wait=False)
+            raise
+        finally:
+            self._remove_groups()
+            self._slots.clear()
+            self._payload = None
+            self._note("stopped" + (" (forced)" if force else ""))
+            if self._log is not None:
+                self._log.close()
+                self._log = None
 
-    def close(self) -> None:
-        """Kill the actors kept for the next experiment (``keep_actors``); the backend stays usable."""
+    def _end_actors(self, records: list[_Slot], force: bool) -> None:
+        """Let the actors' calls return (unless ``force``), then kill them, or keep those that ended
+        well (``keep_actors``)."""
+        ray = self._ray()
+        if not force:
+            ray.wait([r.ref for r in records], num_returns=len(records), timeout=STOP_WAIT_S)
+        killed = []
+        for record in records:
+            if self._done(record):
+                info, error = self._outcome(record)
+                self._note(f"{record.name}: {info if info else f'failed: {error}'}")
+                if self.keep_actors and not force and not self._groups and info and not info["error"]:
+                    self._idle.append(record.actor)
+                    self._idle_job = ray.get_runtime_context().get_job_id()
+                    continue
+            else:
+                self._note(f"{record.name}: still running at stop: killed")
+            self._kill(record)
+            killed.append(record)
+        self._wait_dead(killed)
+        if force:
+            self.close()
+
+    def close(self, wait: bool = True) -> None:
+        """Kill the actors kept for the next experiment (``keep_actors``) and, unless ``wait`` is
+        false, wait until Ray reports them dead; the backend stays usable."""
         idle, self._idle = self._idle, []
         if not idle or not self._ray_up() or self._idle_job != self._ray().get_runtime_context().get_job_id():
             return
         records = [_Slot(-1, 0, actor, None) for actor in idle]
         for record in records:
             self._kill_actor(record.actor, "kept actor")
-        self._wait_dead(records)
+        if wait:
+            self._wait_dead(records)
 
     def __enter__(self) -> Ray:
         return self

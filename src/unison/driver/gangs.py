@@ -141,11 +141,13 @@ class GangDispatch:
         workers in groups (:meth:`Backend.gang_group`), the first group whose workers are all idle
         (``None`` while none is)."""
         group_of = self.host.backend.gang_group
+        grouped = [(peer, group_of(peer.info)) for peer in waiting]
+        if all(group is None for _, group in grouped):
+            return [waiting.popleft() for _ in range(self.size)]
         groups: dict[Any, list[Peer]] = {}
-        for peer in waiting:
-            group = group_of(peer.info)
-            if group is None:
-                return [waiting.popleft() for _ in range(self.size)]
+        for peer, group in grouped:
+            if group is None:  # a worker the backend no longer counts (replaced, not yet seen gone)
+                continue
             members = groups.setdefault(group, [])
             members.append(peer)
             if len(members) == self.size:

@@ -82,8 +82,8 @@ def module_names(model: torch.nn.Module) -> list[str]:
 # ------------------------------------------------------------------------------ distributed training
 def init_process_group(backend: str, rank: int, world_size: int, local_rank: int, timeout_s: float) -> str:
     """Join the default process group (``MASTER_ADDR``/``MASTER_PORT`` are set); return this rank's
-    device: ``cuda:<i>`` when it sees a GPU (``i`` = ``local_rank`` modulo the GPUs it sees), else
-    ``cpu``."""
+    device: ``cuda:0`` when the backend gave the rank GPUs of its own, else ``cuda:<i>`` when it sees
+    a GPU (``i`` = ``local_rank`` modulo the GPUs it sees), else ``cpu``."""
     import datetime
 
     import torch.distributed as dist
@@ -96,7 +96,11 @@ def init_process_group(backend: str, rank: int, world_size: int, local_rank: int
                            f"process_group='gloo' (or leave it None: gloo unless every rank has a GPU)")
     device = "cpu"
     if gpus:
-        index = local_rank % gpus
+        from unison.gpus import assigned_gpus
+
+        # A rank given GPUs of its own sees only those: its device is the first. Else ranks sharing a
+        # host's GPUs take one each by local rank.
+        index = 0 if assigned_gpus() else local_rank % gpus
         torch.cuda.set_device(index)
         device = f"cuda:{index}"
     if dist.is_initialized():  # left over from a call that did not clean up: start afresh

@@ -16,7 +16,7 @@ import threading
 from typing import TextIO
 
 _CONSOLE_THREADS: set[int] = set()
-_ROUTED: dict[int, RoutedStream] = {}
+_ROUTED: dict[tuple[str, int], RoutedStream] = {}  # by role ("stdout", "stderr") and console stream
 _MAKING = threading.Lock()
 
 
@@ -40,14 +40,16 @@ class RoutedStream(io.TextIOBase):
         self._lock = threading.RLock()
 
     @classmethod
-    def around(cls, console: TextIO) -> RoutedStream:
-        """The one routed stream in front of ``console`` (itself when it already is one)."""
+    def around(cls, console: TextIO, role: str) -> RoutedStream:
+        """The one routed stream of ``role`` (``"stdout"``, ``"stderr"``) in front of ``console``
+        (itself when it already is one). By role: where ``sys.stdout is sys.stderr`` (a notebook may
+        do that), each still gets a stream, and a log, of its own."""
         if isinstance(console, RoutedStream):
             return console
         with _MAKING:
-            routed = _ROUTED.get(id(console))
+            routed = _ROUTED.get((role, id(console)))
             if routed is None or routed.console is not console:
-                routed = _ROUTED[id(console)] = cls(console)
+                routed = _ROUTED[(role, id(console))] = cls(console)
             return routed
 
     def capture(self, target: io.TextIOBase | None) -> io.TextIOBase | None:
@@ -86,7 +88,7 @@ class OutputCapture:
 
     def __init__(self, stdout: io.TextIOBase, stderr: io.TextIOBase) -> None:
         self._saved = sys.stdout, sys.stderr
-        self._routed = RoutedStream.around(sys.stdout), RoutedStream.around(sys.stderr)
+        self._routed = RoutedStream.around(sys.stdout, "stdout"), RoutedStream.around(sys.stderr, "stderr")
         logs = stdout, stderr
         self._outer = [routed.capture(log) for routed, log in zip(self._routed, logs, strict=True)]
         sys.stdout, sys.stderr = self._routed
