@@ -19,6 +19,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from helpers_gpus import meet  # noqa: E402
+
 import unison  # noqa: E402
 from unison.gpus import detect_gpus  # noqa: E402
 
@@ -54,21 +56,12 @@ def model_fn(hparams: dict[str, Any]) -> Any:
     return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
 
 
-def _meet(folder: Path, name: str, count: int, timeout: float = 120.0) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text("")
-    deadline = time.monotonic() + timeout
-    while len(list(folder.iterdir())) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(list(folder.iterdir()))} of {count} trials ran at once")
-        time.sleep(0.02)
-
 
 def search_trial(lr: float, ctx: Any, barrier: str = "", together: int = 0) -> dict[str, float]:
     """Trains on ``ctx.device`` and records which GPU it had and when it ran."""
     started = time.time()
     if barrier:
-        _meet(Path(barrier), str(ctx.trial_id), together)
+        meet(Path(barrier), str(ctx.trial_id), together)
     model = model_fn({}).to(ctx.device)
     x, y = (t.to(ctx.device) for t in _data())
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_gpus import meet
 
 import unison
 from unison import gpus
@@ -25,16 +25,6 @@ from unison.protocol import DRIVER, ProtocolError, validate
 
 SPACE = {"x": unison.uniform(0, 1)}
 
-
-def _meet(folder: Path, name: str, count: int, timeout: float = 60.0) -> None:
-    """Arrive at the barrier ``folder`` and wait until ``count`` trials have."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text("")
-    deadline = time.monotonic() + timeout
-    while len(list(folder.iterdir())) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(list(folder.iterdir()))} of {count} trials ran at once")
-        time.sleep(0.02)
 
 
 def recorder(barrier: Path | None = None, together: int = 0, crash_first: bool = False) -> Any:
@@ -52,7 +42,7 @@ def recorder(barrier: Path | None = None, together: int = 0, crash_first: bool =
         if crash_first and ctx.trial_id == 0 and ctx.attempt == 0:
             os.kill(os.getpid(), signal.SIGKILL)
         if barrier is not None:
-            _meet(barrier, f"{ctx.trial_id}-{ctx.rank}", together)
+            meet(barrier, f"{ctx.trial_id}-{ctx.rank}", together)
         return {"value": x}
 
     return train

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_gpus import recorder, starts, views
 
 import unison
 
@@ -38,47 +38,6 @@ def local_ray() -> Any:
         os.environ.pop("RAY_AUTH_MODE", None)
     else:
         os.environ["RAY_AUTH_MODE"] = saved
-
-
-def _meet(folder: Path, name: str, count: int, timeout: float = 60.0) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text("")
-    deadline = time.monotonic() + timeout
-    while len(list(folder.iterdir())) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(list(folder.iterdir()))} of {count} trials ran at once")
-        time.sleep(0.02)
-
-
-def recorder(folder: Path, together: int = 1) -> Any:
-    """A training function that writes what GPUs it sees into ``folder``, then meets ``together``
-    trials (or ranks) at ``folder/barrier``."""
-
-    def train(x: float, ctx: Any) -> dict[str, float]:
-        seen = {"trial_id": ctx.trial_id, "rank": ctx.rank, "pid": os.getpid(),
-                "cvd": os.environ.get("CUDA_VISIBLE_DEVICES"), "unison_gpus": os.environ.get("UNISON_GPUS"),
-                "ctx_gpus": ctx.gpus, "device": ctx.device}
-        if ctx.world_size > 1:
-            import torch.distributed as dist
-
-            seen["backend"] = dist.get_backend()
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"seen-{ctx.trial_id}-{ctx.rank}.json").write_text(json.dumps(seen))
-        if together > 1:
-            _meet(folder / "barrier", f"{ctx.trial_id}-{ctx.rank}", together)
-        return {"value": x}
-
-    return train
-
-
-def starts(path: Path) -> list[dict[str, Any]]:
-    """The journal's start events."""
-    events = map(json.loads, (path / "journal.jsonl").read_text().splitlines())
-    return [event for event in events if event.get("e") == "start"]
-
-
-def views(folder: Path) -> list[dict[str, Any]]:
-    return [json.loads(file.read_text()) for file in sorted(folder.glob("seen-*.json"))]
 
 
 def test_a_gpu_per_trial_gives_each_concurrent_actor_its_own_and_the_next_experiment_none(

@@ -9,13 +9,11 @@ cannot be used here; a standalone master would do as well as ``local-cluster``.
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_gpus import recorder, starts, views
 
 # spark_support also skips this module without pyspark
 from spark_support import start_session
@@ -42,51 +40,10 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> Any:
     session.stop()
 
 
-def _meet(folder: Path, name: str, count: int, timeout: float = 60.0) -> None:
-    """Arrive at the barrier ``folder`` (the executor runs on this machine) and wait for ``count``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text("")
-    deadline = time.monotonic() + timeout
-    while len(list(folder.iterdir())) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(list(folder.iterdir()))} of {count} trials ran at once")
-        time.sleep(0.02)
-
-
-def recorder(barrier: Path, together: int) -> Any:
-    """A training function that writes what GPUs it sees into ``barrier``'s parent, then meets the
-    other trials (or ranks) at ``barrier``."""
-
-    def train(x: float, ctx: Any) -> dict[str, float]:
-        seen = {"trial_id": ctx.trial_id, "rank": ctx.rank, "pid": os.getpid(),
-                "cvd": os.environ.get("CUDA_VISIBLE_DEVICES"), "unison_gpus": os.environ.get("UNISON_GPUS"),
-                "ctx_gpus": ctx.gpus, "device": ctx.device}
-        if ctx.world_size > 1:
-            import torch.distributed as dist
-
-            seen["backend"] = dist.get_backend()
-        barrier.parent.mkdir(parents=True, exist_ok=True)
-        (barrier.parent / f"seen-{ctx.trial_id}-{ctx.rank}.json").write_text(json.dumps(seen))
-        _meet(barrier, f"{ctx.trial_id}-{ctx.rank}", together)
-        return {"value": x}
-
-    return train
-
-
-def starts(path: Path) -> list[dict[str, Any]]:
-    """The journal's start events."""
-    events = map(json.loads, (path / "journal.jsonl").read_text().splitlines())
-    return [event for event in events if event.get("e") == "start"]
-
-
-def views(folder: Path) -> list[dict[str, Any]]:
-    return [json.loads(file.read_text()) for file in sorted(folder.glob("seen-*.json"))]
-
-
 def test_concurrent_trials_each_get_the_gpu_spark_gave_their_task(spark: Any, tmp_path: Path) -> None:
     backend = unison.Spark(spark)
     assert backend.slots() == 2  # min(2 cores / 1 cpu, 2 GPUs / 1 GPU) per task
-    r = unison.run(recorder(tmp_path / "seen" / "barrier", together=2),
+    r = unison.run(recorder(tmp_path / "seen", together=2),
                    unison.Search(SPACE, trials=2, seed=1, gpus_per_trial=1), backend=backend,
                    storage=tmp_path / "runs", progress=False)
     assert r.status == "completed" and all(row["status"] == "completed" for row in r.rows)
@@ -101,7 +58,7 @@ def test_concurrent_trials_each_get_the_gpu_spark_gave_their_task(spark: Any, tm
 
 def test_the_ranks_of_a_barrier_stage_each_get_their_own_gpu(spark: Any, tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    r = unison.run(recorder(tmp_path / "seen" / "barrier", together=2),
+    r = unison.run(recorder(tmp_path / "seen", together=2),
                    unison.Distributed(workers=2, hparams={"x": 1.0}, gpus_per_worker=1),
                    backend=unison.Spark(spark), storage=tmp_path / "runs", progress=False)
     assert r.value == 1.0
