@@ -28,7 +28,7 @@ MAX_FUNCTION_LINES = 80
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("unison._version",
               "unison.errors", "unison._validate", "unison.space", "unison.protocol", "unison.launch",
-              "unison.payload", "unison.gpus")),
+              "unison.payload", "unison.gpus", "unison._bulk")),
     ("parts", ("unison.worker.metrics", "unison.worker.logs", "unison.worker.generators",
                "unison.worker.reporter", "unison.worker.checkpoints",
                "unison.worker.checkpoint_storage", "unison.worker.checkpoint_ship", "unison.worker.rank",

@@ -216,3 +216,21 @@ def test_ls_help_names_its_argument():
     done = subprocess.run([sys.executable, "-m", "unison.cli", "ls", "--help"], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and "the folder holding the experiments" in done.stdout
+
+
+def test_column_facts_read_from_distinct_values_agree_with_every_cell():
+    """The table decides "same in every trial", "empty" and "numeric" from each distinct value once (a
+    100k-trial table); the answer must be the one every cell's text gives."""
+    def facts(cells):
+        return cli._ColumnFacts.of(cells, "x")
+
+    assert facts([0.5, 0.5, 0.5]) == cli._ColumnFacts("0.5", True, True)
+    assert facts([False, 0, False]).same is None  # False == 0 as a key, but they print differently
+    assert facts([True, True]) == cli._ColumnFacts("True", True, False)
+    assert facts([None, float("nan"), None]) == cli._ColumnFacts(None, False, True)
+    assert facts([0.1, 0.2, float("nan"), 3]) == cli._ColumnFacts(None, True, True)
+    assert facts(["a", None, 2.0]) == cli._ColumnFacts(None, True, False)
+    assert facts([[1, 2], [1, 2]]) == cli._ColumnFacts("[1, 2]", True, False)  # unhashable choices
+    assert facts([None, "", "relu"]) == cli._ColumnFacts(None, True, False)
+    many = [i / 7 for i in range(10_000)] + ["text"]
+    assert facts(many) == cli._ColumnFacts(None, True, False)

@@ -411,3 +411,23 @@ def test_a_full_disk_raises_storage_full_and_resume_finishes_with_nothing_lost(
     runs = Counter(int(line) for line in (work / "ran.txt").read_text().split())
     assert all(runs[tid] == 1 for tid in ended_before), runs  # ended trials were not run again
     assert json.loads((path / "experiment.json").read_text())["status"] == "completed"
+
+
+def test_a_journal_with_damaged_lines_reads_every_whole_event(tmp_path: Path) -> None:
+    """The journal is parsed as one JSON array; a damaged line (torn, not JSON, two values on one line,
+    not an object) sends it back line by line, and only the whole events come back, in order."""
+    from unison.driver.store import parse_journal
+
+    events = [{"e": "start", "id": i, "hparams": {"x": i / 10}} for i in range(5)]
+    whole = "".join(json.dumps(e) + "\n" for e in events).encode()
+    assert parse_journal(whole) == events
+    assert parse_journal(whole + b'{"e": "end", "id"') == events  # torn last line: no newline
+    assert parse_journal(whole + b'{"e": "end"}') == [*events, {"e": "end"}]  # whole, just unended
+    damaged = [json.dumps(events[0]), "{not json", json.dumps(events[1]) + ", " + json.dumps(events[2]),
+               "[1, 2]", "", json.dumps(events[3]), '"\xff"']
+    assert parse_journal("\n".join(damaged).encode() + b"\n") == [events[0], events[3]]
+    store = ExperimentStore.create(tmp_path, "x")
+    for event in events:
+        store.append(event)
+    assert ExperimentStore(store.path).read_journal() == events
+    store.close()

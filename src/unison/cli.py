@@ -10,17 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import operator
 import os
 import shutil
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unison._bulk import collector_paused
 from unison.backends.base import Backend
 from unison.driver.store import DEFAULT_STORAGE, ExperimentStore
-from unison.result import AblationResult, PipelineResult, RunResult, SearchResult
+from unison.result import AblationResult, PipelineResult, RunResult, SearchResult, trial_records
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,7 +41,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     assert isinstance(result, SearchResult)  # unison.run with a Search returns one
     top = result.trials.sort_values("accuracy", ascending=False, kind="stable").head(5).reset_index(drop=True)
     print("\nthe five best trials:")
-    _print_trials(result, top, 5, max(40, shutil.get_terminal_size().columns))
+    _print_trials(result, _Table.from_frame(top), 5, max(40, shutil.get_terminal_size().columns))
     print(f"\nexperiment directory: {result.path}")
     print(f"inspect it with: unison show {result.path}")
     return 0
@@ -226,16 +229,17 @@ def _cmd_show(args: argparse.Namespace) -> int:
         _print_run(store, meta, width)
         return 0
     result = SearchResult.load(path)
-    frame = result.trials
-    if frame.empty:
+    table = _Table.of(result)
+    if not len(table):
         print("no trials recorded yet")
         return 0
-    if "checkpoint" in frame and frame["checkpoint"].notna().any():  # a trial's folder says the rest
-        frame["checkpoint"] = frame["checkpoint"].map(lambda p: Path(p).name if isinstance(p, str) else p)
-    _print_trials(result, frame, args.rows, width)
-    failed = frame[frame["status"] == "failed"]
-    for _, row in failed.head(3).iterrows():
-        _say(f"trial {row['trial_id']} failed: {row['error']}", width)
+    if "checkpoint" in table.data:  # a trial's folder says the rest
+        table.data["checkpoint"] = [Path(p).name if isinstance(p, str) else p
+                                    for p in table.data["checkpoint"]]
+    _print_trials(result, table, args.rows, width)
+    failed = [i for i, status in enumerate(table.data["status"]) if status == "failed"]
+    for i in failed[:3]:
+        _say(f"trial {table.data['trial_id'][i]} failed: {table.data['error'][i]}", width)
     if isinstance(result, AblationResult):
         _print_ablation(result, width)
     elif len(result.metrics) > 1:
@@ -309,7 +313,40 @@ def _cell(value: Any, column: str = "") -> str:
     return json.dumps(value, default=str)  # a list or dict choice, as it was declared
 
 
-def _column_order(result: SearchResult, frame: pd.DataFrame) -> tuple[list[str], list[str]]:
+@dataclass
+class _Table:
+    """The trial table's columns, each a list of cells, in the order of ``result.trials``: built from the
+    rows themselves for a search (no pandas to import, no DataFrame of 100k rows to build to print 60)."""
+
+    data: dict[str, list[Any]]
+
+    @classmethod
+    def of(cls, result: SearchResult) -> _Table:
+        if type(result) is not SearchResult:  # an ablation's table adds its own columns
+            return cls.from_frame(result.trials)
+        with collector_paused():
+            records = sorted(trial_records(result.rows), key=lambda r: r["trial_id"])
+            columns: dict[str, None] = {}
+            for record in records:
+                if not columns.keys() >= record.keys():
+                    columns.update(dict.fromkeys(record))
+            if all(len(record) == len(columns) for record in records):  # each has every column
+                return cls({name: list(map(operator.itemgetter(name), records)) for name in columns})
+            return cls({name: [record.get(name) for record in records] for name in columns})
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> _Table:
+        return cls({name: frame[name].tolist() for name in frame.columns})
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.data)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.data.values()), []))
+
+
+def _column_order(result: SearchResult, frame: _Table) -> tuple[list[str], list[str]]:
     """The trial table's columns, the most telling first (id, status, component, objectives, steps,
     seed, hyperparameters, the other metrics, how the trial ran; ``error`` is printed below the table),
     and which of them are hyperparameters."""
@@ -329,25 +366,23 @@ def _column_order(result: SearchResult, frame: pd.DataFrame) -> tuple[list[str],
     return [*first, *objectives, *ran[:1], *hparams, *rest, *ran[1:]], hparams
 
 
-def _print_trials(result: SearchResult, frame: pd.DataFrame, max_rows: int, width: int | None) -> None:
+def _print_trials(result: SearchResult, frame: _Table, max_rows: int, width: int | None) -> None:
     """The trial table, at most ``width`` columns wide: the columns that fit, in order of importance,
     the hyperparameters every trial shares on a line above it, the columns left out named below it.
     ``width=None``: every column of ``result.trials``, whole."""
     order, hparams = (list(frame.columns), []) if width is None else _column_order(result, frame)
-    values = {c: frame[c].tolist() for c in order}
-    cells = {c: [_cell(v, c) for v in values[c]] for c in order}
-    numeric = {c: all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                      for v, text in zip(values[c], cells[c], strict=True) if text) for c in order}
+    facts = {c: _ColumnFacts.of(frame.data[c], c) for c in order}
+    numeric = {c: facts[c].numeric for c in order}
     hidden: list[str] = []
     if width is not None:
-        shared = [c for c in hparams if len(frame) > 1 and len(set(cells[c])) == 1 and cells[c][0]]
+        shared = [c for c in hparams if len(frame) > 1 and facts[c].same is not None]
         if shared:
-            _say("same in every trial: " + ", ".join(f"{c}={cells[c][0]}" for c in shared), width)
+            _say("same in every trial: " + ", ".join(f"{c}={facts[c].same}" for c in shared), width)
         # a column with nothing in it (no trial stopped, say) says nothing
-        order = [c for c in order if c not in shared and any(cells[c])]
+        order = [c for c in order if c not in shared and facts[c].filled]
     picked = _rows_shown(len(frame), max_rows)
     longest = 10**9 if width is None else _MAX_CELL
-    cells = {c: [_cut(cells[c][i], longest) for i in picked] for c in order}
+    cells = {c: [_cut(_cell(frame.data[c][i], c), longest) for i in picked] for c in order}
     widths = {c: max(len(c), *map(len, cells[c])) for c in order}
     if width is not None:
         order, hidden = _fit(order, widths, numeric, width)
@@ -359,6 +394,53 @@ def _print_trials(result: SearchResult, frame: pd.DataFrame, max_rows: int, widt
         names = ", ".join(hidden[:6]) + (f" and {len(hidden) - 6} more" if len(hidden) > 6 else "")
         _say(f"not shown (too wide for {width} columns): {names}; unison show --wide shows every column",
              width)
+
+
+@dataclass
+class _ColumnFacts:
+    """What the trial table needs to know of a whole column, found without formatting every cell (a
+    100k-trial table prints 60 rows): ``same``: the text every cell shows (``None``: they differ, or
+    all are empty); ``filled``: whether a cell shows anything; ``numeric``: whether every cell that
+    shows something is a number (aligned right, never cut)."""
+
+    same: str | None
+    filled: bool
+    numeric: bool
+
+    @classmethod
+    def of(cls, column: list[Any], name: str) -> _ColumnFacts:
+        try:
+            values: Any = dict.fromkeys(column)  # each value once (a float column: each NaN too)
+        except TypeError:  # unhashable cells (a list or dict choice)
+            values = column
+        kinds = set(map(type, values))
+        if bool in kinds:  # True == 1 and False == 0 are one key: keep them all
+            values = column
+        texts: dict[str, None] = {}
+        if kinds <= {int, float, type(None)}:  # numbers and blanks: no need to look at every value
+            for value in values:
+                texts[_cell(value, name)] = None
+                if len(texts) == 2:
+                    break
+            return cls(_only_text(texts), any(v is not None and v == v for v in values), True)
+        numeric, filled = True, False
+        for value in values:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if len(texts) < 2:  # two different texts settle `same`; only numbers and blanks matter after
+                text = _cell(value, name)
+                texts[text] = None
+                shown = bool(text)
+            else:  # a number is shown unless it is NaN; anything else, by its text
+                shown = value == value if number else bool(_cell(value, name))
+            if shown:
+                filled = True
+                numeric = numeric and number
+        return cls(_only_text(texts), filled, numeric)
+
+
+def _only_text(texts: dict[str, None]) -> str | None:
+    """The one text every cell of a column shows, unless they differ or it is empty."""
+    return next(iter(texts)) if len(texts) == 1 and "" not in texts else None
 
 
 def _cut(text: str, width: int) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unison._bulk import collector_paused
 from unison.driver.store import ExperimentStore
 from unison.errors import RunFailed
 
@@ -148,32 +149,43 @@ def _not_completed(path: Path, status: Any, error: Any) -> RunFailed:
 
 def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """A pandas DataFrame with one row per trial: id, status, hparams, final metrics, the rest."""
+    with collector_paused():
+        return _trials_frame(rows)
+
+
+def _trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 
+    frame = pd.DataFrame.from_records(trial_records(rows))
+    if any("member" in row for row in rows):  # ids and steps, with gaps (a first member has no parent)
+        frame = frame.astype({k: "Int64" for k in _LINEAGE_COLUMNS})  # integers, not floats
+    if not frame.empty:
+        frame = frame.sort_values("trial_id", kind="stable").reset_index(drop=True)
+    return frame
+
+
+def trial_records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of :func:`trials_frame` as dicts, in the order of ``rows`` (a table with no pandas)."""
     records = []
     lineage = any("member" in row for row in rows)
     by_id = {row["trial_id"]: row for row in rows}
+    taken = {*_FIXED_COLUMNS, *_TAIL_COLUMNS}
     for row in rows:
-        record: dict[str, Any] = {k: row[k] for k in _FIXED_COLUMNS}
+        record: dict[str, Any] = {"trial_id": row["trial_id"], "status": row["status"]}
         for name, value in row["hparams"].items():  # a hyperparameter called e.g. "steps" keeps its value
-            taken = name in _FIXED_COLUMNS or name in _TAIL_COLUMNS
-            record[f"hparam:{name}" if taken else name] = value
+            record[f"hparam:{name}" if name in taken else name] = value
         for name, value in (row.get("metrics") or {}).items():
             key = name if name not in record and name not in _TAIL_COLUMNS else f"metric:{name}"
             record[key] = value
-        record.update({k: row.get(k) for k in _TAIL_COLUMNS})
+        for name in _TAIL_COLUMNS:
+            record[name] = row.get(name)
         if lineage:
             record.update({k: row.get(k) for k in _LINEAGE_COLUMNS})
             record["schedule"] = hparam_schedule(by_id, row["trial_id"])
         if record["error"]:
             record["error"] = record["error"].strip().splitlines()[-1]
         records.append(record)
-    frame = pd.DataFrame.from_records(records)
-    if lineage:  # ids and steps, with gaps (a first member has no parent): integers, not floats
-        frame = frame.astype({k: "Int64" for k in _LINEAGE_COLUMNS})
-    if not frame.empty:
-        frame = frame.sort_values("trial_id", kind="stable").reset_index(drop=True)
-    return frame
+    return records
 
 
 def hparam_schedule(rows: dict[int, dict[str, Any]], trial_id: int) -> list[tuple[int, dict[str, Any]]]:
@@ -200,12 +212,28 @@ def _gpus_text(gpus: Any) -> str | None:
 
 def rows_from_journal(events: list[dict[str, Any]], metric: str | list[str]) -> list[dict[str, Any]]:
     """The trial rows recorded in a journal (trials that never ended show as ``running``)."""
+    with collector_paused():
+        return _rows_from_journal(events, metric)
+
+
+_END_FIELDS = ("status", "error", "duration", "steps", "last_step", "stop_reason", "worker")
+
+
+def _rows_from_journal(events: list[dict[str, Any]], metric: str | list[str]) -> list[dict[str, Any]]:
     rows: dict[int, dict[str, Any]] = {}
+    names = [metric] if isinstance(metric, str) else metric
     for ev in events:
         kind, tid = ev.get("e"), ev.get("id")
         if tid is None:  # an experiment's status event, not a trial's
             continue
-        if kind == "start":
+        if kind == "end":
+            row = rows.get(tid)
+            if row is not None:
+                for field in _END_FIELDS:
+                    row[field] = ev.get(field)
+                row["metrics"] = ev.get("metrics") or {}
+                row["value"] = objective_value(row["metrics"], names)
+        elif kind == "start":
             row = rows.setdefault(tid, {"trial_id": tid, "metrics": {}, "steps": 0})
             row.update(status="running", hparams=ev["hparams"], worker=ev.get("worker"),
                        host=ev.get("host"), node=ev.get("node"), pid=ev.get("pid"),
@@ -222,12 +250,6 @@ def rows_from_journal(events: list[dict[str, Any]], metric: str | list[str]) -> 
             rows[tid]["steps"] += 1
             rows[tid]["last_step"] = ev["step"]
             rows[tid]["metrics"] = ev["metrics"]
-        elif kind == "end" and tid in rows:
-            row = rows[tid]
-            row.update({k: ev.get(k) for k in ("status", "metrics", "error", "duration", "steps",
-                                                "last_step", "stop_reason", "worker")})
-            row["metrics"] = ev.get("metrics") or {}
-            row["value"] = objective_value(row["metrics"], [metric] if isinstance(metric, str) else metric)
         elif kind == "checkpoint" and tid in rows:
             rows[tid]["checkpoint"] = ev.get("path")  # the latest: always kept
         elif kind in ("lost", "pause") and tid in rows:  # to run again (a paused one: from its checkpoint)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unison._bulk import collector_paused
 from unison._version import __version__
 from unison.backends.base import Backend
 from unison.callbacks import Callback, ExperimentInfo
@@ -199,7 +200,8 @@ def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | 
         driver = SearchDriver(plan.search, store, meta["seed"], plan.trial_spec)
         driver.require_metric = plan.require_metric
         driver.checkpoint_storage = shared
-        driver.replay(events)
+        with collector_paused():  # a long journal: millions of small objects, no cycle
+            driver.replay(events)
         workers = _size(driver, plan, backend, gang_slots)
         store.write_experiment({**meta, "status": "running", "backend": repr(backend), "workers": workers,
                                 "argv": sys.argv, "payload_error": payload_error})
@@ -405,9 +407,10 @@ class _Run:
         and close the progress display with a closing message."""
         driver, store, plan = self.driver, self.store, self.plan
         # A trial handed to a busy worker but never started is not part of the record (resume runs it).
-        rows = [t.row() for t in sorted(driver.trials.values(), key=lambda t: t.trial_id)
-                if t.status != "reserved"]
-        result = plan.make_result(store.path, rows, status)
+        with collector_paused():
+            rows = [t.row() for t in sorted(driver.trials.values(), key=lambda t: t.trial_id)
+                    if t.status != "reserved"]
+            result = plan.make_result(store.path, rows, status)
         try:
             store.append({"e": "status", "status": status, "t": time.time()})
             store.update_experiment(status=status)

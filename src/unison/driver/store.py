@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from unison._bulk import collector_paused
 from unison.errors import ExperimentLocked, StorageFull
 from unison.worker.checkpoints import fsync_path
 
@@ -454,16 +455,7 @@ class ExperimentStore:
         """Every complete event; a torn last line (the process died mid-write) is ignored."""
         if not self.journal_file.is_file():
             return []
-        events = []
-        with open(self.journal_file, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(event, dict):
-                    events.append(event)
-        return events
+        return parse_journal(self.journal_file.read_bytes())
 
     # ------------------------------------------------------------------------------ result.json
     def write_result(self, data: dict[str, Any], sync_dir: bool = True) -> None:
@@ -493,3 +485,29 @@ class ExperimentStore:
                 pass
             os.close(self._lock_fd)  # closing the last descriptor releases the flock
             self._lock_fd = None
+
+
+def parse_journal(data: bytes) -> list[dict[str, Any]]:
+    """The events of a journal's bytes, one JSON object per line; a line that is not one (torn, or
+    damaged) is skipped. The lines are parsed as one JSON array (two thirds of the time of a
+    ``json.loads`` per line, which is what a damaged line falls back to)."""
+    lines = data.decode("utf-8", errors="replace").split("\n")
+    last = lines.pop()  # "" after the newline that ends the last event; else an unended (maybe torn) line
+    lines = [line for line in lines if line.strip()]
+    with collector_paused():
+        try:
+            events = json.loads("[" + ",".join(lines) + "]")
+        except json.JSONDecodeError:
+            events = None
+        if events is None or len(events) != len(lines):  # (a damaged line holding a comma-separated pair)
+            events = [_event_or_none(line) for line in lines]
+        if last.strip():
+            events.append(_event_or_none(last))
+        return [event for event in events if isinstance(event, dict)]
+
+
+def _event_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
