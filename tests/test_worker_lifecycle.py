@@ -135,7 +135,8 @@ def test_workers_that_never_say_hello_still_abort_the_search(
     monkeypatch.setenv("PYTHONPATH", path)
     with pytest.raises(unison.WorkerError, match=r"(?s)exit code 4.*cannot start: no such library"):
         unison.run(lambda x: x, unison.Search({"x": unison.uniform(0, 1)}, trials=3, seed=0),
-                   backend=unison.Local(workers=1), storage=tmp_path / "runs", progress=False)
+                   backend=unison.Local(workers=1, start="fresh"), storage=tmp_path / "runs",
+                   progress=False)
 
 
 # ------------------------------------------------------- 2. a trial that ends its own process

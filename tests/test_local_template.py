@@ -1,0 +1,103 @@
+"""The local backend's worker template (``Local(start="fork-server", preload=[...])``): real template and
+worker processes, and the isolation between experiments."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import unison
+from unison.backends.local_template import check_request
+
+
+@pytest.fixture
+def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder of the test's own modules on the workers' (and this process's) path."""
+    folder = tmp_path / "mods"
+    folder.mkdir()
+    (folder / "f19_state.py").write_text("VALUE = None\n")
+    (folder / "f19_heavy.py").write_text("LOADED = True\n")
+    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.syspath_prepend(str(folder))
+    return folder
+
+
+def _sets_state(x: float) -> dict[str, float]:
+    import f19_state
+
+    leaked = f19_state.VALUE is not None
+    f19_state.VALUE = "set by a trial"
+    return {"loss": x, "leaked": float(leaked), "heavy": float("f19_heavy" in sys.modules),
+            "forked": float(os.getppid() != int(os.environ["F19_DRIVER"]))}
+
+
+def _run(fn: Any, tmp_path: Path, trials: int = 2, **local: Any) -> unison.SearchResult:
+    return unison.run(fn, unison.Search({"x": unison.uniform(0, 1)}, trials=trials, seed=0, metric="loss"),
+                      backend=unison.Local(workers=1, **local), storage=tmp_path / "runs", progress=False)
+
+
+@pytest.mark.slow
+def test_a_trials_globals_never_reach_the_next_experiments_workers(
+    tmp_path: Path, modules: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("F19_DRIVER", str(os.getpid()))
+    first = _run(_sets_state, tmp_path, preload=["f19_heavy"])
+    metrics = [row["metrics"] for row in first.rows]
+    # One worker ran both trials: the second saw the first's global (same process), so it was kept...
+    assert [m["leaked"] for m in metrics] == [0.0, 1.0]
+    # ...and the preloaded module was there without the trial importing it, in a forked worker.
+    assert all(m["heavy"] == 1.0 and m["forked"] == 1.0 for m in metrics)
+    second = _run(_sets_state, tmp_path, trials=1)
+    assert second.rows[0]["metrics"]["leaked"] == 0.0  # a new template: nothing of the first experiment
+    assert second.rows[0]["metrics"]["heavy"] == 0.0  # preload= belonged to the first backend
+    fresh = _run(_sets_state, tmp_path, trials=1, start="fresh")
+    assert fresh.rows[0]["metrics"]["forked"] == 0.0  # a fresh interpreter is the driver's own child
+
+
+def _crashes_then_kills_the_template(x: float, ctx: Any) -> float:
+    if ctx.trial_id == 0 and ctx.attempt == 0:
+        os._exit(3)
+    if ctx.trial_id == 1 and ctx.attempt == 0:
+        os.kill(os.getppid(), signal.SIGKILL)  # the template (this worker dies with it)
+        signal.pause()
+    return x
+
+
+@pytest.mark.slow
+def test_a_crashed_worker_is_forked_again_and_a_dead_template_falls_back_to_fresh_starts(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    r = _run(_crashes_then_kills_the_template, tmp_path, trials=3)
+    assert [row["status"] for row in r.rows] == ["completed"] * 3
+    assert "the local worker template is gone" in capfd.readouterr().err
+    logs = sorted((Path(r.path) / "workers").glob("worker-*.log"))
+    assert len(logs) >= 3  # the crashed worker's and the killed one's replacements
+
+
+def test_a_preload_that_fails_to_import_names_the_module(tmp_path: Path) -> None:
+    with pytest.raises(unison.WorkerError, match=r"(?s)importing 'f19_no_such_module'.*ModuleNotFoundError"):
+        _run(lambda x: x, tmp_path, preload=["f19_no_such_module"])
+
+
+def test_start_and_preload_are_checked() -> None:
+    with pytest.raises(ValueError, match="did you mean 'fork-server'"):
+        unison.Local(start="forkserver")
+    with pytest.raises(ValueError, match=r"list of module names"):
+        unison.Local(preload="torch")
+    assert "start='fresh'" in repr(unison.Local(workers=2, start="fresh"))
+
+
+def test_the_template_accepts_only_well_formed_requests() -> None:
+    good = b'{"op": "kill", "pid": 12}'
+    assert check_request(good) == {"op": "kill", "pid": 12}
+    for bad in (b'{"op": "kill", "pid": "12"}', b'{"op": "exec", "cmd": "sh"}', b'[1]',
+                b'{"op": "spawn", "id": 1, "env": {"A": 1}, "log": "x", "cwd": "/"}',
+                b'{"op": "kill", "pid": 1, "extra": 0}'):
+        with pytest.raises(ValueError):
+            check_request(bad)
