@@ -306,7 +306,7 @@ TO_DRIVER: dict[str, _Schema] = {
         "gpus": _opt(_integer(0)),
     },
     REPORT: {"trial_id": _Field(_TRIAL_ID), "step": _Field(_integer()), "metrics": _Field(_METRICS),
-             "checkpoint": _opt(_record(CHECKPOINT_SAVED_SCHEMA))},
+             "checkpoint": _opt(_record(CHECKPOINT_SAVED_SCHEMA)), "wait": _opt(_boolean)},
     RANK_FAILED: {"trial_id": _Field(_TRIAL_ID), "error": _Field(_TEXT)},
     FILES: {"trial_id": _Field(_TRIAL_ID), "files": _Field(_FILES)},
     FATAL: {"error": _Field(_TEXT)},
@@ -326,7 +326,7 @@ TO_WORKER: dict[str, _Schema] = {
         "checkpoint": _opt(_record(CHECKPOINT_SPEC_SCHEMA)),
     },
     DECISION: {"stop": _Field(_optional(_TEXT)), "error": _opt(_optional(_TEXT)),
-               "fail": _opt(_optional(_TEXT))},
+               "fail": _opt(_optional(_TEXT)), "judged": _opt(_boolean), "trial_id": _opt(_TRIAL_ID)},
     ABORT: {"trial_id": _opt(_optional(_TRIAL_ID)), "reason": _opt(_optional(_TEXT))},
     SHUTDOWN: {},
     CHECKPOINT_CHUNK: CHECKPOINT_CHUNK_SCHEMA,
@@ -433,9 +433,11 @@ class CheckpointAckMessage(_CheckpointAckKeys, total=False):
 
 
 class ReportMessage(_ReportKeys, total=False):
-    """An intermediate report, answered by a :class:`DecisionMessage`."""
+    """An intermediate report, answered by a :class:`DecisionMessage`; with ``wait: False`` (the driver
+    said no report is judged) only when there is something to say, a stop naming the trial."""
 
     checkpoint: CheckpointSaved
+    wait: bool
 
 
 class RankFailedMessage(TypedDict):
@@ -505,6 +507,8 @@ class DecisionMessage(_DecisionKeys, total=False):
 
     error: str | None  # the report lacks the metric the search optimizes
     fail: str | None  # the checkpoint the report names was refused: the trial fails with this
+    judged: bool  # False: the search has no scheduler, later reports may be sent without waiting
+    trial_id: int  # set on the answer to a report that did not wait (read at the trial's next report)
 
 
 class _AbortKeys(TypedDict):

@@ -192,11 +192,14 @@ class RemoteLoop:
         over; then shut them down."""
         server = Server(new_secret(), host=self.backend.listen_host, port=self.backend.listen_port)
         self.server = server
+        self.driver.suggest_ahead()  # a learning optimizer's next suggestion: computed while workers are busy
         try:
             self.backend.start(LaunchSpec(server.address, server.secret, self.payload_path, self.log_dir,
                                           workers, self.driver.store.path.name, barrier=self.barrier))
             next_tick = 0.0
             while not self.driver.finished:
+                if self.driver.suggester is not None:  # all answered: the next suggestion may start now
+                    self.driver.suggester.release()
                 try:
                     event = server.events.get(timeout=TICK_S)
                 except queue.Empty:
@@ -217,6 +220,7 @@ class RemoteLoop:
             # Close before stopping: a worker that connected too late to be greeted (or to be sent
             # SHUTDOWN) then sees its connection end and exits instead of waiting to be killed.
             server.close()
+            self.driver.close_suggester()
             self.backend.stop(force=self.driver.abort_error is not None or not self.driver.finished)
             if self.inbox is not None:
                 self.inbox.close()
@@ -344,15 +348,27 @@ class RemoteLoop:
             checkpoint = cast(dict[str, Any] | None, message.get("checkpoint"))
             refused = self._commit_shipped(peer, trial, checkpoint)
             if refused is not None:  # the worker's reporter raises it in the function: the trial fails
-                self.send(peer, DecisionMessage(t=DECISION, stop=None, fail=refused))
+                self._decide(peer, message, DecisionMessage(t=DECISION, stop=None, fail=refused))
                 return
             try:
                 stop = self.driver.report(message["trial_id"], message["step"], message["metrics"],
                                           checkpoint)
             except MetricNotReported as exc:  # the worker's reporter raises it in the function
-                self.send(peer, DecisionMessage(t=DECISION, stop=None, error=str(exc)))
+                self._decide(peer, message, DecisionMessage(t=DECISION, stop=None, error=str(exc)))
                 return
-        self.send(peer, DecisionMessage(t=DECISION, stop=stop))
+        self._decide(peer, message, DecisionMessage(t=DECISION, stop=stop))
+
+    def _decide(self, peer: Peer, report: ReportMessage, decision: DecisionMessage) -> None:
+        """Answer ``report``; saying whether any report is judged (without a scheduler none is: the
+        worker then sends the next ones without waiting). A report that did not wait is answered only
+        when there is something to say, naming its trial (the worker reads it at its next report)."""
+        if report.get("wait", True):
+            decision["judged"] = self.driver.scheduler is not None
+        elif decision["stop"] is None and not decision.get("error") and not decision.get("fail"):
+            return
+        else:
+            decision["trial_id"] = report["trial_id"]
+        self.send(peer, decision)
 
     def _commit_shipped(self, peer: Peer, trial: TrialState, checkpoint: dict[str, Any] | None) -> str | None:
         """Put into place the checkpoint a report names whose files ``peer`` shipped just before it (before

@@ -24,6 +24,7 @@ from unison.worker.checkpoint_storage import is_file, is_url, join
 
 if TYPE_CHECKING:
     from unison.contexts.search import Search
+    from unison.driver.suggester import Suggester
 
 FINAL = ("completed", "failed", "stopped")
 
@@ -50,6 +51,7 @@ class TrialState:
     stop_reason: str | None = None
     spec: dict[str, Any] = field(default_factory=dict)
     started_at: float | None = None  # time.monotonic() when this attempt started (for trial_timeout_s)
+    ran: bool = False  # whether an attempt of it started (a worker may have left checkpoints in its folder)
     # The checkpoints journaled for this trial, oldest first: {"step", "path"} (relative to the experiment)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     # Population-based training: {"member": slot, "parent": id, "cloned_step": step} (a clone), or
@@ -139,6 +141,7 @@ class SearchDriver:
         self.metric_checked = False
         # checkpoint_storage=: where workers write checkpoints (a URL or a shared path); None: trial folders
         self.checkpoint_storage: str | None = None
+        self.suggester: Suggester | None = None  # suggestions computed ahead (remote backends): suggest_ahead
 
     # ----------------------------------------------------------------- resume
     def replay(self, events: list[dict[str, Any]]) -> None:
@@ -153,7 +156,7 @@ class SearchDriver:
                                                            lineage=ev.get("lineage"))
                 trial.attempt, trial.worker, trial.status = ev.get("attempt", 0), ev.get("worker"), "running"
                 trial.host, trial.node, trial.pid = ev.get("host"), ev.get("node"), ev.get("pid")
-                trial.gpus = ev.get("gpus")
+                trial.gpus, trial.ran = ev.get("gpus"), True
                 self.trials[tid] = trial
                 if not trial.is_clone:
                     self.next_number = max(self.next_number, tid + 1)
@@ -266,16 +269,36 @@ class SearchDriver:
     def _suggest(self) -> TrialState | None:
         if self.exhausted or self.next_number >= self.planned:
             return None
-        hparams = self.optimizer.suggest(self.next_number)
+        if self.suggester is None:
+            hparams = self.optimizer.suggest(self.next_number)
+        else:
+            hparams = self.suggester.suggest(self.next_number)
         if hparams is None:
             self.exhausted = True
             return None
+        if self.suggester is not None and self.next_number + 1 < self.planned and self.abort_error is None:
+            self.suggester.prefetch(self.next_number + 1)  # computed while the workers are busy
         spec = self.trial_spec(self.next_number) if self.trial_spec is not None else {}
         trial = TrialState(self.next_number, hparams, spec=spec,
                            lineage={"member": self.next_number} if self.population else None)
         self.trials[trial.trial_id] = trial
         self.next_number += 1
         return trial
+
+    def suggest_ahead(self) -> None:
+        """Compute a learning optimizer's suggestions on a background thread, one ahead of the trials
+        taken (:mod:`unison.driver.suggester`); :meth:`close_suggester` ends it. Off for an optimizer
+        that does not learn (its trials are handed out ahead instead: :attr:`prefetch`) and for PBT."""
+        if self.suggester is None and getattr(self.optimizer, "adaptive", True) and not self.population:
+            from unison.driver.suggester import Suggester
+
+            self.suggester = Suggester(self.optimizer)
+
+    def close_suggester(self) -> None:
+        """End the background suggestions (a suggestion computed ahead and not taken is dropped)."""
+        suggester, self.suggester = self.suggester, None
+        if suggester is not None:
+            suggester.close()
 
     @property
     def finished(self) -> bool:
@@ -312,6 +335,7 @@ class SearchDriver:
         trial.started_at = time.monotonic()
         self.running += 1
         message = self.message(trial)
+        trial.ran = True
         resumed = message["checkpoint"].get("step")
         self.store.append(
             {"e": "start", "id": trial.trial_id, "hparams": trial.hparams, "attempt": trial.attempt,
@@ -460,7 +484,7 @@ class SearchDriver:
         for saved in reversed(trial.checkpoints):
             if is_file(join(self.checkpoint_location(saved["path"]), "meta.json")):
                 return saved
-        if self.checkpoint_storage is not None:
+        if self.checkpoint_storage is not None or not trial.ran:  # never started: its folder holds none
             return None
         from unison.worker.checkpoints import FOLDER, newest_on_disk
 
@@ -615,7 +639,8 @@ class SearchDriver:
         if trial.status == "completed" and isinstance(trial.value, float) and self._better(trial.value):
             self.best = trial
         if not trial.is_clone:  # the optimizer suggested it (a clone is PBT's)
-            self.optimizer.observe(trial.trial_id, trial.hparams, trial.value, trial.status)
+            observe = self.optimizer.observe if self.suggester is None else self.suggester.observe
+            observe(trial.trial_id, trial.hparams, trial.value, trial.status)
         if trial.status == "failed":
             self.failures += 1
             if self.first_failure is None:

@@ -67,6 +67,7 @@ from unison.worker.checkpoints import FOLDER, Policy
 from unison.worker.reporter import Decide
 from unison.worker.runtime import TrialRunner
 
+UNWAITED_REPORTS = 32  # reports sent without waiting for the driver before one waits (when none is judged)
 STOP_GRACE_S = 2.0  # how long a trial interrupted because the driver hung up may take to end
 _CLOSED = "_closed"  # what the reader thread queues when the connection ends (no message kind)
 
@@ -178,6 +179,9 @@ def _read(conn: Connection, inbox: queue.Queue[dict[str, Any]], current: dict[st
                 continue
             elif staging is not None and kind == TRIAL:
                 staging.resolve(message)
+            elif kind == DECISION and "trial_id" in message:  # on a report that did not wait: a stop
+                current["late"].append(message)
+                continue
             inbox.put(message)
     except Exception:  # noqa: BLE001 - any broken stream: the main thread sees the driver is gone
         inbox.put({"t": _CLOSED})
@@ -299,6 +303,10 @@ class _Session:
         # The driver may hand this worker its next trial while one runs: it waits here, and the worker
         # starts it right after sending the result (the driver counts it started when that arrives).
         self.held: deque[dict[str, Any]] = deque()
+        # Decisions on reports that did not wait (the reader thread puts them here): read at the next report
+        self.current["late"] = deque()
+        self.judged = True  # until the driver's first decision says no report is judged
+        self.unanswered = 0  # reports sent without waiting since the last that waited
 
     @classmethod
     def open(cls, address: tuple[str, int], secret: bytes, worker: str, heartbeat_interval: float,
@@ -427,11 +435,24 @@ class _Session:
                 checkpoint: dict[str, Any] | None = None) -> str | None:
         """Send the driver a report (with the checkpoint it saved, already on disk, or shipped) and wait
         for its decision; a trial it hands over meanwhile is held. Raises :class:`CheckpointRefused`
-        when the driver refused the shipped checkpoint."""
+        when the driver refused the shipped checkpoint.
+
+        Once the driver has said that no report is judged (no scheduler), a report without a checkpoint
+        does not wait, except every :data:`UNWAITED_REPORTS`-th (which bounds what the driver holds); a
+        stop the driver sent meanwhile (the trial ended for another reason) is read here first."""
+        late = self._late_decision(trial_id)
+        if late is not None:
+            return self._verdict(late)
         report = ReportMessage(t=REPORT, trial_id=trial_id, step=step, metrics=metrics)
         if checkpoint is not None:
             report["checkpoint"] = cast(CheckpointSaved, checkpoint)
+        if not self.judged and checkpoint is None and self.unanswered < UNWAITED_REPORTS:
+            report["wait"] = False
+            self.conn.send(report)
+            self.unanswered += 1
+            return None
         self.conn.send(report)
+        self.unanswered = 0
         reply = _next(self.inbox)
         while reply.get("t") in (TRIAL, CHECKPOINT_ACK):  # acks: of the chunks of the checkpoint shipped
             if reply["t"] == TRIAL:
@@ -439,6 +460,22 @@ class _Session:
             reply = _next(self.inbox)
         if reply.get("t") != DECISION:
             raise ConnectionError(f"expected the driver's decision, got a {reply.get('t')!r} message")
+        self.judged = reply.get("judged", True)
+        return self._verdict(reply)
+
+    def _late_decision(self, trial_id: int) -> dict[str, Any] | None:
+        """The first decision the driver sent on one of ``trial_id``'s reports that did not wait (older
+        trials' are dropped)."""
+        late = self.current["late"]
+        while late:
+            message = late.popleft()
+            if message["trial_id"] == trial_id:
+                return cast(dict[str, Any], message)
+        return None
+
+    @staticmethod
+    def _verdict(reply: dict[str, Any]) -> str | None:
+        """What a decision means for the trial: ``None`` to go on, the reason to stop; or it raises."""
         if reply.get("fail"):  # the driver refused the checkpoint (over its limit, or incomplete)
             raise CheckpointRefused(reply["fail"])
         if reply.get("error"):  # the experiment's first report lacks the optimized metric
