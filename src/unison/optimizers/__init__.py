@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from unison._validate import lookup
+from unison.optimizers.auto import AutoSearch
 from unison.optimizers.base import Optimizer
 from unison.optimizers.grid import GridSearch
 from unison.optimizers.optuna import (  # imports optuna only when an optimizer is set up
@@ -25,11 +26,12 @@ BUILTIN_OPTIMIZERS = {
     "cmaes": CmaEsSearch,
     "qmc": QMCSearch,
     "nsga2": NSGA2Search,
+    "auto": AutoSearch,
 }
 
 __all__ = [
     "Optimizer", "RandomSearch", "GridSearch", "OptunaOptimizer", "TPESearch", "GPSearch", "CmaEsSearch",
-    "QMCSearch", "NSGA2Search", "BUILTIN_OPTIMIZERS", "make_optimizer",
+    "QMCSearch", "NSGA2Search", "AutoSearch", "BUILTIN_OPTIMIZERS", "make_optimizer",
 ]
 
 
