@@ -4,9 +4,11 @@ Every slot is a one-task Spark job whose task runs :func:`unison.worker.serve.se
 local worker process: it connects back to the driver over the authenticated protocol and pulls
 trials until the driver says shut down. The driver decides what runs, so a task that Spark
 relaunches (a retry, a lost executor) is simply a new worker and never re-runs a finished trial; a
-trial whose worker died is retried by the driver on another slot. The training function travels
-once, as a Spark broadcast; the experiment secret travels in the task closure; neither crosses the
-driver's socket. pyspark is imported only when a Spark backend is used.
+trial whose worker died is retried by the driver on another slot. The training function (the
+payload) travels in the task closure when it is small (up to 1 MiB), else once per executor as a
+Spark broadcast; the experiment secret travels in the task closure; neither crosses the driver's
+socket. A slot task reads its partition to the end so that PySpark reuses its Python worker, with
+unison imported, for the next search's tasks. pyspark is imported only when a Spark backend is used.
 
 A distributed run (``unison.Distributed``) is one barrier stage instead: its ``workers`` tasks are
 scheduled together or not at all (Spark's gang scheduling), each running the same worker loop; the
@@ -40,6 +42,7 @@ EARLY_DEATH_S = 10.0  # a slot job that ends this soon after its launch did not 
 MAX_EARLY_DEATHS = 3  # ... this many times in a row on one slot: the search is aborted
 STOP_CANCEL_S = 1.0  # stop(): slot tasks still running this long after the driver hung up are cancelled
 STOP_WAIT_S = 10.0  # ... and stop() waits this long in all for Spark to report every slot task ended
+INLINE_PAYLOAD_BYTES = 1 << 20  # a payload up to this size travels in the task closure, not a broadcast
 _WILDCARDS = ("", "0.0.0.0", "::")
 _LOCAL_MASTER = re.compile(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?$")
 _LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]$")
@@ -75,17 +78,22 @@ def _task_gpu_environment(task: Any) -> None:
 
 
 def _serve_slot(address: tuple[str, int], secret: bytes, payload: Any, slot: int | None, generation: int,
-                heartbeat_interval: float, shared_filesystem: bool, ship_limit: int, _partition: Any) -> Any:
+                heartbeat_interval: float, shared_filesystem: bool, ship_limit: int, partition: Any) -> Any:
     """The body of a slot's Spark task (runs on an executor): serve trials, then report how it went.
 
     It returns normally when the driver says shut down, hangs up or cannot be reached, so that Spark
     never retries it; an exception here is a broken executor, which Spark retries as usual.
-    ``slot=None``: a task of a barrier stage, named after its partition.
+    ``slot=None``: a task of a barrier stage, named after its partition. ``payload``: the bytes, or
+    a broadcast of them.
     """
     from pyspark import TaskContext
 
     from unison.worker.serve import serve
 
+    # Read the partition to its end: PySpark reuses a Python worker (its imports, unison's included)
+    # for a later task only if the task consumed its input (SPARK-26549).
+    for _ in partition:
+        pass
     task = TaskContext.get()
     _task_gpu_environment(task)
     if slot is None:
@@ -95,7 +103,8 @@ def _serve_slot(address: tuple[str, int], secret: bytes, payload: Any, slot: int
     info: dict[str, Any] = {"slot": slot, "worker": name, "host": socket.gethostname(), "pid": os.getpid(),
                             "trials": 0, "error": None}
     try:
-        info["trials"] = serve(address, secret, payload.value, name, heartbeat_interval,
+        data = payload if isinstance(payload, bytes) else payload.value
+        info["trials"] = serve(address, secret, data, name, heartbeat_interval,
                                shared_filesystem=shared_filesystem, ship_limit=ship_limit,
                                exit_when_driver_gone=False)
     except (ConnectionError, OSError) as exc:  # the driver is unreachable, or already gone
@@ -349,8 +358,10 @@ class Spark(Backend):
         self._log = open(self._log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         self._stopping = False
         self._early.clear()  # a backend instance may serve one search after another
-        # One copy per executor, fetched through Spark: never over the driver's socket.
-        self._payload = sc.broadcast(payload_path.read_bytes())
+        # Through Spark, never over the driver's socket: a small payload in the task closure (no
+        # broadcast to set up, which costs a cold session ~0.2 s), a bigger one once per executor.
+        data = payload_path.read_bytes()
+        self._payload = data if len(data) <= INLINE_PAYLOAD_BYTES else sc.broadcast(data)
         self._barrier_tasks = workers if barrier else 0
         self._aborted.clear()
         self._connected.clear()
@@ -499,7 +510,8 @@ class Spark(Backend):
                 break
         self._wait_until_no_job_runs(deadline)
         try:
-            self._payload.destroy(blocking=False)
+            if not isinstance(self._payload, bytes):
+                self._payload.destroy(blocking=False)
         except Exception:  # noqa: BLE001
             pass
         for job in jobs:
