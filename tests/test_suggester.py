@@ -101,6 +101,18 @@ def test_a_search_on_workers_suggests_ahead_and_ends_its_thread(tmp_path: Any) -
     assert not [t for t in threading.enumerate() if t.name == "unison-suggester"]
 
 
+def test_one_worker_suggests_knowing_every_result_as_inline_does(tmp_path: Any) -> None:
+    """A sequential search computes nothing ahead (a suggestion would miss the result of the trial
+    ending): one worker gives exactly the inline backend's trials for the seed."""
+    def train(x: float, y: float) -> float:
+        return objective(x, y)
+
+    search = unison.Search(SPACE, metric="loss", mode="min", trials=14, seed=5, optimizer="tpe")
+    inline = unison.run(train, search, backend="inline", storage=tmp_path / "a", progress=False)
+    one = unison.run(train, search, backend=unison.Local(workers=1), storage=tmp_path / "b", progress=False)
+    assert [r["hparams"] for r in one.rows] == [r["hparams"] for r in inline.rows]
+
+
 def test_a_failing_optimizer_on_workers_fails_the_search_as_inline(tmp_path: Any) -> None:
     search = unison.Search({"x": unison.uniform(0, 1)}, metric="value", trials=6, optimizer=Failing())
     with pytest.raises(RuntimeError, match="broke at trial 2"):

@@ -389,6 +389,7 @@ class Local(Backend):
                 proc.reap()
         finally:
             killer.cancel()
+            killer.join()  # (one that already fired finishes its kills before the template is closed)
         if self._template is not None:
             self._template.close()
             self._template = None

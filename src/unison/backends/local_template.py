@@ -94,12 +94,19 @@ class _Template:
         if request["op"] == "kill":
             if request["pid"] in self.children:  # unreaped: its pid still names its group
                 _killpg(request["pid"])
+                try:  # (forked a moment ago, before its setsid: no group of that number yet)
+                    os.kill(request["pid"], signal.SIGKILL)
+                except OSError:
+                    pass
             return
         try:
             pid = self.fork(request)
         except OSError as e:
-            with open(request["log"], "a") as log:
-                print(f"unison: the worker template could not fork this worker: {e}", file=log)
+            try:
+                with open(request["log"], "a") as log:
+                    print(f"unison: the worker template could not fork this worker: {e}", file=log)
+            except OSError:
+                pass
             self.send({"ev": "spawn_failed", "id": request["id"], "error": str(e)})
             return
         self.children.add(pid)
@@ -199,14 +206,20 @@ class WorkerTemplate:
     def __init__(self, env: dict[str, str], preload: list[str], log: Path) -> None:
         requests_r, self._requests = os.pipe()
         self._events, events_w = os.pipe()
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(requests_r), str(events_w), *preload],
-                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                pass_fds=(requests_r, events_w), start_new_session=True,
-            )
-        os.close(requests_r)
-        os.close(events_w)
+        try:
+            with open(log, "ab") as out:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", __name__, str(requests_r), str(events_w), *preload],
+                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    pass_fds=(requests_r, events_w), start_new_session=True,
+                )
+        except BaseException:
+            for fd in (self._requests, self._events):
+                os.close(fd)
+            raise
+        finally:
+            os.close(requests_r)
+            os.close(events_w)
         self.dead: str | None = None
         self._pids: dict[int, int] = {}  # request id -> the worker's pid, once forked
         self._ids: dict[int, int] = {}  # pid -> request id, while the worker runs
@@ -217,7 +230,11 @@ class WorkerTemplate:
         self._changed = threading.Condition()
         self._send_lock = threading.Lock()
         threading.Thread(target=self._read, name="unison-template", daemon=True).start()
-        self._wait_ready(preload, log)
+        try:
+            self._wait_ready(preload, log)
+        except BaseException:  # (Ctrl-C during a slow preload too: no template left behind)
+            self.close()
+            raise
 
     def _wait_ready(self, preload: list[str], log: Path) -> None:
         with self._changed:
@@ -233,12 +250,26 @@ class WorkerTemplate:
                 f"{sys.executable}:\n{ready.get('error')}"
             )
         why = self.dead or f"it did not start within {READY_TIMEOUT_S:g} s"
-        raise WorkerError(f"the local backend's worker template failed to start ({why}); see {log}")
+        try:
+            tail = log.read_text(errors="replace")[-3000:].strip()
+        except OSError:
+            tail = ""
+        raise WorkerError(f"the local backend's worker template failed to start ({why}); see {log}"
+                          + (f":\n{tail}" if tail else "") + "\n(Local(start='fresh') starts each worker as "
+                          "a new interpreter instead)")
 
     def _read(self) -> None:
-        with os.fdopen(self._events, "rb") as events:
-            for line in events:
-                self._event(json.loads(line))
+        try:
+            with os.fdopen(self._events, "rb") as events:
+                for line in events:
+                    self._event(json.loads(line))
+        except Exception:  # noqa: BLE001 - a line it cannot read: the template is treated as gone
+            self.proc.kill()
+        finally:
+            self._ended()
+
+    def _ended(self) -> None:
+        """The template is gone: its workers' groups are killed and every worker counts as ended."""
         code = self.proc.wait()
         with self._changed:
             self.dead = f"the worker template process ended with {_describe(code)}"
@@ -269,6 +300,8 @@ class WorkerTemplate:
     def _send(self, request: dict[str, Any]) -> bool:
         try:
             with self._send_lock:
+                if self._requests < 0:
+                    return False
                 os.write(self._requests, json.dumps(request).encode() + b"\n")
             return True
         except OSError:
@@ -318,8 +351,10 @@ class WorkerTemplate:
 
     def close(self) -> None:
         """End the template: it kills what is left of its workers' groups and exits."""
+        with self._send_lock:  # (a kill being sent finishes first; none is written to a reused fd after)
+            requests, self._requests = self._requests, -1
         try:
-            os.close(self._requests)
+            os.close(requests)
         except OSError:
             pass
         try:

@@ -90,11 +90,13 @@ def _serve_slot(address: tuple[str, int], secret: bytes, payload: Any, slot: int
 
     from unison.worker.serve import serve
 
-    # Read the partition to its end: PySpark reuses a Python worker (its imports, unison's included)
-    # for a later task only if the task consumed its input (SPARK-26549).
-    for _ in partition:
-        pass
     task = TaskContext.get()
+    # Read the partition to its end: PySpark reuses a Python worker (its imports, unison's included)
+    # for a later task only if the task consumed its input (SPARK-26549). Not with GPUs: a reused process
+    # whose CUDA is initialized keeps its first device, whatever the next task is assigned.
+    if task is None or task.resources().get("gpu") is None:
+        for _ in partition:
+            pass
     _task_gpu_environment(task)
     if slot is None:
         slot = task.partitionId() if task is not None else 0

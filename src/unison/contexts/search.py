@@ -71,7 +71,8 @@ class Search:
         trials: how many trials to run. Default: the whole grid for ``optimizer="grid"``, else 20.
         optimizer: ``"tpe"`` (default), ``"gp"`` (needs torch), ``"cmaes"``, ``"qmc"``, ``"nsga2"``
             (Optuna's samplers, asynchronous: suggestions account for trials still running),
-            ``"random"``, ``"grid"``, or a :class:`unison.Optimizer` instance.
+            ``"auto"`` (GP for the first 100 trials of a small numeric single-objective space, then
+            TPE), ``"random"``, ``"grid"``, or a :class:`unison.Optimizer` instance.
         scheduler: early stopping: ``None``, ``"median"``, ``"asha"`` (``unison.ASHA()``: rungs at
             steps 0, 2, 8, 26, ...), or a :class:`unison.Scheduler` instance such as
             ``unison.ASHA(max_resource=epochs)``, ``unison.Hyperband(1, epochs)`` or

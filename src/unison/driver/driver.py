@@ -288,8 +288,11 @@ class SearchDriver:
     def suggest_ahead(self) -> None:
         """Compute a learning optimizer's suggestions on a background thread, one ahead of the trials
         taken (:mod:`unison.driver.suggester`); :meth:`close_suggester` ends it. Off for an optimizer
-        that does not learn (its trials are handed out ahead instead: :attr:`prefetch`) and for PBT."""
-        if self.suggester is None and getattr(self.optimizer, "adaptive", True) and not self.population:
+        that does not learn (its trials are handed out ahead instead: :attr:`prefetch`), for PBT, and for
+        one trial at a time (a sequential search: each suggestion knows every result before it)."""
+        sequential = self.concurrency is not None and self.concurrency <= 1
+        if (self.suggester is None and getattr(self.optimizer, "adaptive", True) and not self.population
+                and not sequential):
             from unison.driver.suggester import Suggester
 
             self.suggester = Suggester(self.optimizer)

@@ -385,6 +385,7 @@ class _Session:
         trial_id = request["trial_id"]
         decide = functools.partial(self._decide, trial_id)
         notify = functools.partial(self._notify, trial_id)
+        self.current["late"].clear()  # (a stop left from an earlier attempt of the same trial is old news)
         self.current.update(trial_id=trial_id, local_dir=None)
         if self.shared_filesystem:
             result = runner.run(request, decide, notify)
