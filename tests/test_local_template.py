@@ -80,6 +80,36 @@ def test_a_crashed_worker_is_forked_again_and_a_dead_template_falls_back_to_fres
     assert len(logs) >= 3  # the crashed worker's and the killed one's replacements
 
 
+class _SeesTheTemplate(unison.optimizers.RandomSearch):
+    """Notes, as the driver sets the optimizer up, the worker template the backend already started."""
+
+    def __init__(self, backend: unison.Local, fail: bool = False) -> None:
+        self.backend, self.fail = backend, fail
+        self.seen: Any = None
+
+    def setup(self, space: dict[str, Any], mode: Any, seed: int | None) -> None:
+        prepared = self.backend._prepared  # noqa: SLF001 - what prepare() started
+        self.seen = None if prepared is None else prepared[2].proc
+        if self.fail:
+            raise RuntimeError("setup failed")
+        super().setup(space, mode, seed)
+
+
+def test_the_template_starts_while_the_driver_sets_up_and_ends_if_it_cannot_start(tmp_path: Path) -> None:
+    backend = unison.Local(workers=1)
+    optimizer = _SeesTheTemplate(backend)
+    r = unison.run(lambda x: x, unison.Search({"x": unison.uniform(0, 1)}, trials=2, optimizer=optimizer),
+                   backend=backend, storage=tmp_path, progress=False)
+    assert optimizer.seen is not None and optimizer.seen.returncode is not None  # started early, ended
+    assert len(r.rows) == 2 and (Path(r.path) / "workers" / "template.log").exists()
+    failing = _SeesTheTemplate(backend, fail=True)
+    with pytest.raises(RuntimeError, match="setup failed"):
+        unison.run(lambda x: x, unison.Search({"x": unison.uniform(0, 1)}, trials=2, optimizer=failing),
+                   backend=backend, storage=tmp_path, progress=False)
+    assert failing.seen is not None and failing.seen.poll() is not None  # closed, not left running
+    assert backend._prepared is None  # noqa: SLF001
+
+
 def test_a_preload_that_fails_to_import_names_the_module(tmp_path: Path) -> None:
     with pytest.raises(unison.WorkerError, match=r"(?s)importing 'f19_no_such_module'.*ModuleNotFoundError"):
         _run(lambda x: x, tmp_path, preload=["f19_no_such_module"])

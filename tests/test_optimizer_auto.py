@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import threading
+
 import pytest
 
 import unison
@@ -50,7 +53,7 @@ def test_search_runs_hands_over_to_tpe_and_is_reproducible(tmp_path) -> None:
 
     runs = []
     for i in range(2):
-        optimizer = AutoSearch(gp_trials=12)
+        optimizer = AutoSearch(gp_trials=12, timing=False)
         search = unison.Search(NUMERIC, metric="value", mode="min", trials=15, optimizer=optimizer, seed=3,
                                max_concurrent=2)
         result = unison.run(objective, search, backend="inline", progress=False,
@@ -62,14 +65,71 @@ def test_search_runs_hands_over_to_tpe_and_is_reproducible(tmp_path) -> None:
     assert len({tuple(h.values()) for h in runs[0]}) == 15  # TPE's start did not repeat GP's points
 
 
-def test_timing_rule_switches_only_when_asked() -> None:
-    """Trials that end at once are shorter than any suggestion: with timing=True TPE takes over."""
-    for timing, expected in ((False, "gp"), (True, "tpe")):
-        optimizer = AutoSearch(timing=timing, min_gp_seconds=0.0)
-        optimizer.setup(NUMERIC, "min", 0)
-        for number in range(3):
-            hparams = optimizer.suggest(number)
-            optimizer.observe(number, hparams, hparams["x"] ** 2, "completed")
-        assert optimizer.sampler == expected
-        if timing:
-            assert "shorter than GP's suggestions" in optimizer.reason
+class _Clock:
+    """Stands in for ``time.perf_counter`` in the auto module: the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _drive(optimizer: AutoSearch, trials: int, pace_s: float, clock: _Clock) -> None:
+    """Suggest and complete ``trials`` one after the other, a result every ``pace_s`` seconds."""
+    for number in range(trials):
+        hparams = optimizer.suggest(number)
+        clock.now += pace_s
+        optimizer.observe(number, hparams, (hparams["x"] - 0.5) ** 2 + hparams["y"], "completed")
+
+
+def test_fast_results_hand_over_to_tpe_before_gp_fits_a_model(monkeypatch) -> None:
+    """Results every 10 ms: TPE takes over when GP's random start ends, before any model is fitted;
+    with timing=False GP goes on (its suggestions then depend on the seed and results alone)."""
+    clock = _Clock()
+    monkeypatch.setattr("unison.optimizers.auto.time.perf_counter", clock)
+    imports: list[str] = []
+    monkeypatch.setattr("unison.optimizers.auto._import_gp_dependencies", lambda: imports.append("gp"))
+    fast = AutoSearch()
+    fast.setup(NUMERIC, "min", 0)
+    _drive(fast, 12, 0.01, clock)
+    assert fast.sampler == "tpe" and fast.reason.startswith("results arrive every 0.01 s")
+    assert fast._fit_s == []  # noqa: SLF001 - no GP model was fitted
+    assert imports == []  # nor torch imported ahead for one
+    untimed = AutoSearch(timing=False)
+    untimed.setup(NUMERIC, "min", 0)
+    _drive(untimed, 11, 0.01, clock)
+    assert untimed.sampler == "gp" and len(untimed._fit_s) == 1  # noqa: SLF001
+
+
+@pytest.mark.parametrize(("cost_s", "expected"), [(0.5, "gp"), (1.5, "tpe")])
+def test_gp_stays_while_it_takes_under_half_the_time_between_results(
+    monkeypatch: pytest.MonkeyPatch, cost_s: float, expected: str
+) -> None:
+    """Results every 2 s, GP's suggestions cost 0.5 s (the clock moved by a slow stand-in): GP stays
+    past its third model-based suggestion; at 1.5 s each it hands over there, saying why."""
+    clock = _Clock()
+    monkeypatch.setattr("unison.optimizers.auto.time.perf_counter", clock)
+    imports: list[str] = []
+    monkeypatch.setattr("unison.optimizers.auto._import_gp_dependencies", lambda: imports.append("gp"))
+    optimizer = AutoSearch()
+    optimizer.setup(NUMERIC, "min", 0)
+    gp = optimizer._gp  # noqa: SLF001
+    real = gp.suggest
+
+    def slow(number: int) -> dict:
+        clock.now += cost_s if optimizer._completed >= 10 else 0.0  # noqa: SLF001
+        return real(number)
+
+    monkeypatch.setattr(gp, "suggest", slow)
+    _drive(optimizer, 14, 2.0, clock)
+    assert optimizer.sampler == expected, optimizer.reason
+    for thread in threading.enumerate():
+        if thread.name == "unison-gp-imports":
+            thread.join()
+    assert imports == ["gp"]  # slow results: torch was imported ahead of GP's first model, once
+    if expected == "tpe":
+        # (the time between results includes GP's own 1.5 s: the trials ran one after another)
+        assert re.fullmatch(r"GP's suggestions take 1.5 s, more than half the time between results "
+                            r"\(2\.\d+ s\)", optimizer.reason)
+        assert len(optimizer._fit_s) == 3  # noqa: SLF001 - decided at the third

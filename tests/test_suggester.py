@@ -120,6 +120,32 @@ def test_a_failing_optimizer_on_workers_fails_the_search_as_inline(tmp_path: Any
     assert not [t for t in threading.enumerate() if t.name == "unison-suggester"]
 
 
+class FailsOnTheLastResult(unison.Optimizer):
+    """Suggests 0.1 n; its ``observe`` fails when told how the last of ``trials`` trials ended."""
+
+    def __init__(self, trials: int) -> None:
+        self.trials, self.seen = trials, 0
+
+    def suggest(self, trial_number: int) -> dict[str, Any]:
+        return {"x": 0.1 * trial_number}
+
+    def observe(self, trial_number: int, hparams: dict[str, Any], value: Any, status: str) -> None:
+        self.seen += 1
+        if self.seen == self.trials:
+            raise RuntimeError("the optimizer broke on the last result")
+
+
+@pytest.mark.parametrize("backend", ["inline", "local"])
+def test_an_error_in_the_last_observe_fails_the_search_on_every_backend(tmp_path: Any, backend: str) -> None:
+    """No later call raises it on the suggester's thread: closing the suggester does."""
+    search = unison.Search({"x": unison.uniform(0, 1)}, metric="value", trials=4,
+                           optimizer=FailsOnTheLastResult(4))
+    with pytest.raises(RuntimeError, match="broke on the last result"):
+        unison.run(lambda x: x, search, backend=unison.Local(workers=2) if backend == "local" else "inline",
+                   storage=tmp_path, progress=False)
+    assert unison.load(next(tmp_path.iterdir())).status == "failed"
+
+
 # ------------------------------------------------- reports that no scheduler judges do not wait
 def _worker_and_driver() -> tuple[Any, Any, Any]:
     from unison.driver.server import Server

@@ -197,7 +197,8 @@ def test_children_a_trial_started_do_not_outlive_the_search(tmp_path: Path) -> N
     assert list(r.trials["status"]) == ["completed"] * 3
     pids = [int((r.path / "trials" / f"{t:04d}" / "child.pid").read_text()) for t in range(3)]
     try:
-        assert [p for p in pids if alive(p)] == [], "children of trials outlived the search"
+        # SIGKILLed with the worker's group as it exits; on a loaded machine the kill takes a moment
+        wait_for(lambda: not [p for p in pids if alive(p)], 5.0, "the children to end with the search")
     finally:
         for pid in pids:
             try:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 from unison.launch import LaunchSpec
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from unison.gpus import GpuRequest
 
 _REGISTRY: dict[str, type[Backend]] = {}
@@ -71,6 +73,15 @@ class Backend:
         groups): the driver then starts each trial on the idle workers of one group. ``None``: any
         idle workers will do."""
         return None
+
+    def prepare(self, log_dir: Path, workers: int) -> None:
+        """Begin, before :meth:`start`, what takes a while and needs nothing from the driver (Local:
+        its worker template), so it overlaps the driver's own set-up. ``workers``: how many are
+        expected (:meth:`start` may ask for another number). Either :meth:`start` or
+        :meth:`cancel_prepared` follows. This default does nothing."""
+
+    def cancel_prepared(self) -> None:
+        """Undo :meth:`prepare` when the experiment does not start after all."""
 
     def start(self, spec: LaunchSpec) -> None:
         """Start ``spec.workers`` workers that connect to ``spec.address`` with ``spec.secret`` and load

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import IO, Any
 
 from unison import gpus as _gpus
@@ -181,6 +182,7 @@ class Local(Backend):
                              f"use start='fresh'")
         self.preload = _check_preload(preload)
         self._template: WorkerTemplate | None = None
+        self._prepared: tuple[Path, dict[str, str], WorkerTemplate] | None = None  # see prepare()
         self.gpus = _gpus.check_gpu_ids(gpus)
         self._gpu_slots: list[list[str]] | None = None  # each slot's GPUs, while a context asks for GPUs
         self.heartbeat_interval = _seconds("heartbeat_interval", heartbeat_interval, "1")
@@ -240,27 +242,62 @@ class Local(Backend):
             return {}
         return {"CUDA_VISIBLE_DEVICES": ",".join(self.gpus)}
 
-    def start(self, spec: LaunchSpec) -> None:
-        workers, log_dir = spec.workers, spec.log_dir
-        self._spec = spec
-        self._env = dict(os.environ)
-        self._env["PYTHONUNBUFFERED"] = "1"
-        self._env.pop(_gpus.GPUS_VAR, None)  # a worker's GPUs are the ones this backend gives it
+    @staticmethod
+    def _worker_env(workers: int) -> dict[str, str]:
+        """The environment of the template and the workers (before each worker's own variables)."""
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop(_gpus.GPUS_VAR, None)  # a worker's GPUs are the ones this backend gives it
         # Numerical libraries start one thread per core in every worker; split the cores instead,
         # unless the user chose a number.
         threads = str(max(1, (os.cpu_count() or 1) // workers))
         for var in _THREAD_VARS:
-            self._env.setdefault(var, threads)
+            env.setdefault(var, threads)
+        return env
+
+    def prepare(self, log_dir: Path, workers: int) -> None:
+        """Start the worker template (``start="fork-server"``) while the driver sets up; :meth:`start`
+        uses it."""
+        self.cancel_prepared()
+        if self.start_mode == "fork-server":
+            env = self._worker_env(workers)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            _LIVE.add(self)
+            self._prepared = (log_dir, env, WorkerTemplate(env, self.preload, log_dir / "template.log"))
+
+    def cancel_prepared(self) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            prepared[2].close()
+
+    def _take_template(self, log_dir: Path) -> WorkerTemplate:
+        """The template :meth:`prepare` started if it fits this start (same folder; the same
+        environment when it preloads modules, which may read it), else a new one."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            where, env, template = prepared
+            if where == log_dir and (env == self._env or not self.preload):
+                return template
+            template.close()
+        return WorkerTemplate(self._env, self.preload, log_dir / "template.log")
+
+    def start(self, spec: LaunchSpec) -> None:
+        workers, log_dir = spec.workers, spec.log_dir
+        self._spec = spec
+        self._env = self._worker_env(workers)
         self._log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self._stopping = False
         self._early_deaths = 0
         _LIVE.add(self)
         if self._gpu_slots is not None and workers > len(self._gpu_slots):
+            self.cancel_prepared()
             raise ValueError(f"{workers} workers asked for, but {self!r} has GPUs for {len(self._gpu_slots)}")
         self._template = None
         if self.start_mode == "fork-server":
-            self._template = WorkerTemplate(self._env, self.preload, log_dir / "template.log")
+            template = self._take_template(log_dir)
+            template.wait_ready()
+            self._template = template
         for slot in range(workers):
             self._spawn(slot)
 
@@ -393,6 +430,7 @@ class Local(Backend):
         if self._template is not None:
             self._template.close()
             self._template = None
+        self.cancel_prepared()
         for log in self._logs.values():
             log.close()
         self._procs.clear()

@@ -229,9 +229,14 @@ class WorkerTemplate:
         self._ready: dict[str, Any] | None = None
         self._changed = threading.Condition()
         self._send_lock = threading.Lock()
+        self._preload, self._log = preload, log
         threading.Thread(target=self._read, name="unison-template", daemon=True).start()
+
+    def wait_ready(self) -> None:
+        """Return once the template has imported its modules (it starts while the caller goes on);
+        raise :class:`WorkerError` saying why if it cannot, the template closed."""
         try:
-            self._wait_ready(preload, log)
+            self._wait_ready(self._preload, self._log)
         except BaseException:  # (Ctrl-C during a slow preload too: no template left behind)
             self.close()
             raise

@@ -220,10 +220,15 @@ class RemoteLoop:
             # Close before stopping: a worker that connected too late to be greeted (or to be sent
             # SHUTDOWN) then sees its connection end and exits instead of waiting to be killed.
             server.close()
-            self.driver.close_suggester()
-            self.backend.stop(force=self.driver.abort_error is not None or not self.driver.finished)
-            if self.inbox is not None:
-                self.inbox.close()
+            try:
+                self.backend.stop(force=self.driver.abort_error is not None or not self.driver.finished)
+            finally:
+                if self.inbox is not None:
+                    self.inbox.close()
+                # After the workers' stop, which need not wait for a suggestion being computed ahead
+                late_error = self.driver.close_suggester()
+        if late_error is not None:  # the optimizer failed on the last result: as it would on any other
+            raise late_error
 
     def _tick(self, now: float) -> None:
         self._check_heartbeats(now)

@@ -297,11 +297,11 @@ class SearchDriver:
 
             self.suggester = Suggester(self.optimizer)
 
-    def close_suggester(self) -> None:
-        """End the background suggestions (a suggestion computed ahead and not taken is dropped)."""
+    def close_suggester(self) -> BaseException | None:
+        """End the background suggestions (a suggestion computed ahead and not taken is dropped);
+        return the error the optimizer's last ``observe`` raised, if nothing raised it yet."""
         suggester, self.suggester = self.suggester, None
-        if suggester is not None:
-            suggester.close()
+        return None if suggester is None else suggester.close()
 
     @property
     def finished(self) -> bool:

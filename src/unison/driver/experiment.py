@@ -194,6 +194,8 @@ def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | 
         meta["checkpoint_storage"] = shared
     runner = None
     try:  # from here on the store holds the lock: release it if the experiment cannot start
+        if not backend.in_process:  # (Local's worker template starts while the driver sets up)
+            backend.prepare(store.path / "workers", _expected_workers(plan, backend, gang_slots))
         declaration = json.loads(json.dumps(meta[plan.kind], default=str))  # the callbacks' own copy
         runner = CallbackRunner.start(callbacks or [], ExperimentInfo(
             meta["name"], plan.kind, store.path, declaration, repr(backend), bool(events)), store)
@@ -209,6 +211,7 @@ def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | 
         show = make_progress(progress, plan.search.metric)
         show.start(_headline(meta["name"], plan, driver, backend, workers, store.path))
     except BaseException:
+        backend.cancel_prepared()
         if runner is not None:
             runner.close(None)
         store.close()
@@ -322,6 +325,13 @@ def _open_store(code: UserCode, plan: Plan, storage: str | Path | None, name: st
     return store, meta, store.read_journal()
 
 
+def _expected_workers(plan: Plan, backend: Backend, gang_slots: int) -> int:
+    """:func:`_size` before the driver exists (a resumed experiment may need fewer)."""
+    search, k = plan.search, plan.workers_per_trial
+    caps = [n for n in (search.trials, search.max_concurrent) if n]
+    return max(1, min([gang_slots // k if k > 1 else backend.slots(), *caps])) * k
+
+
 def _size(driver: SearchDriver, plan: Plan, backend: Backend, gang_slots: int) -> int:
     """How many workers to start, and how many trials the driver runs at once."""
     search, k = plan.search, plan.workers_per_trial
@@ -384,6 +394,7 @@ class _Run:
                 raise
             raise full from None  # its message names the file; __context__ keeps the original
         finally:
+            self.backend.cancel_prepared()  # (when no worker was started: a resumed, finished search)
             result = self._record_end(status, ended)
         if self.driver.abort_error is not None:
             raise self.driver.abort_error

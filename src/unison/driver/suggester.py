@@ -84,12 +84,15 @@ class Suggester:
             self.ahead.cancelled = True
             self.ahead = None
 
-    def close(self) -> None:
-        """Drop what is computed ahead, finish the queued calls and end the thread."""
+    def close(self) -> BaseException | None:
+        """Drop what is computed ahead, finish the queued calls and end the thread; return the error
+        an ``observe`` raised that no later call raised."""
         self.discard()
         self.release()
         self.tasks.put(_DONE)
         self.thread.join()
+        error, self.observe_error = self.observe_error, None
+        return error
 
     def _submit(self, number: int) -> _Ticket:
         ticket = _Ticket(number)

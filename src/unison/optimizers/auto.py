@@ -1,14 +1,15 @@
 """``optimizer="auto"``: Gaussian-process search while trials are few, TPE beyond that.
 
 The route is decided from what the optimizer knows when the search starts (the space and the
-objectives) and, as trials go on, from how many were suggested; optionally (``timing=True``) from
-observed trial durations against GP's suggestion times. Measurements behind the defaults are in
+objectives) and, as trials go on, from how many were suggested and (``timing``, on by default) from
+how fast results come against how long GP's suggestions take. Measurements behind the defaults are in
 ``benchmarks/README.md`` ("Search quality").
 """
 
 from __future__ import annotations
 
 import importlib.util
+import threading
 import time
 from typing import Any
 
@@ -36,32 +37,60 @@ def route(space: dict[str, Any], mode: str | list[str], gp_max_dims: int) -> tup
     return "gp", f"{len(dists)} numeric hyperparameters"
 
 
+_STARTUP = 10  # Optuna's GPSampler samples at random until this many trials completed, then fits
+_FIT_GUESS_S = 0.1  # what a GP suggestion costs at the least (one core, a few dimensions): measured
+_CHECKS = (3, 12, 40)  # after this many GP suggestions from a fitted model, its cost is looked at again
+_RECENT = 20  # the results whose pace is compared with GP's cost
+
+
+_WARM_AFTER = 3  # results after which GP's dependencies are imported in the background, if they come slowly
+
+
+def _import_gp_dependencies() -> None:
+    """What GP's first model needs (torch alone takes a second or more to import), imported while the
+    first trials run rather than when the next trial waits for GP's suggestion."""
+    try:
+        import scipy.optimize  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:  # GP's own suggestion says what is missing
+        pass
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 class AutoSearch(Optimizer):
-    """GP (Optuna's ``GPSampler``) for the first ``gp_trials`` trials, then TPE.
+    """GP (Optuna's ``GPSampler``) while trials are few and slow enough to hide its suggestions, TPE
+    otherwise. ``optimizer="auto"``, the default.
 
     Args:
         gp_trials: how many trials GP suggests before TPE takes over (GP's cost per suggestion grows
             with the trials seen; TPE starts from every trial finished by then). Default 100.
         gp_max_dims: spaces with more hyperparameters than this use TPE from the start. Default 16.
-        timing: also switch to TPE once GP has spent ``min_gp_seconds`` suggesting and its median
-            suggestion takes longer than the median trial (wall time from suggestion to result), so
-            very short trials do not wait on GP. Off by default: the sequence of suggestions then
-            depends only on the seed and the results, on every machine.
-        min_gp_seconds: see ``timing``. Default 10.
+        timing: hand over to TPE early when results come too fast for GP: when GP is about to fit
+            its first model (after its 10 random trials) and results arrive more often than every
+            0.2 s (on average), or when, after its 3rd, 12th and 40th suggestion from a model, its
+            median suggestion takes more than half the mean time between the last 20 results (the
+            workers would wait for it). When the first results come slowly, torch is imported in
+            the background, so GP's first model does not wait for it. Default on. The points where
+            this is decided are fixed, the outcome depends on measured times: the sequence of
+            suggestions is the same for a seed unless the trials' pace is near those limits.
+            ``timing=False`` (or ``optimizer="gp"``) makes it depend on the seed and the results
+            alone, on every machine.
 
     Multi-objective searches, conditional or mostly categorical spaces use TPE throughout
     (:func:`route`). ``self.sampler`` is ``"gp"`` or ``"tpe"`` (what suggests now), ``self.reason`` why.
     """
 
-    def __init__(self, *, gp_trials: int = 100, gp_max_dims: int = 16, timing: bool = False,
-                 min_gp_seconds: float = 10.0) -> None:
+    def __init__(self, *, gp_trials: int = 100, gp_max_dims: int = 16, timing: bool = True) -> None:
         for name, value in (("gp_trials", gp_trials), ("gp_max_dims", gp_max_dims)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"AutoSearch({name}=...) must be a non-negative int, got {value!r}")
         if not isinstance(timing, bool):
             raise ValueError(f"AutoSearch(timing=...) must be True or False, got {timing!r}")
-        self.gp_trials, self.gp_max_dims = gp_trials, gp_max_dims
-        self.timing, self.min_gp_seconds = timing, float(min_gp_seconds)
+        self.gp_trials, self.gp_max_dims, self.timing = gp_trials, gp_max_dims, timing
 
     def setup(self, space: dict[str, Any], mode: str | list[str], seed: int | None) -> None:
         super().setup(space, mode, seed)
@@ -72,9 +101,11 @@ class AutoSearch(Optimizer):
         if self.sampler == "gp" and missing:
             self.sampler, self.reason = "tpe", f"GP needs {' and '.join(missing)} (not installed)"
         self._finished: list[tuple[int, dict[str, Any], Any, str]] = []
-        self._started: dict[int, float] = {}
-        self._trial_s: list[float] = []
-        self._gp_s: list[float] = []
+        self._completed = 0  # trials that completed: GP fits a model from _STARTUP of them
+        self._result_times: list[float] = []  # when this search's own trials ended (not resumed ones)
+        self._fit_s: list[float] = []  # GP's suggestions from a fitted model
+        self._prechecked = False
+        self._checks_done = 0
         self._owner: dict[int, OptunaOptimizer] = {}
         self._gp: OptunaOptimizer | None = None
         self._tpe: OptunaOptimizer | None = None
@@ -91,15 +122,30 @@ class AutoSearch(Optimizer):
         for number, hparams, value, status in self._finished:
             self._tpe.observe(number, hparams, value, status)
 
+    def _pace(self) -> float | None:
+        """The mean time between the last results (workers that end together come in pairs), if two
+        have ended."""
+        times = self._result_times[-(_RECENT + 1):]
+        return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+
     def _switch(self, trial_number: int) -> str | None:
         """Why GP hands over to TPE before ``trial_number``, or ``None`` while it goes on."""
         if trial_number >= self.gp_trials:
             return f"{self.gp_trials} trials suggested by GP (gp_trials)"
-        if self.timing and self._trial_s and sum(self._gp_s) >= self.min_gp_seconds:
-            gp_s = sorted(self._gp_s)[len(self._gp_s) // 2]
-            trial_s = sorted(self._trial_s)[len(self._trial_s) // 2]
-            if gp_s > trial_s:
-                return f"trials ({trial_s:.3g} s) shorter than GP's suggestions ({gp_s:.3g} s)"
+        if not self.timing:
+            return None
+        if self._completed >= _STARTUP and not self._prechecked:
+            self._prechecked = True  # once, before GP's first model (which also imports torch)
+            pace = self._pace()
+            if pace is not None and pace < 2 * _FIT_GUESS_S:
+                return (f"results arrive every {pace:.3g} s: GP's suggestions (~{_FIT_GUESS_S:g} s and up) "
+                        f"would hold the trials up")
+        if self._checks_done < len(_CHECKS) and len(self._fit_s) >= _CHECKS[self._checks_done]:
+            self._checks_done += 1
+            fit_s, pace = _median(self._fit_s), self._pace()
+            if pace is not None and fit_s > pace / 2:
+                return (f"GP's suggestions take {fit_s:.3g} s, more than half the time between results "
+                        f"({pace:.3g} s)")
         return None
 
     def suggest(self, trial_number: int) -> dict[str, Any] | None:
@@ -112,20 +158,18 @@ class AutoSearch(Optimizer):
                 self._start_tpe()
         optimizer = self._gp if self.sampler == "gp" else self._tpe
         assert optimizer is not None
+        fitted = optimizer is self._gp and self._completed >= _STARTUP
         start = time.perf_counter()
         hparams = optimizer.suggest(trial_number)
-        now = time.perf_counter()
-        if optimizer is self._gp:
-            self._gp_s.append(now - start)
+        if fitted:
+            self._fit_s.append(time.perf_counter() - start)
         self._owner[trial_number] = optimizer
-        self._started[trial_number] = now
         return hparams
 
     def observe(self, trial_number: int, hparams: dict[str, Any], value: float | list[float] | None,
                 status: str) -> None:
-        started = self._started.pop(trial_number, None)
-        if started is not None:
-            self._trial_s.append(time.perf_counter() - started)
+        if status == "completed" and value is not None:
+            self._completed += 1
         owner = self._owner.pop(trial_number, None)
         if self._tpe is None:  # what TPE is told when it takes over
             self._finished.append((trial_number, hparams, value, status))
@@ -134,6 +178,11 @@ class AutoSearch(Optimizer):
                 if optimizer is not None:
                     optimizer.observe(trial_number, hparams, value, status)
             return
+        self._result_times.append(time.perf_counter())
+        if len(self._result_times) == _WARM_AFTER and self._gp is not None and self.timing:
+            pace = self._pace()
+            if pace is not None and pace >= 2 * _FIT_GUESS_S:  # GP will be used: import it meanwhile
+                threading.Thread(target=_import_gp_dependencies, name="unison-gp-imports").start()
         owner.observe(trial_number, hparams, value, status)
         if self._tpe is not None and owner is not self._tpe:
             self._tpe.observe(trial_number, hparams, value, status)  # a GP trial that ended after the switch

@@ -20,6 +20,8 @@ class RandomSearch(Optimizer):
     def setup(self, space: dict[str, Any], mode: str | list[str], seed: int | None) -> None:
         import secrets
 
+        import numpy  # noqa: F401 - imported now, while the backend starts its workers, not at the first suggestion
+
         super().setup(space, mode, secrets.randbits(31) if seed is None else seed)
 
     def suggest(self, trial_number: int) -> dict[str, Any]:
