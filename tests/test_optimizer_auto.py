@@ -70,9 +70,19 @@ class _Clock:
 
     def __init__(self) -> None:
         self.now = 0.0
+        self.imports: list[str] = []
 
     def __call__(self) -> float:
         return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    """The auto module's clock, moved by the test; ``clock.imports`` records the background imports."""
+    fake = _Clock()
+    monkeypatch.setattr("unison.optimizers.auto.time.perf_counter", fake)
+    monkeypatch.setattr("unison.optimizers.auto._import_gp_dependencies", lambda: fake.imports.append("gp"))
+    return fake
 
 
 def _drive(optimizer: AutoSearch, trials: int, pace_s: float, clock: _Clock) -> None:
@@ -83,19 +93,15 @@ def _drive(optimizer: AutoSearch, trials: int, pace_s: float, clock: _Clock) -> 
         optimizer.observe(number, hparams, (hparams["x"] - 0.5) ** 2 + hparams["y"], "completed")
 
 
-def test_fast_results_hand_over_to_tpe_before_gp_fits_a_model(monkeypatch) -> None:
+def test_fast_results_hand_over_to_tpe_before_gp_fits_a_model(clock: _Clock) -> None:
     """Results every 10 ms: TPE takes over when GP's random start ends, before any model is fitted;
     with timing=False GP goes on (its suggestions then depend on the seed and results alone)."""
-    clock = _Clock()
-    monkeypatch.setattr("unison.optimizers.auto.time.perf_counter", clock)
-    imports: list[str] = []
-    monkeypatch.setattr("unison.optimizers.auto._import_gp_dependencies", lambda: imports.append("gp"))
     fast = AutoSearch()
     fast.setup(NUMERIC, "min", 0)
     _drive(fast, 12, 0.01, clock)
     assert fast.sampler == "tpe" and fast.reason.startswith("results arrive every 0.01 s")
     assert fast._fit_s == []  # noqa: SLF001 - no GP model was fitted
-    assert imports == []  # nor torch imported ahead for one
+    assert clock.imports == []  # nor torch imported ahead for one
     untimed = AutoSearch(timing=False)
     untimed.setup(NUMERIC, "min", 0)
     _drive(untimed, 11, 0.01, clock)
@@ -104,14 +110,10 @@ def test_fast_results_hand_over_to_tpe_before_gp_fits_a_model(monkeypatch) -> No
 
 @pytest.mark.parametrize(("cost_s", "expected"), [(0.5, "gp"), (1.5, "tpe")])
 def test_gp_stays_while_it_takes_under_half_the_time_between_results(
-    monkeypatch: pytest.MonkeyPatch, cost_s: float, expected: str
+    monkeypatch: pytest.MonkeyPatch, clock: _Clock, cost_s: float, expected: str
 ) -> None:
     """Results every 2 s, GP's suggestions cost 0.5 s (the clock moved by a slow stand-in): GP stays
     past its third model-based suggestion; at 1.5 s each it hands over there, saying why."""
-    clock = _Clock()
-    monkeypatch.setattr("unison.optimizers.auto.time.perf_counter", clock)
-    imports: list[str] = []
-    monkeypatch.setattr("unison.optimizers.auto._import_gp_dependencies", lambda: imports.append("gp"))
     optimizer = AutoSearch()
     optimizer.setup(NUMERIC, "min", 0)
     gp = optimizer._gp  # noqa: SLF001
@@ -127,7 +129,7 @@ def test_gp_stays_while_it_takes_under_half_the_time_between_results(
     for thread in threading.enumerate():
         if thread.name == "unison-gp-imports":
             thread.join()
-    assert imports == ["gp"]  # slow results: torch was imported ahead of GP's first model, once
+    assert clock.imports == ["gp"]  # slow results: torch was imported ahead of GP's first model, once
     if expected == "tpe":
         # (the time between results includes GP's own 1.5 s: the trials ran one after another)
         assert re.fullmatch(r"GP's suggestions take 1.5 s, more than half the time between results "

@@ -70,11 +70,11 @@ class Search:
         mode: ``"max"`` or ``"min"``, or one of those per metric.
         trials: how many trials to run. Default: the whole grid for ``optimizer="grid"``, else 20.
         optimizer: ``"auto"`` (default: Optuna's GP for the first 100 trials of a small numeric
-            single-objective space while results come slowly enough to hide its suggestions, then
-            or else TPE; see :class:`unison.optimizers.AutoSearch`), ``"tpe"``, ``"gp"`` (needs
-            torch), ``"cmaes"``, ``"qmc"``, ``"nsga2"`` (Optuna's samplers, asynchronous:
-            suggestions account for trials still running), ``"random"``, ``"grid"``, or a
-            :class:`unison.Optimizer` instance.
+            single-objective space, as long as results come slowly enough to hide its suggestions;
+            TPE after that and otherwise; see :class:`unison.optimizers.AutoSearch`), ``"tpe"``,
+            ``"gp"`` (needs torch), ``"cmaes"``, ``"qmc"``, ``"nsga2"`` (Optuna's samplers,
+            asynchronous: suggestions account for trials still running), ``"random"``, ``"grid"``,
+            or a :class:`unison.Optimizer` instance.
         scheduler: early stopping: ``None``, ``"median"``, ``"asha"`` (``unison.ASHA()``: rungs at
             steps 0, 2, 8, 26, ...), or a :class:`unison.Scheduler` instance such as
             ``unison.ASHA(max_resource=epochs)``, ``unison.Hyperband(1, epochs)`` or

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from unison.optimizers.base import Optimizer
@@ -41,8 +42,6 @@ _STARTUP = 10  # Optuna's GPSampler samples at random until this many trials com
 _FIT_GUESS_S = 0.1  # what a GP suggestion costs at the least (one core, a few dimensions): measured
 _CHECKS = (3, 12, 40)  # after this many GP suggestions from a fitted model, its cost is looked at again
 _RECENT = 20  # the results whose pace is compared with GP's cost
-
-
 _WARM_AFTER = 3  # results after which GP's dependencies are imported in the background, if they come slowly
 
 
@@ -102,7 +101,8 @@ class AutoSearch(Optimizer):
             self.sampler, self.reason = "tpe", f"GP needs {' and '.join(missing)} (not installed)"
         self._finished: list[tuple[int, dict[str, Any], Any, str]] = []
         self._completed = 0  # trials that completed: GP fits a model from _STARTUP of them
-        self._result_times: list[float] = []  # when this search's own trials ended (not resumed ones)
+        # when the last of this search's own trials ended (not resumed ones)
+        self._result_times: deque[float] = deque(maxlen=_RECENT + 1)
         self._fit_s: list[float] = []  # GP's suggestions from a fitted model
         self._prechecked = False
         self._checks_done = 0
@@ -125,7 +125,7 @@ class AutoSearch(Optimizer):
     def _pace(self) -> float | None:
         """The mean time between the last results (workers that end together come in pairs), if two
         have ended."""
-        times = self._result_times[-(_RECENT + 1):]
+        times = self._result_times
         return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
 
     def _switch(self, trial_number: int) -> str | None:
