@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _bytecode import use_cached_bytecode
+
 import unison
 
 HERE = Path(__file__).resolve().parent
@@ -444,6 +446,7 @@ def print_search(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_cached_bytecode()  # as an installed unison runs (see _bytecode.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a fast smoke run with small sizes")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per measurement (default 3)")

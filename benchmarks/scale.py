@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _bytecode import use_cached_bytecode
+
 HERE = Path(__file__).resolve().parent
 SAMPLE_S = 0.5
 RUN_TIMEOUT_S = 15 * 60
@@ -306,6 +308,7 @@ def child_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_cached_bytecode()  # as an installed unison runs (see _bytecode.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=None,
                         help="trial counts to measure (default 1000 10000 100000)")

@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _bytecode import use_cached_bytecode
+
 import unison
 
 HERE = Path(__file__).resolve().parent
@@ -240,6 +242,7 @@ def _table(args: argparse.Namespace, runs: Runs) -> dict[str, Any]:
 
 
 def main() -> None:
+    use_cached_bytecode()  # as an installed unison runs (see _bytecode.py)
     args = _arguments()
     if args.cold_child is not None:
         cold_child(args.cold_child)

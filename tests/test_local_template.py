@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import unison
-from unison.backends.local_template import check_request
+from unison.worker.fork_server import check_request
 
 
 @pytest.fixture
@@ -89,25 +89,34 @@ class _SeesTheTemplate(unison.optimizers.RandomSearch):
 
     def setup(self, space: dict[str, Any], mode: Any, seed: int | None) -> None:
         prepared = self.backend._prepared  # noqa: SLF001 - what prepare() started
-        self.seen = None if prepared is None else prepared[2].proc
+        self.seen = None if prepared is None else prepared[1].proc
+        self.started_log = None if prepared is None else prepared[1]._started_log  # noqa: SLF001
         if self.fail:
             raise RuntimeError("setup failed")
         super().setup(space, mode, seed)
 
 
-def test_the_template_starts_while_the_driver_sets_up_and_ends_if_it_cannot_start(tmp_path: Path) -> None:
-    backend = unison.Local(workers=1)
+def test_the_template_starts_while_the_driver_sets_up_and_ends_if_it_cannot_start(
+    tmp_path: Path, modules: Path
+) -> None:
+    (modules / "f19_noisy.py").write_text("print('f19_noisy imported in the template', flush=True)\n")
+    backend = unison.Local(workers=1, preload=["f19_noisy"])
     optimizer = _SeesTheTemplate(backend)
     r = unison.run(lambda x: x, unison.Search({"x": unison.uniform(0, 1)}, trials=2, optimizer=optimizer),
                    backend=backend, storage=tmp_path, progress=False)
     assert optimizer.seen is not None and optimizer.seen.returncode is not None  # started early, ended
-    assert len(r.rows) == 2 and (Path(r.path) / "workers" / "template.log").exists()
+    assert len(r.rows) == 2
+    # Started before the experiment's folder existed, its output moved there, and the first file is gone.
+    log = (Path(r.path) / "workers" / "template.log").read_text()
+    assert "f19_noisy imported in the template" in log
+    assert optimizer.started_log is not None and not os.path.exists(optimizer.started_log)
     failing = _SeesTheTemplate(backend, fail=True)
     with pytest.raises(RuntimeError, match="setup failed"):
         unison.run(lambda x: x, unison.Search({"x": unison.uniform(0, 1)}, trials=2, optimizer=failing),
                    backend=backend, storage=tmp_path, progress=False)
     assert failing.seen is not None and failing.seen.poll() is not None  # closed, not left running
     assert backend._prepared is None  # noqa: SLF001
+    assert failing.started_log is not None and not os.path.exists(failing.started_log)
 
 
 def test_a_preload_that_fails_to_import_names_the_module(tmp_path: Path) -> None:

@@ -445,6 +445,7 @@ host, port = os.environ["INTRUDER_DRIVER"].rsplit(":", 1)
 conn = protocol.client_connect((host, int(port)), bytes.fromhex(os.environ["INTRUDER_SECRET"]))
 conn.send({"t": "hello", "worker": "intruder", "host": "localhost", "pid": os.getpid()})
 conn.send({"t": "ready"})
+print("connected", flush=True)
 while True:
     try:
         message = conn.recv()
@@ -483,6 +484,8 @@ class IntrudedLocal(unison.Local):
                    INTRUDER_SECRET=spec.secret.hex(),
                    INTRUDER_SENDS=self.sends)
         self.intruder = subprocess.Popen([sys.executable, "-c", INTRUDER], env=env, stdout=subprocess.PIPE)
+        assert self.intruder.stdout is not None
+        self.intruder.stdout.readline()  # "connected": it is heard before the real workers start
         super().start(spec)
 
     def stop(self, force: bool = False) -> None:

@@ -6,7 +6,6 @@ Numbers: :func:`check_number` (``"Search(trials=...) must be a whole number >= 1
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -122,6 +121,8 @@ def did_you_mean(name: object, choices: Iterable[str]) -> str:
 
     The comparison ignores case; a string that is not close to any choice gets no suggestion.
     """
+    import difflib
+
     if not isinstance(name, str) or not name:
         return ""
     options = [c for c in choices if isinstance(c, str)]

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +81,9 @@ def detect_gpus() -> tuple[list[str], str]:
     """The GPUs of this machine as ``Local(gpus="auto")`` sees them, and where they were found (for a
     message): those ``CUDA_VISIBLE_DEVICES`` lists if it is set, else those ``nvidia-smi -L`` lists,
     else none."""
+    import shutil
+    import subprocess
+
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return visible_ids(visible), f"CUDA_VISIBLE_DEVICES={visible!r}"

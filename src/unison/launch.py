@@ -58,15 +58,15 @@ class LaunchSpec:
         }
 
 
-@dataclass(frozen=True)
 class WorkerSettings:
     """What a worker process was started with (see :func:`worker_settings`)."""
 
-    address: tuple[str, int]
-    secret: bytes
-    payload: bytes
-    worker: str
-    heartbeat_interval: float
+    __slots__ = ("address", "secret", "payload", "worker", "heartbeat_interval")
+
+    def __init__(self, address: tuple[str, int], secret: bytes, payload: bytes, worker: str,
+                 heartbeat_interval: float) -> None:
+        self.address, self.secret, self.payload = address, secret, payload
+        self.worker, self.heartbeat_interval = worker, heartbeat_interval
 
 
 def worker_settings() -> WorkerSettings:

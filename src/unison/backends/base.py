@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING, Any
 from unison.launch import LaunchSpec
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from unison.gpus import GpuRequest
 
 _REGISTRY: dict[str, type[Backend]] = {}
@@ -74,11 +72,12 @@ class Backend:
         idle workers will do."""
         return None
 
-    def prepare(self, log_dir: Path, workers: int) -> None:
+    def prepare(self, workers: int) -> None:
         """Begin, before :meth:`start`, what takes a while and needs nothing from the driver (Local:
-        its worker template), so it overlaps the driver's own set-up. ``workers``: how many are
-        expected (:meth:`start` may ask for another number). Either :meth:`start` or
-        :meth:`cancel_prepared` follows. This default does nothing."""
+        its worker template), so it overlaps the driver's own set-up; called as the experiment begins,
+        before its folder exists. ``workers``: how many are expected (:meth:`start` may ask for
+        another number). Either :meth:`start` or :meth:`cancel_prepared` follows. This default does
+        nothing."""
 
     def cancel_prepared(self) -> None:
         """Undo :meth:`prepare` when the experiment does not start after all."""

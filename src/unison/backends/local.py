@@ -182,7 +182,7 @@ class Local(Backend):
                              f"use start='fresh'")
         self.preload = _check_preload(preload)
         self._template: WorkerTemplate | None = None
-        self._prepared: tuple[Path, dict[str, str], WorkerTemplate] | None = None  # see prepare()
+        self._prepared: tuple[dict[str, str], WorkerTemplate] | None = None  # see prepare()
         self.gpus = _gpus.check_gpu_ids(gpus)
         self._gpu_slots: list[list[str]] | None = None  # each slot's GPUs, while a context asks for GPUs
         self.heartbeat_interval = _seconds("heartbeat_interval", heartbeat_interval, "1")
@@ -255,28 +255,28 @@ class Local(Backend):
             env.setdefault(var, threads)
         return env
 
-    def prepare(self, log_dir: Path, workers: int) -> None:
+    def prepare(self, workers: int) -> None:
         """Start the worker template (``start="fork-server"``) while the driver sets up; :meth:`start`
-        uses it."""
+        uses it (its output moves into the experiment's ``workers/`` folder then)."""
         self.cancel_prepared()
         if self.start_mode == "fork-server":
             env = self._worker_env(workers)
-            log_dir.mkdir(parents=True, exist_ok=True)
             _LIVE.add(self)
-            self._prepared = (log_dir, env, WorkerTemplate(env, self.preload, log_dir / "template.log"))
+            self._prepared = (env, WorkerTemplate(env, self.preload, None))
 
     def cancel_prepared(self) -> None:
         prepared, self._prepared = self._prepared, None
         if prepared is not None:
-            prepared[2].close()
+            prepared[1].close()
 
     def _take_template(self, log_dir: Path) -> WorkerTemplate:
-        """The template :meth:`prepare` started if it fits this start (same folder; the same
-        environment when it preloads modules, which may read it), else a new one."""
+        """The template :meth:`prepare` started if it fits this start (the same environment when it
+        preloads modules, which may read it), else a new one."""
         prepared, self._prepared = self._prepared, None
         if prepared is not None:
-            where, env, template = prepared
-            if where == log_dir and (env == self._env or not self.preload):
+            env, template = prepared
+            if env == self._env or not self.preload:
+                template.move_log(log_dir / "template.log")
                 return template
             template.close()
         return WorkerTemplate(self._env, self.preload, log_dir / "template.log")

@@ -1,197 +1,25 @@
-"""The worker template of the local backend: a fresh, single-threaded interpreter that imports the
-worker's modules (and ``Local(preload=[...])``) once, then forks one worker per request.
-
-One template per :meth:`Local.start`, so an experiment's workers never inherit what an earlier
-experiment's trials did. The template runs ``python -m unison.backends.local_template`` with two pipe
-descriptors of its parent's (the backend): requests come in, events go out, one JSON object a line
-(never pickles). Requests: ``{"op": "spawn", "id", "env", "log", "cwd"}`` and ``{"op": "kill", "pid"}``.
-Events: ``{"ev": "ready"}`` or ``{"ev": "error", "module", "error"}`` once, then ``{"ev": "spawned",
-"id", "pid"}`` (or ``"spawn_failed"``) per request, and ``{"ev": "exit", "pid", "code"}`` per worker
-that ended. A worker runs in a session of its own; when it ends the template SIGKILLs its process group
-while its pid is still unreaped (so still names the group), reaps it and reports the exit status as
-``Popen.returncode`` would (negative: killed by that signal). When the backend closes the request pipe
-(or goes away) the template kills every worker's group and exits.
-"""
+"""The backend's side of the local backend's worker template (its fork server, the process
+:mod:`unison.worker.fork_server` runs): start it, fork workers from it, learn how they ended."""
 
 from __future__ import annotations
 
-import gc
-import importlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from unison.errors import WorkerError
-
-_WORKER_MODULES = ("unison.worker.serve", "unison.payload", "cloudpickle", "unison.trialfiles",
-                   "unison.worker.ctx", "unison.worker.injection", "unison.worker.reporter")
-MAX_LINE = 1 << 20  # a request line longer than this is refused (the backend never sends one)
-_FIELDS = {"spawn": {"op": str, "id": int, "env": dict, "log": str, "cwd": str},
-           "kill": {"op": str, "pid": int}}
-
-
-def check_request(line: bytes) -> dict[str, Any]:
-    """A request line as a dict, or a ValueError saying what is wrong with it."""
-    if len(line) > MAX_LINE:
-        raise ValueError(f"request of {len(line)} bytes, over {MAX_LINE}")
-    request = json.loads(line)
-    fields = _FIELDS.get(str(request.get("op"))) if isinstance(request, dict) else None
-    if fields is None or set(request) != set(fields):
-        raise ValueError(f"unknown request {line[:200]!r}: expected one of {sorted(_FIELDS)} and its fields")
-    for key, kind in fields.items():
-        if not isinstance(request[key], kind) or isinstance(request[key], bool):
-            raise ValueError(f"request field {key!r} must be a {kind.__name__}, got {request[key]!r}")
-    if request["op"] == "spawn" and not all(isinstance(k, str) and isinstance(v, str)
-                                            for k, v in request["env"].items()):
-        raise ValueError("request field 'env' must map strings to strings")
-    return request
-
-
-class _Template:
-    def __init__(self, requests: int, events: int) -> None:
-        self.requests, self.events = requests, events
-        self.children: set[int] = set()
-        self.buffer = b""
-
-    def send(self, event: dict[str, Any]) -> None:
-        os.write(self.events, json.dumps(event).encode() + b"\n")
-
-    def loop(self) -> None:
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.wake = (wake_r, wake_w)
-        while True:
-            ready, _, _ = select.select([self.requests, wake_r], [], [])
-            if wake_r in ready:
-                os.read(wake_r, 4096)
-            self.reap()
-            if self.requests in ready:
-                chunk = os.read(self.requests, 65536)
-                if not chunk:
-                    break
-                self.buffer += chunk
-                while b"\n" in self.buffer:
-                    line, self.buffer = self.buffer.split(b"\n", 1)
-                    self.handle(line)
-                if len(self.buffer) > MAX_LINE:
-                    raise ValueError(f"request line over {MAX_LINE} bytes")
-        for pid in list(self.children):
-            _killpg(pid)
-        self.reap(block=True)
-
-    def handle(self, line: bytes) -> None:
-        request = check_request(line)
-        if request["op"] == "kill":
-            if request["pid"] in self.children:  # unreaped: its pid still names its group
-                _killpg(request["pid"])
-                try:  # (forked a moment ago, before its setsid: no group of that number yet)
-                    os.kill(request["pid"], signal.SIGKILL)
-                except OSError:
-                    pass
-            return
-        try:
-            pid = self.fork(request)
-        except OSError as e:
-            try:
-                with open(request["log"], "a") as log:
-                    print(f"unison: the worker template could not fork this worker: {e}", file=log)
-            except OSError:
-                pass
-            self.send({"ev": "spawn_failed", "id": request["id"], "error": str(e)})
-            return
-        self.children.add(pid)
-        self.send({"ev": "spawned", "id": request["id"], "pid": pid})
-
-    def fork(self, request: dict[str, Any]) -> int:
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        try:
-            pid = os.fork()
-        except OSError:
-            os.close(log)
-            raise
-        if pid == 0:
-            self.child(request, log)  # never returns
-        os.close(log)
-        return pid
-
-    def child(self, request: dict[str, Any], log: int) -> None:
-        code = 1
-        try:
-            os.setsid()
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            for fd in (self.requests, self.events, *self.wake):
-                os.close(fd)
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            os.close(null)
-            os.close(log)
-            os.chdir(request["cwd"])
-            os.environ.clear()
-            os.environ.update(request["env"])
-            _reseed()
-            from unison.worker import serve
-
-            sys.argv = [serve.__file__]
-            serve.main()  # ends the process itself
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        except BaseException:  # noqa: BLE001 - the worker's log must say why it could not start
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-
-    def reap(self, block: bool = False) -> None:
-        """Report every worker that ended, after SIGKILLing its group while its pid still names it."""
-        while self.children:
-            try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT | (0 if block else os.WNOHANG))
-            except ChildProcessError:
-                return
-            if info is None:
-                return
-            pid = info.si_pid
-            _killpg(pid)
-            _, status = os.waitpid(pid, 0)
-            self.children.discard(pid)
-            try:
-                self.send({"ev": "exit", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
-            except OSError:  # the backend went away
-                pass
-
-
-def _killpg(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _reseed() -> None:
-    """Give a forked worker random states of its own, as a fresh interpreter has (``random`` reseeds
-    itself at fork; numpy's legacy global state does not)."""
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed()
-
+from unison.worker.fork_server import kill_group
 
 READY_TIMEOUT_S = 300.0  # how long the template may take to import its modules (torch: seconds)
 SPAWN_TIMEOUT_S = 10.0  # how long a fork may take before the backend starts a fresh interpreter instead
+
 
 
 class WorkerTemplate:
@@ -203,23 +31,32 @@ class WorkerTemplate:
     :attr:`dead` says why, and :meth:`spawn` returns ``None`` from then on.
     """
 
-    def __init__(self, env: dict[str, str], preload: list[str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], preload: list[str], log: Path | None) -> None:
+        """Start the template with ``env``, importing ``preload`` too; its output goes to ``log``, or
+        (``None``: the experiment's folder does not exist yet) to a temporary file until
+        :meth:`move_log`."""
+        self._started_log: str | None = None
+        if log is None:
+            out, self._started_log = tempfile.mkstemp(prefix="unison-template-", suffix=".log")
+            log = Path(self._started_log)
+        else:
+            out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         requests_r, self._requests = os.pipe()
         self._events, events_w = os.pipe()
         try:
-            with open(log, "ab") as out:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", __name__, str(requests_r), str(events_w), *preload],
-                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    pass_fds=(requests_r, events_w), start_new_session=True,
-                )
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "unison.worker.fork_server", str(requests_r), str(events_w), *preload],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                pass_fds=(requests_r, events_w), start_new_session=True,
+            )
         except BaseException:
             for fd in (self._requests, self._events):
                 os.close(fd)
+            self._settle_log()
             raise
         finally:
-            os.close(requests_r)
-            os.close(events_w)
+            for fd in (requests_r, events_w, out):
+                os.close(fd)
         self.dead: str | None = None
         self._pids: dict[int, int] = {}  # request id -> the worker's pid, once forked
         self._ids: dict[int, int] = {}  # pid -> request id, while the worker runs
@@ -263,6 +100,25 @@ class WorkerTemplate:
                           + (f":\n{tail}" if tail else "") + "\n(Local(start='fresh') starts each worker as "
                           "a new interpreter instead)")
 
+    def move_log(self, log: Path) -> None:
+        """Have the template write its output to ``log`` from now on (with what it wrote before)."""
+        if self._started_log is not None and self._log != log:
+            self._log = log
+            self._send({"op": "log", "path": str(log), "started": self._started_log})
+
+    def _settle_log(self) -> None:
+        """Once the template is gone: the output it never moved itself goes where :meth:`move_log` said."""
+        started, self._started_log = self._started_log, None
+        if started is None or not os.path.exists(started):
+            return
+        try:
+            if str(self._log) != started:
+                with open(started, "rb") as before, open(self._log, "ab") as after:
+                    after.write(before.read())
+            os.unlink(started)
+        except OSError:
+            pass
+
     def _read(self) -> None:
         try:
             with os.fdopen(self._events, "rb") as events:
@@ -279,7 +135,7 @@ class WorkerTemplate:
         with self._changed:
             self.dead = f"the worker template process ended with {_describe(code)}"
             for pid, request_id in self._ids.items():
-                _killpg(pid)  # reparented, not reaped: its pid names its group until it ends
+                kill_group(pid)  # reparented, not reaped: its pid names its group until it ends
                 self._codes[request_id] = -signal.SIGKILL
             for request_id in self._asked:
                 self._codes[request_id] = -signal.SIGKILL
@@ -367,6 +223,7 @@ class WorkerTemplate:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self._settle_log()
 
 
 class ForkedWorker:
@@ -399,25 +256,3 @@ class ForkedWorker:
 
 def _describe(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"exit code {code}"
-
-
-def main() -> None:
-    """The template's entry point: ``python -m unison.backends.local_template REQUESTS_FD EVENTS_FD
-    [MODULE ...]``."""
-    requests, events = int(sys.argv[1]), int(sys.argv[2])
-    template = _Template(requests, events)
-    module = "unison.worker"
-    try:
-        for module in (*_WORKER_MODULES, *sys.argv[3:]):
-            importlib.import_module(module)
-        gc.freeze()  # a forked worker's collections then leave the template's objects (and pages) alone
-    except BaseException:  # noqa: BLE001 - the backend reports it to the user, naming the module
-        template.send({"ev": "error", "module": module, "error": traceback.format_exc()[-4000:]})
-        os._exit(1)
-    template.send({"ev": "ready"})
-    template.loop()
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    main()

@@ -182,20 +182,24 @@ def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | 
     ``checkpoint_storage``: where workers write checkpoints (see :func:`unison.run`); on resume, the
     one ``experiment.json`` records."""
     gang_slots = _check_backend(plan, backend)  # before anything is written: it may fail
-    shared = _checkpoint_storage(checkpoint_storage, resume_path)
-    names = check_injectable(code.fn, plan.hparam_names, code.model is not None or bool(plan.variants),
-                             code.data is not None, plan.search.conditional_names)
-    if plan.check_names is not None:
-        plan.check_names(code.fn, names)
-    parts = _payload_parts(code, names, plan)
-    payload, payload_error = _payload(parts, backend.in_process)
-    store, meta, events = _open_store(code, plan, storage, name, resume_path, path)
+    if not backend.in_process:  # (Local's worker template starts while the driver sets up)
+        backend.prepare(_expected_workers(plan, backend, gang_slots))
+    try:
+        shared = _checkpoint_storage(checkpoint_storage, resume_path)
+        names = check_injectable(code.fn, plan.hparam_names, code.model is not None or bool(plan.variants),
+                                 code.data is not None, plan.search.conditional_names)
+        if plan.check_names is not None:
+            plan.check_names(code.fn, names)
+        parts = _payload_parts(code, names, plan)
+        payload, payload_error = _payload(parts, backend.in_process)
+        store, meta, events = _open_store(code, plan, storage, name, resume_path, path)
+    except BaseException:
+        backend.cancel_prepared()
+        raise
     if shared is not None:
         meta["checkpoint_storage"] = shared
     runner = None
     try:  # from here on the store holds the lock: release it if the experiment cannot start
-        if not backend.in_process:  # (Local's worker template starts while the driver sets up)
-            backend.prepare(store.path / "workers", _expected_workers(plan, backend, gang_slots))
         declaration = json.loads(json.dumps(meta[plan.kind], default=str))  # the callbacks' own copy
         runner = CallbackRunner.start(callbacks or [], ExperimentInfo(
             meta["name"], plan.kind, store.path, declaration, repr(backend), bool(events)), store)

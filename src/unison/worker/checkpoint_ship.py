@@ -31,15 +31,17 @@ from unison.protocol import (
     MAX_CHECKPOINT_FILES,
     CheckpointChunkMessage,
 )
-from unison.worker.checkpoints import META, Checkpointer, Policy, save_checkpoint
+from unison.worker.checkpoints import (  # noqa: F401 - SHIP_CHECKPOINTS: importable from here too
+    META,
+    SHIP_CHECKPOINTS,
+    Checkpointer,
+    Policy,
+    save_checkpoint,
+)
 
 CHECKPOINT_LIMIT_MB = 4096  # what one trial's shipped checkpoints may hold on the driver's disk, by default
 CHUNK_BYTES = 1024 * 1024  # what one checkpoint_chunk carries (the protocol allows up to 4 MiB)
 WINDOW = 8  # chunks a worker sends before it waits for the driver's acknowledgement of the oldest
-#: The entry of the trial dict given to :meth:`unison.worker.runtime.TrialRunner.run` (never on the wire)
-#: that makes its checkpoints shipped: called with ``(root, policy)``, it returns the
-#: :class:`ShippingCheckpointer` of the trial.
-SHIP_CHECKPOINTS = "ship_checkpoints"
 _ENTRY_BYTES = 4096  # what a ChunkWriter counts against its budget for each file and folder it creates
 
 

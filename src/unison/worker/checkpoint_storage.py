@@ -11,7 +11,6 @@ a URL is used.
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +98,8 @@ def check_writable(location: str) -> None:
     """Create the folder ``location`` names, write a probe file into it and delete it: the driver's
     check before any trial runs. Raises ``ValueError`` (``ImportError`` for a missing package) naming
     the location and what would work."""
+    import secrets
+
     probe = f".unison-probe-{os.getpid()}-{secrets.token_hex(4)}"
     fs, path = filesystem(location) if is_url(location) else (None, location)
     try:

@@ -31,7 +31,6 @@ import errno
 import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,10 @@ from unison.worker.checkpoint_storage import filesystem, is_url, local_path
 
 FOLDER = "checkpoints"
 META = "meta.json"
+#: The entry of the trial dict given to :meth:`unison.worker.runtime.TrialRunner.run` (never on the wire)
+#: that makes its checkpoints shipped: called with ``(root, policy)``, it returns the
+#: :class:`unison.worker.checkpoint_ship.ShippingCheckpointer` of the trial.
+SHIP_CHECKPOINTS = "ship_checkpoints"
 #: A ``meta.json`` larger than this is no checkpoint's (unison writes ~100 bytes): it is never read whole.
 MAX_META_BYTES = 1024 * 1024
 _PREFIX = "step-"
@@ -126,6 +129,8 @@ def _write_into(tmp: Path, obj: Any) -> str:
     """Write ``obj`` into the new checkpoint folder ``tmp``; its format."""
     directory = _as_directory(obj)
     if directory is not None:
+        import shutil
+
         shutil.copytree(directory, tmp / "data", symlinks=True)
         for path in sorted((tmp / "data").rglob("*")):
             if path.is_file() and not path.is_symlink():
@@ -161,6 +166,8 @@ def _size(path: Path) -> int:
 
 def _remove(path: Path) -> None:
     """Delete a checkpoint folder, ``meta.json`` first: cut short, it is no checkpoint any more."""
+    import shutil
+
     try:
         (path / META).unlink()
     except FileNotFoundError:
@@ -515,6 +522,8 @@ def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
     except OSError:
+        import shutil
+
         shutil.copy2(src, dst)
 
 
@@ -527,6 +536,8 @@ def copy_checkpoint(folder: Path, root: Path) -> Path:
     tmp = root / f".tmp-{folder.name}-{os.getpid()}"
     _remove(tmp)
     try:
+        import shutil
+
         shutil.copytree(folder, tmp, symlinks=True, copy_function=_link_or_copy)
         if _read_meta(tmp) is None:  # the source was pruned while it was copied (meta.json goes first)
             raise FileNotFoundError(f"the checkpoint {folder} was deleted while it was copied")

@@ -9,34 +9,34 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unison.errors import TrialStopped
 from unison.worker.ablate import component_generators
 from unison.worker.capture import OutputCapture
-from unison.worker.checkpoint_ship import SHIP_CHECKPOINTS
-from unison.worker.checkpoints import FOLDER, Checkpointer, Policy
+from unison.worker.checkpoints import FOLDER, SHIP_CHECKPOINTS, Checkpointer, Policy
 from unison.worker.ctx import Context, _default_device
 from unison.worker.generators import once, takes_no_arguments
 from unison.worker.injection import build_arguments
 from unison.worker.logs import LazyLog
 from unison.worker.metrics import MAX_ERROR_CHARS, normalize_metrics
-from unison.worker.rank import RankSession
 from unison.worker.reporter import Decide, Reporter
 
+if TYPE_CHECKING:
+    from unison.worker.rank import RankSession
 
-@dataclass
+
 class TrialCall:
     """One call of the training function: its outcome (what the driver records), what it returned,
     and the exception it raised (``None`` if it did not)."""
 
-    outcome: dict[str, Any]
-    returned: Any = None
-    error: BaseException | None = None
+    __slots__ = ("outcome", "returned", "error")
+
+    def __init__(self, outcome: dict[str, Any], returned: Any = None,
+                 error: BaseException | None = None) -> None:
+        self.outcome, self.returned, self.error = outcome, returned, error
 
 
 class _TrialLogs:
@@ -172,6 +172,8 @@ class TrialRunner:
 
     @staticmethod
     def _failed(call: TrialCall, exc: BaseException, logs: _TrialLogs) -> None:
+        import traceback
+
         call.error = exc
         call.outcome.update(status="failed", error=traceback.format_exc())
         logs.write_error(call.outcome["error"])

@@ -23,18 +23,15 @@ import atexit
 import functools
 import os
 import queue
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from unison.gpus import assigned_gpus
 from unison.launch import ABORT_EXIT, DRIVER_GONE_EXIT, worker_settings
@@ -62,10 +59,14 @@ from unison.protocol import (
     TrialOutcome,
     client_connect,
 )
-from unison.worker.checkpoint_ship import SHIP_CHECKPOINTS, CheckpointRefused, ShippingCheckpointer, Staging
-from unison.worker.checkpoints import FOLDER, Policy
+from unison.worker.checkpoints import FOLDER, SHIP_CHECKPOINTS, Policy
 from unison.worker.reporter import Decide
 from unison.worker.runtime import TrialRunner
+
+if TYPE_CHECKING:
+    from unison.worker.checkpoint_ship import ShippingCheckpointer, Staging
+
+# imported where used: only workers without the driver's disk (Spark) ship checkpoints and files
 
 UNWAITED_REPORTS = 32  # reports sent without waiting for the driver before one waits (when none is judged)
 STOP_GRACE_S = 2.0  # how long a trial interrupted because the driver hung up may take to end
@@ -208,6 +209,8 @@ def _stop_trials(current: dict[str, Any], shared_filesystem: bool) -> None:
     if current.get("trial_id") is not None:
         _flush_std_streams()
         if not shared_filesystem and current.get("local_dir"):
+            import shutil
+
             shutil.rmtree(current["local_dir"], ignore_errors=True)
         if current.get("staging") is not None:
             current["staging"].close()
@@ -225,6 +228,8 @@ def _abort(conn: Connection, message: dict[str, Any], current: dict[str, Any], s
         _flush_std_streams()
         local_dir = current.get("local_dir")
         if trial_id is not None and not shared_filesystem and local_dir:
+            import shutil
+
             from unison import trialfiles
 
             shutil.rmtree(Path(local_dir) / FOLDER, ignore_errors=True)  # a checkpoint being shipped
@@ -298,7 +303,11 @@ class _Session:
         # trial_id, local_dir, interrupter, staging: seen by the reader thread
         self.current: dict[str, Any] = {}
         # Without the driver's disk: the checkpoints the driver ships for trials that resume from them
-        self.staging = None if shared_filesystem else Staging()
+        self.staging: Staging | None = None
+        if not shared_filesystem:
+            from unison.worker.checkpoint_ship import Staging
+
+            self.staging = Staging()
         self.current["staging"] = self.staging
         # The driver may hand this worker its next trial while one runs: it waits here, and the worker
         # starts it right after sending the result (the driver counts it started when that arrives).
@@ -342,6 +351,8 @@ class _Session:
             distributed = parts.get("distributed")
             endpoint = _Endpoint(self.conn, parts.get("framework", "torch")) if distributed else None
         except Exception:  # noqa: BLE001 - the driver must learn why this worker cannot work
+            import traceback
+
             self.conn.send(FatalMessage(t=FATAL, error=traceback.format_exc()))
             self.conn.close()
             return None
@@ -398,6 +409,9 @@ class _Session:
                      notify: Callable[[str], None]) -> dict[str, Any]:
         """Run the trial in a temporary folder, whose files travel back in its outcome (this worker does
         not see the driver's disk)."""
+        import shutil
+        import tempfile
+
         from unison import trialfiles
 
         trial_id = request["trial_id"]
@@ -420,6 +434,8 @@ class _Session:
 
     def _shipping(self, trial_id: int, root: Path, policy: Policy) -> ShippingCheckpointer:
         """What saves ``trial_id``'s checkpoints into ``root`` and ships them to the driver."""
+        from unison.worker.checkpoint_ship import ShippingCheckpointer
+
         return ShippingCheckpointer(root, policy, trial_id, self.conn.send, self._next_ack)
 
     def _next_ack(self) -> dict[str, Any]:
@@ -478,6 +494,8 @@ class _Session:
     def _verdict(reply: dict[str, Any]) -> str | None:
         """What a decision means for the trial: ``None`` to go on, the reason to stop; or it raises."""
         if reply.get("fail"):  # the driver refused the checkpoint (over its limit, or incomplete)
+            from unison.worker.checkpoint_ship import CheckpointRefused
+
             raise CheckpointRefused(reply["fail"])
         if reply.get("error"):  # the experiment's first report lacks the optimized metric
             from unison.errors import MetricNotReported
