@@ -104,19 +104,23 @@ def test_the_template_starts_while_the_driver_sets_up_and_ends_if_it_cannot_star
     optimizer = _SeesTheTemplate(backend)
     r = unison.run(lambda x: x, unison.Search({"x": unison.uniform(0, 1)}, trials=2, optimizer=optimizer),
                    backend=backend, storage=tmp_path, progress=False)
-    assert optimizer.seen is not None and optimizer.seen.returncode is not None  # started early, ended
+    assert optimizer.seen is not None and optimizer.seen.poll() is None  # started early, kept for the next
     assert len(r.rows) == 2
     # Started before the experiment's folder existed, its output moved there, and the first file is gone.
     log = (Path(r.path) / "workers" / "template.log").read_text()
     assert "f19_noisy imported in the template" in log
     assert optimizer.started_log is not None and not os.path.exists(optimizer.started_log)
+    again = _SeesTheTemplate(backend)
+    unison.run(lambda x: x, unison.Search({"x": unison.uniform(0, 1)}, trials=2, optimizer=again),
+               backend=backend, storage=tmp_path, progress=False)
+    assert again.seen is optimizer.seen  # the same settings: the kept template served this experiment
     failing = _SeesTheTemplate(backend, fail=True)
     with pytest.raises(RuntimeError, match="setup failed"):
         unison.run(lambda x: x, unison.Search({"x": unison.uniform(0, 1)}, trials=2, optimizer=failing),
                    backend=backend, storage=tmp_path, progress=False)
     assert failing.seen is not None and failing.seen.poll() is not None  # closed, not left running
     assert backend._prepared is None  # noqa: SLF001
-    assert failing.started_log is not None and not os.path.exists(failing.started_log)
+    assert optimizer.seen.poll() is not None  # the kept template served the failed start: closed with it
 
 
 def test_a_preload_that_fails_to_import_names_the_module(tmp_path: Path) -> None:
@@ -140,3 +144,50 @@ def test_the_template_accepts_only_well_formed_requests() -> None:
                 b'{"op": "kill", "pid": 1, "extra": 0}'):
         with pytest.raises(ValueError):
             check_request(bad)
+
+
+def _pid_of_parent(x: float) -> dict[str, float]:
+    return {"loss": x, "template": float(os.getppid())}
+
+
+def test_an_experiment_like_the_last_reuses_its_template_and_another_starts_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from unison.backends.local_template import SHELF
+
+    SHELF.clear()
+    first = _run(_pid_of_parent, tmp_path, trials=1)
+    second = _run(_pid_of_parent, tmp_path, trials=1)
+    template = second.rows[0]["metrics"]["template"]
+    assert first.rows[0]["metrics"]["template"] == template  # forked by the same template
+    assert (Path(second.path) / "workers" / "template.log").exists()
+    monkeypatch.setenv("F19_SOMETHING", "changed")  # another environment: what it imported may differ
+    third = _run(_pid_of_parent, tmp_path, trials=1)
+    assert third.rows[0]["metrics"]["template"] != template
+    SHELF.clear()
+    assert not os.path.exists(f"/proc/{int(template)}")  # the first template ended when the third was kept
+
+
+def _preloaded_version(x: float) -> dict[str, float]:
+    import f19_heavy
+
+    return {"loss": x, "version": float(getattr(f19_heavy, "VERSION", 0)), "template": float(os.getppid())}
+
+
+def test_a_kept_template_is_not_reused_once_a_preloaded_module_of_the_users_changed(
+    modules: Path, tmp_path: Path
+) -> None:
+    from unison.backends.local_template import SHELF
+
+    SHELF.clear()
+    first = _run(_preloaded_version, tmp_path, trials=1, preload=["f19_heavy"])
+    same = _run(_preloaded_version, tmp_path, trials=1, preload=["f19_heavy"])
+    assert same.rows[0]["metrics"]["template"] == first.rows[0]["metrics"]["template"]
+    heavy = modules / "f19_heavy.py"
+    heavy.write_text("VERSION = 2\n")
+    stat = heavy.stat()
+    os.utime(heavy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # later, whatever the clock's grain
+    edited = _run(_preloaded_version, tmp_path, trials=1, preload=["f19_heavy"])
+    assert edited.rows[0]["metrics"]["template"] != first.rows[0]["metrics"]["template"]
+    assert edited.rows[0]["metrics"]["version"] == 2.0
+    SHELF.clear()

@@ -16,7 +16,7 @@ from typing import IO, Any
 from unison import gpus as _gpus
 from unison._validate import check_number, is_number, lookup
 from unison.backends.base import Backend
-from unison.backends.local_template import ForkedWorker, WorkerTemplate
+from unison.backends.local_template import SHELF, ForkedWorker, WorkerTemplate
 from unison.errors import WorkerError
 from unison.launch import ABORT_EXIT, LaunchSpec
 
@@ -122,6 +122,7 @@ def _check_preload(preload: Any) -> list[str]:
 def _kill_leftovers() -> None:
     for backend in list(_LIVE):
         backend.stop(force=True)
+    SHELF.clear()
 
 
 class Local(Backend):
@@ -147,10 +148,12 @@ class Local(Backend):
             worker that replaces it, and ``min(workers, floor(GPUs / g))`` trials run at once. Without
             such a request the workers see the listed GPUs (all of them, with ``"auto"``).
         start: how worker processes start. ``"fork-server"`` (the default on Linux): each
-            :meth:`start` (each experiment) starts one template process, a fresh interpreter that
-            imports the worker's modules and ``preload`` once, and forks every worker (replacements
-            too) from it in about a millisecond; the template ends with the experiment, so nothing a
-            trial did reaches the next experiment's workers. ``"fresh"`` (the default on macOS and
+            experiment starts one template process (or takes the last one's, below), a fresh
+            interpreter that imports the worker's modules and ``preload`` once, and forks every
+            worker (replacements too) from it in about a millisecond. It never runs a trial, so
+            nothing a trial did reaches another worker; when the experiment ends it is kept for the
+            next experiment of this process with the same settings (see ``TemplateShelf``: 5
+            minutes unused at most). ``"fresh"`` (the default on macOS and
             Windows, where forking is unsafe): each worker is a new interpreter (~90 ms, plus its
             imports). If the template dies, workers start fresh from then on (a line on stderr says so).
         preload: modules the template imports before it forks (``["torch", "numpy"]``), so each
@@ -262,7 +265,8 @@ class Local(Backend):
         if self.start_mode == "fork-server":
             env = self._worker_env(workers)
             _LIVE.add(self)
-            self._prepared = (env, WorkerTemplate(env, self.preload, None))
+            kept = SHELF.take(SHELF.key(env, self.preload))
+            self._prepared = (env, kept or WorkerTemplate(env, self.preload, None))
 
     def cancel_prepared(self) -> None:
         prepared, self._prepared = self._prepared, None
@@ -279,6 +283,10 @@ class Local(Backend):
                 template.move_log(log_dir / "template.log")
                 return template
             template.close()
+        kept = SHELF.take(SHELF.key(self._env, self.preload))
+        if kept is not None:
+            kept.move_log(log_dir / "template.log")
+            return kept
         return WorkerTemplate(self._env, self.preload, log_dir / "template.log")
 
     def start(self, spec: LaunchSpec) -> None:
@@ -428,7 +436,10 @@ class Local(Backend):
             killer.cancel()
             killer.join()  # (one that already fired finishes its kills before the template is closed)
         if self._template is not None:
-            self._template.close()
+            if force:
+                self._template.close()
+            else:  # for the next experiment like this one (see TemplateShelf)
+                SHELF.put(SHELF.key(self._env, self.preload), self._template)
             self._template = None
         self.cancel_prepared()
         for log in self._logs.values():

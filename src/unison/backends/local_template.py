@@ -101,10 +101,23 @@ class WorkerTemplate:
                           "a new interpreter instead)")
 
     def move_log(self, log: Path) -> None:
-        """Have the template write its output to ``log`` from now on (with what it wrote before)."""
-        if self._started_log is not None and self._log != log:
+        """Have the template write its output to ``log`` from now on (with what it wrote to its
+        temporary file, if it started without a folder)."""
+        if self._log != log:
             self._log = log
-            self._send({"op": "log", "path": str(log), "started": self._started_log})
+            self._send({"op": "log", "path": str(log), "started": self._started_log or ""})
+
+    def idle(self) -> bool:
+        """Whether the template is alive with no worker of its own running or being forked."""
+        with self._changed:
+            return (self.dead is None and self._ready is not None and self._ready.get("ev") == "ready"
+                    and not self._ids and not self._asked and self.proc.poll() is None)
+
+    def forget_workers(self) -> None:
+        """Drop what it knows of workers that ended (before another experiment uses it)."""
+        with self._changed:
+            self._pids = {i: pid for i, pid in self._pids.items() if i not in self._codes}
+            self._codes.clear()
 
     def _settle_log(self) -> None:
         """Once the template is gone: the output it never moved itself goes where :meth:`move_log` said."""
@@ -256,3 +269,96 @@ class ForkedWorker:
 
 def _describe(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"exit code {code}"
+
+
+class TemplateShelf:
+    """The last experiment's idle template, kept for the next experiment of this process that would
+    start an identical one (same Python, working directory, environment and ``preload``), as
+    ``multiprocessing``'s fork server serves every pool of a program. Its state is what it imported
+    before any trial ran: every worker is forked afresh from it. It ends after :data:`IDLE_TEMPLATE_S`
+    unused, when another is shelved, or when the interpreter exits."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: tuple[tuple[Any, ...], WorkerTemplate, threading.Timer] | None = None
+
+    @staticmethod
+    def key(env: dict[str, str], preload: list[str]) -> tuple[Any, ...]:
+        """What a template's workers depend on, besides each worker's own variables: a ``preload``
+        module of the user's edited since the template imported it makes another key."""
+        stamps = tuple(_source_stamp(name) for name in preload)
+        return sys.executable, os.getcwd(), tuple(preload), stamps, tuple(sorted(env.items()))
+
+    def put(self, key: tuple[Any, ...], template: WorkerTemplate) -> None:
+        """Keep ``template`` (idle: its workers ended) for :meth:`take`; close it if it is not idle."""
+        if not template.idle():
+            template.close()
+            return
+        template.forget_workers()
+        timer = threading.Timer(IDLE_TEMPLATE_S, self._expire, args=(template,))
+        timer.daemon = True
+        timer.name = "unison-template-shelf"
+        with self._lock:
+            previous, self._kept = self._kept, (key, template, timer)
+        timer.start()
+        if previous is not None:
+            previous[2].cancel()
+            previous[1].close()
+
+    def take(self, key: tuple[Any, ...]) -> WorkerTemplate | None:
+        """The kept template if it matches ``key`` and is still idle (it is the caller's then)."""
+        with self._lock:
+            kept = self._kept
+            if kept is None or kept[0] != key:
+                return None
+            self._kept = None
+        kept[2].cancel()
+        if kept[1].idle():
+            return kept[1]
+        kept[1].close()
+        return None
+
+    def clear(self) -> None:
+        """Close the kept template, if any."""
+        with self._lock:
+            kept, self._kept = self._kept, None
+        if kept is not None:
+            kept[2].cancel()
+            kept[1].close()
+
+    def _expire(self, template: WorkerTemplate) -> None:
+        with self._lock:
+            kept = self._kept
+            if kept is None or kept[1] is not template:
+                return
+            self._kept = None
+        template.close()
+
+
+def _source_stamp(module: str) -> int | None:
+    """When the file ``module`` would be imported from last changed (found without importing it or
+    its packages), or None where it cannot be told."""
+    import importlib.util
+
+    top, *rest = module.split(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    origin, places = spec.origin, [Path(p) for p in spec.submodule_search_locations or ()]
+    for part in rest:
+        found = [f for place in places for f in (place / part / "__init__.py", place / f"{part}.py")
+                 if f.is_file()]
+        if not found:
+            return None
+        origin, places = str(found[0]), [found[0].parent] if found[0].name == "__init__.py" else []
+    try:
+        return os.stat(origin).st_mtime_ns if origin else None
+    except OSError:
+        return None
+
+
+IDLE_TEMPLATE_S = 300.0  # how long a kept template waits for the next experiment
+SHELF = TemplateShelf()

@@ -2,18 +2,21 @@
 imports the worker's modules (and ``Local(preload=[...])``) once, then forks one worker per request.
 
 It imports only what it needs itself, so that it is ready soon after the search starts; the backend's
-side is :class:`unison.backends.local_template.WorkerTemplate`. One per :meth:`Local.start`, so an
-experiment's workers never inherit what an earlier experiment's trials did. It runs ``python -m
-unison.worker.fork_server`` with two pipe descriptors of its parent's (the backend): requests come in,
-events go out, one JSON object a line (never pickles). Requests: ``{"op": "spawn", "id", "env", "log",
-"cwd"}``, ``{"op": "kill", "pid"}`` and ``{"op": "log", "path", "started"}`` (the template's own
-output, written to the file ``started`` until the experiment's folder exists, moves to ``path``).
-Events: ``{"ev": "ready"}`` or ``{"ev": "error", "module", "error"}`` once, then ``{"ev": "spawned",
-"id", "pid"}`` (or ``"spawn_failed"``) per request, and ``{"ev": "exit", "pid", "code"}`` per worker
-that ended. A worker runs in a session of its own; when it ends the template SIGKILLs its process group
-while its pid is still unreaped (so still names the group), reaps it and reports the exit status as
-``Popen.returncode`` would (negative: killed by that signal). When the backend closes the request pipe
-(or goes away) the template kills every worker's group and exits.
+side is :class:`unison.backends.local_template.WorkerTemplate`. It never runs a trial: every worker is
+forked afresh from its pristine state, so an experiment's workers never inherit what an earlier
+experiment's trials did (the backend may keep it for the next experiment: see ``TemplateShelf``).
+
+It runs ``python -m unison.worker.fork_server`` with two pipe descriptors of its parent's (the
+backend): requests come in, events go out, one JSON object a line (never pickles). Requests:
+``{"op": "spawn", "id", "env", "log", "cwd"}``, ``{"op": "kill", "pid"}`` and ``{"op": "log", "path",
+"started"}`` (its own output moves to ``path``, with what it wrote to the file ``started`` before the
+experiment's folder existed). Events: ``{"ev": "ready"}`` or ``{"ev": "error", "module", "error"}``
+once, then ``{"ev": "spawned", "id", "pid"}`` (or ``"spawn_failed"``) per request, and ``{"ev":
+"exit", "pid", "code"}`` per worker that ended. A worker runs in a session of its own; when it ends
+the template SIGKILLs its process group while its pid is still unreaped (so still names the group),
+reaps it and reports the exit status as ``Popen.returncode`` would (negative: killed by that signal).
+When the backend closes the request pipe (or goes away) the template kills every worker's group and
+exits.
 """
 
 from __future__ import annotations
@@ -196,14 +199,16 @@ def _reseed() -> None:
 
 
 def move_output(started: str, path: str) -> None:
-    """Append what this process wrote to ``started`` so far to ``path``, and write there from now on."""
+    """Write this process's output to ``path`` from now on, after what it wrote to the file ``started``
+    so far (``""``: none to move, the next experiment's folder takes over from the last one's)."""
     out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        with open(started, "rb") as before:
-            os.write(out, before.read())
-        os.unlink(started)
+        if started:
+            with open(started, "rb") as before:
+                os.write(out, before.read())
+            os.unlink(started)
     except OSError:
         pass
     os.dup2(out, 1)
