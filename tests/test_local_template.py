@@ -34,7 +34,7 @@ def _sets_state(x: float) -> dict[str, float]:
     leaked = f19_state.VALUE is not None
     f19_state.VALUE = "set by a trial"
     return {"loss": x, "leaked": float(leaked), "heavy": float("f19_heavy" in sys.modules),
-            "forked": float(os.getppid() != int(os.environ["F19_DRIVER"]))}
+            "forked": float(os.getppid() != int(os.environ["F19_DRIVER"])), "template": float(os.getppid())}
 
 
 def _run(fn: Any, tmp_path: Path, trials: int = 2, **local: Any) -> unison.SearchResult:
@@ -53,8 +53,11 @@ def test_a_trials_globals_never_reach_the_next_experiments_workers(
     assert [m["leaked"] for m in metrics] == [0.0, 1.0]
     # ...and the preloaded module was there without the trial importing it, in a forked worker.
     assert all(m["heavy"] == 1.0 and m["forked"] == 1.0 for m in metrics)
+    again = _run(_sets_state, tmp_path, trials=1, preload=["f19_heavy"])  # the same settings: kept template
+    assert again.rows[0]["metrics"]["template"] == metrics[0]["template"]
+    assert again.rows[0]["metrics"]["leaked"] == 0.0  # forked from the template, which ran no trial
     second = _run(_sets_state, tmp_path, trials=1)
-    assert second.rows[0]["metrics"]["leaked"] == 0.0  # a new template: nothing of the first experiment
+    assert second.rows[0]["metrics"]["leaked"] == 0.0  # another template: nothing of the first experiment
     assert second.rows[0]["metrics"]["heavy"] == 0.0  # preload= belonged to the first backend
     fresh = _run(_sets_state, tmp_path, trials=1, start="fresh")
     assert fresh.rows[0]["metrics"]["forked"] == 0.0  # a fresh interpreter is the driver's own child
