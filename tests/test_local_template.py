@@ -194,3 +194,27 @@ def test_a_kept_template_is_not_reused_once_a_preloaded_module_of_the_users_chan
     assert edited.rows[0]["metrics"]["template"] != first.rows[0]["metrics"]["template"]
     assert edited.rows[0]["metrics"]["version"] == 2.0
     SHELF.clear()
+
+
+def _edits_the_preloaded_module(x: float) -> dict[str, float]:
+    import f19_heavy
+
+    path = Path(f19_heavy.__file__)
+    stat = path.stat()
+    path.write_text("VERSION = 3\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    return {"loss": x, "template": float(os.getppid())}
+
+
+def test_a_preloaded_module_edited_while_an_experiment_runs_is_seen_by_the_next(
+    modules: Path, tmp_path: Path
+) -> None:
+    """The template is kept under what its modules were when it imported them, not when it ended."""
+    from unison.backends.local_template import SHELF
+
+    SHELF.clear()
+    first = _run(_edits_the_preloaded_module, tmp_path, trials=1, preload=["f19_heavy"])
+    after = _run(_preloaded_version, tmp_path, trials=1, preload=["f19_heavy"])
+    assert after.rows[0]["metrics"]["template"] != first.rows[0]["metrics"]["template"]
+    assert after.rows[0]["metrics"]["version"] == 3.0
+    SHELF.clear()

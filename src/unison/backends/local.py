@@ -439,7 +439,7 @@ class Local(Backend):
             if force:
                 self._template.close()
             else:  # for the next experiment like this one (see TemplateShelf)
-                SHELF.put(SHELF.key(self._env, self.preload), self._template)
+                SHELF.put(self._template)
             self._template = None
         self.cancel_prepared()
         for log in self._logs.values():

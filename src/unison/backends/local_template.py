@@ -35,6 +35,8 @@ class WorkerTemplate:
         """Start the template with ``env``, importing ``preload`` too; its output goes to ``log``, or
         (``None``: the experiment's folder does not exist yet) to a temporary file until
         :meth:`move_log`."""
+        # what its workers depend on, read before it imports anything (see TemplateShelf)
+        self.key = TemplateShelf.key(env, preload)
         self._started_log: str | None = None
         if log is None:
             out, self._started_log = tempfile.mkstemp(prefix="unison-template-", suffix=".log")
@@ -280,7 +282,7 @@ class TemplateShelf:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._kept: tuple[tuple[Any, ...], WorkerTemplate, threading.Timer] | None = None
+        self._kept: tuple[WorkerTemplate, threading.Timer] | None = None  # the template, its expiry
 
     @staticmethod
     def key(env: dict[str, str], preload: list[str]) -> tuple[Any, ...]:
@@ -289,8 +291,9 @@ class TemplateShelf:
         stamps = tuple(_source_stamp(name) for name in preload)
         return sys.executable, os.getcwd(), tuple(preload), stamps, tuple(sorted(env.items()))
 
-    def put(self, key: tuple[Any, ...], template: WorkerTemplate) -> None:
-        """Keep ``template`` (idle: its workers ended) for :meth:`take`; close it if it is not idle."""
+    def put(self, template: WorkerTemplate) -> None:
+        """Keep ``template`` (idle: its workers ended) for :meth:`take`, under the key it started with (a
+        module edited while it ran is not what it imported); close it if it is not idle."""
         if not template.idle():
             template.close()
             return
@@ -299,23 +302,24 @@ class TemplateShelf:
         timer.daemon = True
         timer.name = "unison-template-shelf"
         with self._lock:
-            previous, self._kept = self._kept, (key, template, timer)
+            previous, self._kept = self._kept, (template, timer)
         timer.start()
         if previous is not None:
-            previous[2].cancel()
-            previous[1].close()
+            previous[1].cancel()
+            previous[0].close()
 
     def take(self, key: tuple[Any, ...]) -> WorkerTemplate | None:
         """The kept template if it matches ``key`` and is still idle (it is the caller's then)."""
         with self._lock:
             kept = self._kept
-            if kept is None or kept[0] != key:
+            if kept is None or kept[0].key != key:
                 return None
             self._kept = None
-        kept[2].cancel()
-        if kept[1].idle():
-            return kept[1]
-        kept[1].close()
+        template, timer = kept
+        timer.cancel()
+        if template.idle():
+            return template
+        template.close()
         return None
 
     def clear(self) -> None:
@@ -323,13 +327,13 @@ class TemplateShelf:
         with self._lock:
             kept, self._kept = self._kept, None
         if kept is not None:
-            kept[2].cancel()
-            kept[1].close()
+            kept[1].cancel()
+            kept[0].close()
 
     def _expire(self, template: WorkerTemplate) -> None:
         with self._lock:
             kept = self._kept
-            if kept is None or kept[1] is not template:
+            if kept is None or kept[0] is not template:
                 return
             self._kept = None
         template.close()
