@@ -42,7 +42,9 @@ class Distribution:
     kind: str = ""
 
     def sample(self, rng: Any) -> Any:
-        """Draw one value with a ``numpy.random.Generator``."""
+        """Draw one value with ``rng``'s ``uniform(low, high)`` or ``integers(low, high)``: a
+        ``numpy.random.Generator`` or random search's numpy-free
+        :class:`~unison.optimizers.seeded_rng.SeededRng`, which draws the same values."""
         raise NotImplementedError
 
     def grid_values(self, name: str) -> list[Any]:

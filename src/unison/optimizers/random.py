@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from unison.optimizers.base import Optimizer
+from unison.optimizers.seeded_rng import SeededRng
 from unison.space import Distribution, dependency_order, is_active
 
 
@@ -13,6 +14,8 @@ class RandomSearch(Optimizer):
 
     Trial ``n`` draws from a generator seeded with ``(seed, n)``, so the same seed gives the same
     trials on every backend, in any completion order, and a resumed search continues the sequence.
+    The generator draws what ``numpy.random.default_rng([seed, n])`` would, without importing numpy
+    (:class:`~unison.optimizers.seeded_rng.SeededRng`).
     """
 
     adaptive = False
@@ -20,14 +23,10 @@ class RandomSearch(Optimizer):
     def setup(self, space: dict[str, Any], mode: str | list[str], seed: int | None) -> None:
         import secrets
 
-        import numpy  # noqa: F401 - imported now, while the backend starts its workers, not at the first suggestion
-
         super().setup(space, mode, secrets.randbits(31) if seed is None else seed)
 
     def suggest(self, trial_number: int) -> dict[str, Any]:
-        import numpy as np
-
-        rng = np.random.default_rng([0 if self.seed is None else self.seed, trial_number])
+        rng = SeededRng([0 if self.seed is None else self.seed, trial_number])
         hparams: dict[str, Any] = {}
         for name in dependency_order(self.space):
             dist = self.space[name]
