@@ -218,3 +218,30 @@ def test_a_preloaded_module_edited_while_an_experiment_runs_is_seen_by_the_next(
     assert after.rows[0]["metrics"]["template"] != first.rows[0]["metrics"]["template"]
     assert after.rows[0]["metrics"]["version"] == 3.0
     SHELF.clear()
+
+
+def test_the_template_starts_before_the_drivers_own_modules_load(tmp_path: Path) -> None:
+    # A fresh process, as a user's script: unison.run starts the template first, then imports the
+    # experiment runner (its ~20 ms of imports overlap the template's own start on another core).
+    script = f"""
+import sys
+import unison
+from unison.backends import local_template
+
+seen = []
+start = local_template.WorkerTemplate.__init__
+def noting(self, *args, **kwargs):
+    seen.append("unison.driver.experiment" in sys.modules)
+    start(self, *args, **kwargs)
+local_template.WorkerTemplate.__init__ = noting
+
+r = unison.run(lambda x: x, unison.Search({{"x": unison.uniform(0, 1)}}, trials=3, metric="x", seed=0),
+               backend=unison.Local(workers=1), storage={str(tmp_path)!r}, progress=False)
+assert len(r.rows) == 3
+print(seen)
+"""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "[False]", done.stdout  # one template, started before the runner loaded

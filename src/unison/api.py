@@ -8,24 +8,26 @@ run each become a :class:`~unison.driver.plan.Plan` (``context.to_plan``) that
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 from unison.backends import resolve_backend
 from unison.backends.base import Backend
 from unison.callbacks import Callback, resolve_callbacks
 from unison.contexts.ablation import Ablation
 from unison.contexts.distributed import Distributed
-from unison.contexts.pipeline import Pipeline, run_pipeline, stored_pipeline
 from unison.contexts.search import Search
 from unison.contexts.single import SingleRun
-from unison.driver.experiment import UserCode, run_experiment
-from unison.driver.messages import resume_command
-from unison.driver.single import run_single
-from unison.driver.store import ExperimentStore
-from unison.loading import find_experiment, load_result
-from unison.result import PipelineResult, RunResult, SearchResult
+from unison.driver.plan import prepare_backend
+
+if TYPE_CHECKING:
+    from unison.contexts.pipeline import Pipeline
+    from unison.result import PipelineResult, RunResult, SearchResult
+
+# The driver's own modules (the experiment runner, the store, the dispatch loop: ~20 ms of imports) load
+# inside the functions, after a search's backend has begun starting its workers (Backend.prepare).
 
 
 def run(
@@ -79,7 +81,6 @@ def run(
         raise TypeError(f"unison.run needs a training function as its first argument, got {fn!r}")
     if model is not None and not callable(model):
         raise TypeError(f"model= must be a model generator (a function hparams -> model), got {model!r}")
-    code = UserCode(fn, model, data)
     callback_list = resolve_callbacks(callbacks)  # before anything is written: a name may be unknown
     _check_checkpoint_storage(context, checkpoint_storage)
     if context is None:
@@ -91,23 +92,44 @@ def run(
             raise ValueError(
                 "a single run executes in this process; backend= applies to a search (unison.Search)"
             )
-        return run_single(code, SingleRun(hparams, metric), storage, name, callback_list)
-    if isinstance(context, Pipeline):
+        from unison.driver.experiment import UserCode
+        from unison.driver.single import run_single
+
+        return run_single(UserCode(fn, model, data), SingleRun(hparams, metric), storage, name, callback_list)
+    if _is_pipeline(context):
         if hparams is not None or metric is not None:
             raise ValueError("hparams= and metric= are for a single run; a Pipeline's stages take theirs "
                              "from their declarations (or from the search stage before them)")
-        return run_pipeline(code, context, resolve_backend(backend), storage, name, resume, progress,
-                            callback_list)
+        from unison.contexts.pipeline import run_pipeline
+        from unison.driver.experiment import UserCode
+
+        return run_pipeline(UserCode(fn, model, data), context, resolve_backend(backend), storage, name,
+                            resume, progress, callback_list)
     _check_context(context, hparams, metric)
-    plan = context.to_plan(model, data)
-    result: RunResult | SearchResult = run_experiment(code, plan, resolve_backend(backend), storage, name,
-                                                      resume, progress, callback_list,
-                                                      checkpoint_storage=checkpoint_storage)
+    plan = cast("Search | Ablation | Distributed", context).to_plan(model, data)
+    target = resolve_backend(backend)
+    prepare_backend(plan, target)  # Local's worker template starts now, while the driver's modules load
+    try:
+        from unison.driver.experiment import UserCode, run_experiment
+
+        result: RunResult | SearchResult = run_experiment(UserCode(fn, model, data), plan, target, storage,
+                                                          name, resume, progress, callback_list,
+                                                          checkpoint_storage=checkpoint_storage)
+    except BaseException:
+        target.cancel_prepared()
+        raise
     return result
 
 
+def _is_pipeline(context: Any) -> TypeGuard[Pipeline]:
+    """Whether ``context`` is a :class:`unison.Pipeline`, without importing its module (which loads the
+    driver's): a pipeline exists only once the module was imported."""
+    module = sys.modules.get("unison.contexts.pipeline")
+    return module is not None and isinstance(context, module.Pipeline)
+
+
 def _check_checkpoint_storage(context: Any, checkpoint_storage: str | Path | None) -> None:
-    if checkpoint_storage is not None and (context is None or isinstance(context, Pipeline)):
+    if checkpoint_storage is not None and (context is None or _is_pipeline(context)):
         why = ("a single run saves them in its experiment folder" if context is None else
                "a Pipeline's stages do not take it yet: run the stage that checkpoints on its own")
         raise ValueError(f"checkpoint_storage= is for a Search, an Ablation or a Distributed run, whose "
@@ -142,6 +164,11 @@ def resume(
     """Finish the search stored in ``path``: trials that ended are kept, the rest run. ``callbacks``
     (as in :func:`run`) hear only of what happens from now on. A pipeline's directory: its completed
     stages are read back, the interrupted one resumes, the later ones run (with the stored pipeline)."""
+    from unison.contexts.pipeline import stored_pipeline
+    from unison.driver.messages import resume_command
+    from unison.driver.store import ExperimentStore
+    from unison.result import PipelineResult, SearchResult
+
     meta = ExperimentStore(path).read_experiment()
     if meta.get("kind") == "pipeline":
         flow = run(fn, stored_pipeline(path), model=model, data=data, backend=backend, resume=path,
@@ -207,4 +234,6 @@ def load(path_or_name: str | Path,
         storage: the folder holding experiment directories, as passed to ``unison.run(storage=...)``
             (default ``./unison-runs``); only used to find a name.
     """
+    from unison.loading import find_experiment, load_result
+
     return load_result(find_experiment(path_or_name, storage))

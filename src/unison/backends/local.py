@@ -260,10 +260,15 @@ class Local(Backend):
 
     def prepare(self, workers: int) -> None:
         """Start the worker template (``start="fork-server"``) while the driver sets up; :meth:`start`
-        uses it (its output moves into the experiment's ``workers/`` folder then)."""
+        uses it (its output moves into the experiment's ``workers/`` folder then). A template prepared
+        already for the same environment is kept (``unison.run`` prepares before the experiment runner
+        does)."""
+        env = self._worker_env(workers)
+        if (self._prepared is not None and self.start_mode == "fork-server" and self._prepared[1].dead is None
+                and (self._prepared[0] == env or not self.preload)):
+            return
         self.cancel_prepared()
         if self.start_mode == "fork-server":
-            env = self._worker_env(workers)
             _LIVE.add(self)
             kept = SHELF.take(SHELF.key(env, self.preload))
             self._prepared = (env, kept or WorkerTemplate(env, self.preload, None))

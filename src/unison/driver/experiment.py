@@ -25,7 +25,7 @@ from unison.callbacks import Callback, ExperimentInfo
 from unison.driver.callbacks_runner import CallbackRunner
 from unison.driver.driver import SearchDriver
 from unison.driver.messages import closing_message, resume_command, resume_hint
-from unison.driver.plan import Plan
+from unison.driver.plan import Plan, prepare_backend
 from unison.driver.progress import make_progress
 from unison.driver.store import ExperimentStore
 from unison.errors import SearchAborted
@@ -181,9 +181,7 @@ def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | 
     exact directory (a pipeline's stage) instead of a new one under ``storage``.
     ``checkpoint_storage``: where workers write checkpoints (see :func:`unison.run`); on resume, the
     one ``experiment.json`` records."""
-    gang_slots = _check_backend(plan, backend)  # before anything is written: it may fail
-    if not backend.in_process:  # (Local's worker template starts while the driver sets up)
-        backend.prepare(_expected_workers(plan, backend, gang_slots))
+    gang_slots = prepare_backend(plan, backend)  # before anything is written: it may fail
     try:
         shared = _checkpoint_storage(checkpoint_storage, resume_path)
         names = check_injectable(code.fn, plan.hparam_names, code.model is not None or bool(plan.variants),
@@ -249,27 +247,6 @@ def _checkpoint_storage(given: str | Path | None, resume_path: str | Path | None
     return location
 
 
-def _check_backend(plan: Plan, backend: Backend) -> int:
-    """The worker slots a trial of ``k > 1`` ranks may use (0 for ordinary trials); raise if ``backend``
-    cannot run the plan's trials. A backend that places GPUs is told what each worker gets first: it
-    sizes its slots by them."""
-    from unison.gpus import GpuRequest, place
-
-    k = plan.workers_per_trial
-    place(backend, GpuRequest.of(plan.kind, getattr(plan.search, "gpus_per_trial", 0), k))
-    if k == 1:
-        return 0
-    if backend.in_process:
-        what = "unison.Distributed" if plan.kind == "distributed" else f"Search(workers_per_trial={k})"
-        raise ValueError(f"{what} runs each trial as {k} processes: use backend='local' or 'spark', not "
-                         f"{backend.name!r}")
-    gang_slots = backend.gang_slots(k)
-    if gang_slots < k:
-        raise ValueError(f"a trial of {k} ranks needs {k} worker slots, but {backend!r} has {gang_slots}: "
-                         f"give the backend more workers, or use fewer ranks per trial")
-    return gang_slots
-
-
 def _payload_parts(code: UserCode, names: list[str], plan: Plan) -> dict[str, Any]:
     """What workers load (the function, its generators, the data, how to judge a trial) and the pickled
     context (bytes, unpickled only by ``unison resume DIR``)."""
@@ -327,13 +304,6 @@ def _open_store(code: UserCode, plan: Plan, storage: str | Path | None, name: st
         )
     store.lock()  # unison.ExperimentLocked if another driver runs it
     return store, meta, store.read_journal()
-
-
-def _expected_workers(plan: Plan, backend: Backend, gang_slots: int) -> int:
-    """:func:`_size` before the driver exists (a resumed experiment may need fewer)."""
-    search, k = plan.search, plan.workers_per_trial
-    caps = [n for n in (search.trials, search.max_concurrent) if n]
-    return max(1, min([gang_slots // k if k > 1 else backend.slots(), *caps])) * k
 
 
 def _size(driver: SearchDriver, plan: Plan, backend: Backend, gang_slots: int) -> int:

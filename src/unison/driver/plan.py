@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from unison.backends.base import Backend
     from unison.contexts.search import Search
     from unison.errors import SearchAborted
     from unison.result import SearchResult
@@ -57,3 +58,43 @@ class Plan:
     def workers_per_trial(self) -> int:
         """How many processes (ranks) each trial runs as."""
         return self.search.workers_per_trial or 1
+
+
+def prepare_backend(plan: Plan, backend: Backend) -> int:
+    """Check that ``backend`` can run ``plan``'s trials, then let it begin what it starts slowly
+    (:meth:`~unison.backends.base.Backend.prepare`: Local's worker template) while the driver sets up;
+    the worker slots a trial of ``k > 1`` ranks may use (0 for ordinary trials). Called again for the
+    same experiment, it keeps what the first call began."""
+    gang_slots = check_backend(plan, backend)
+    if not backend.in_process:
+        backend.prepare(expected_workers(plan, backend, gang_slots))
+    return gang_slots
+
+
+def check_backend(plan: Plan, backend: Backend) -> int:
+    """The worker slots a trial of ``k > 1`` ranks may use (0 for ordinary trials); raise if ``backend``
+    cannot run the plan's trials. A backend that places GPUs is told what each worker gets first: it
+    sizes its slots by them."""
+    from unison.gpus import GpuRequest, place
+
+    k = plan.workers_per_trial
+    place(backend, GpuRequest.of(plan.kind, getattr(plan.search, "gpus_per_trial", 0), k))
+    if k == 1:
+        return 0
+    if backend.in_process:
+        what = "unison.Distributed" if plan.kind == "distributed" else f"Search(workers_per_trial={k})"
+        raise ValueError(f"{what} runs each trial as {k} processes: use backend='local' or 'spark', not "
+                         f"{backend.name!r}")
+    gang_slots = backend.gang_slots(k)
+    if gang_slots < k:
+        raise ValueError(f"a trial of {k} ranks needs {k} worker slots, but {backend!r} has {gang_slots}: "
+                         f"give the backend more workers, or use fewer ranks per trial")
+    return gang_slots
+
+
+def expected_workers(plan: Plan, backend: Backend, gang_slots: int) -> int:
+    """How many workers an experiment starts (``unison.driver.experiment._size``), before its driver
+    exists (a resumed experiment may need fewer)."""
+    search, k = plan.search, plan.workers_per_trial
+    caps = [n for n in (search.trials, search.max_concurrent) if n]
+    return max(1, min([gang_slots // k if k > 1 else backend.slots(), *caps])) * k
