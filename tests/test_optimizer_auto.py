@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-import threading
 
 import pytest
 
 import unison
 from unison.optimizers import AutoSearch, make_optimizer
 from unison.optimizers.auto import route
+from unison.optimizers.process import Offloaded
 
 NUMERIC = {"x": unison.uniform(-2, 2), "y": unison.loguniform(1e-3, 1.0), "n": unison.integer(1, 8)}
 
@@ -70,7 +70,7 @@ class _Clock:
 
     def __init__(self) -> None:
         self.now = 0.0
-        self.imports: list[str] = []
+        self.processes: list[str] = []
 
     def __call__(self) -> float:
         return self.now
@@ -78,10 +78,11 @@ class _Clock:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
-    """The auto module's clock, moved by the test; ``clock.imports`` records the background imports."""
+    """The auto module's clock, moved by the test; ``clock.processes`` records the GP processes started
+    (none is: GP stays in this process)."""
     fake = _Clock()
     monkeypatch.setattr("unison.optimizers.auto.time.perf_counter", fake)
-    monkeypatch.setattr("unison.optimizers.auto._import_gp_dependencies", lambda: fake.imports.append("gp"))
+    monkeypatch.setattr("unison.optimizers.auto._start_gp_process", lambda: fake.processes.append("gp"))
     return fake
 
 
@@ -101,7 +102,7 @@ def test_fast_results_hand_over_to_tpe_before_gp_fits_a_model(clock: _Clock) -> 
     _drive(fast, 12, 0.01, clock)
     assert fast.sampler == "tpe" and fast.reason.startswith("results arrive every 0.01 s")
     assert fast._fit_s == []  # noqa: SLF001 - no GP model was fitted
-    assert clock.imports == []  # nor torch imported ahead for one
+    assert clock.processes == []  # nor GP's process started for one
     untimed = AutoSearch(timing=False)
     untimed.setup(NUMERIC, "min", 0)
     _drive(untimed, 11, 0.01, clock)
@@ -116,20 +117,16 @@ def test_gp_stays_while_it_takes_under_half_the_time_between_results(
     past its third model-based suggestion; at 1.5 s each it hands over there, saying why."""
     optimizer = AutoSearch()
     optimizer.setup(NUMERIC, "min", 0)
-    gp = optimizer._gp  # noqa: SLF001
-    real = gp.suggest
+    real = Offloaded.suggest  # GP's model-based suggestions (its random start is drawn apart)
 
-    def slow(number: int) -> dict:
-        clock.now += cost_s if optimizer._completed >= 10 else 0.0  # noqa: SLF001
-        return real(number)
+    def slow(self: Offloaded, number: int) -> dict:
+        clock.now += cost_s
+        return real(self, number)
 
-    monkeypatch.setattr(gp, "suggest", slow)
+    monkeypatch.setattr(Offloaded, "suggest", slow)
     _drive(optimizer, 14, 2.0, clock)
     assert optimizer.sampler == expected, optimizer.reason
-    for thread in threading.enumerate():
-        if thread.name == "unison-gp-imports":
-            thread.join()
-    assert clock.imports == ["gp"]  # slow results: torch was imported ahead of GP's first model, once
+    assert clock.processes == ["gp"]  # slow results: GP's process started ahead of its first model, once
     if expected == "tpe":
         # (the time between results includes GP's own 1.5 s: the trials ran one after another)
         assert re.fullmatch(r"GP's suggestions take 1.5 s, more than half the time between results "

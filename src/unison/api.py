@@ -106,7 +106,16 @@ def run(
         return run_pipeline(UserCode(fn, model, data), context, resolve_backend(backend), storage, name,
                             resume, progress, callback_list)
     _check_context(context, hparams, metric)
-    plan = cast("Search | Ablation | Distributed", context).to_plan(model, data)
+    return _run_plan(fn, cast("Search | Ablation | Distributed", context), model, data, backend, storage,
+                     name, resume, progress, callback_list, checkpoint_storage)
+
+
+def _run_plan(fn: Callable[..., Any], context: Search | Ablation | Distributed, model: Any, data: Any,
+              backend: str | Backend | None, storage: str | Path | None, name: str | None,
+              resume: str | Path | None, progress: bool | None, callback_list: list[Callback],
+              checkpoint_storage: str | Path | None) -> RunResult | SearchResult:
+    """A search, an ablation or a distributed run: its plan, run on the backend."""
+    plan = context.to_plan(model, data)
     target = resolve_backend(backend)
     prepare_backend(plan, target)  # Local's worker template starts now, while the driver's modules load
     try:

@@ -142,6 +142,7 @@ class SearchDriver:
         # checkpoint_storage=: where workers write checkpoints (a URL or a shared path); None: trial folders
         self.checkpoint_storage: str | None = None
         self.suggester: Suggester | None = None  # suggestions computed ahead (remote backends): suggest_ahead
+        self.optimizer_closed = False  # close_optimizer
 
     # ----------------------------------------------------------------- resume
     def replay(self, events: list[dict[str, Any]]) -> None:
@@ -302,6 +303,18 @@ class SearchDriver:
         return the error the optimizer's last ``observe`` raised, if nothing raised it yet."""
         suggester, self.suggester = self.suggester, None
         return None if suggester is None else suggester.close()
+
+    def close_optimizer(self) -> BaseException | None:
+        """The experiment is over: end the background suggestions and :meth:`Optimizer.close` the
+        optimizer (its process, if it has one), once; return the error either left (a last ``observe``'s)."""
+        error = self.close_suggester()
+        if not self.optimizer_closed:
+            self.optimizer_closed = True
+            try:
+                self.optimizer.close()
+            except Exception as exc:  # noqa: BLE001 - the caller raises it, unless another error ended the run
+                error = error or exc
+        return error
 
     @property
     def finished(self) -> bool:

@@ -197,6 +197,7 @@ def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | 
     if shared is not None:
         meta["checkpoint_storage"] = shared
     runner = None
+    driver: SearchDriver | None = None
     try:  # from here on the store holds the lock: release it if the experiment cannot start
         declaration = json.loads(json.dumps(meta[plan.kind], default=str))  # the callbacks' own copy
         runner = CallbackRunner.start(callbacks or [], ExperimentInfo(
@@ -214,6 +215,8 @@ def run_experiment(code: UserCode, plan: Plan, backend: Backend, storage: str | 
         show.start(_headline(meta["name"], plan, driver, backend, workers, store.path))
     except BaseException:
         backend.cancel_prepared()
+        if driver is not None:
+            driver.close_optimizer()
         if runner is not None:
             runner.close(None)
         store.close()
@@ -350,6 +353,9 @@ class _Run:
                 (self.store.path / "payload.bin").write_bytes(payload)
             if not self.driver.finished:
                 self._serve(workers)
+            late_error = self.driver.close_optimizer()
+            if late_error is not None:  # the optimizer failed on the last result: as it would on any other
+                raise late_error
             status = "aborted" if self.driver.abort_error is not None else "completed"
             ended = True
         except KeyboardInterrupt as exc:
@@ -369,6 +375,7 @@ class _Run:
             raise full from None  # its message names the file; __context__ keeps the original
         finally:
             self.backend.cancel_prepared()  # (when no worker was started: a resumed, finished search)
+            self.driver.close_optimizer()  # (after an error or an interruption: that is the one raised)
             result = self._record_end(status, ended)
         if self.driver.abort_error is not None:
             raise self.driver.abort_error

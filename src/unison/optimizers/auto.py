@@ -9,13 +9,15 @@ how fast results come against how long GP's suggestions take. Measurements behin
 from __future__ import annotations
 
 import importlib.util
-import threading
+import sys
 import time
 from collections import deque
 from typing import Any
 
 from unison.optimizers.base import Optimizer
+from unison.optimizers.gp_startup import GPStart, draws_supported
 from unison.optimizers.optuna import OptunaOptimizer
+from unison.optimizers.process import Offloaded, OptimizerProcess
 from unison.space import Choice, Conditional, Distribution
 
 __all__ = ["AutoSearch", "route"]
@@ -42,17 +44,23 @@ _STARTUP = 10  # Optuna's GPSampler samples at random until this many trials com
 _FIT_GUESS_S = 0.1  # what a GP suggestion costs at the least (one core, a few dimensions): measured
 _CHECKS = (3, 12, 40)  # after this many GP suggestions from a fitted model, its cost is looked at again
 _RECENT = 20  # the results whose pace is compared with GP's cost
-_WARM_AFTER = 3  # results after which GP's dependencies are imported in the background, if they come slowly
+_WARM_AFTER = 3  # results after which GP's process is started, if they come slowly
+# what GP's models need (torch alone takes a second or more to import): its process imports them at
+# start, then fits a throwaway model (a first fit's one-time cost)
+_GP_MODULES = ("optuna", "scipy.optimize", "torch", "optuna._gp.gp", "optuna._gp.acqf",
+               "optuna._gp.optim_mixed", "optuna._gp.prior", "optuna._gp.search_space",
+               "unison.optimizers.optuna:warm_up_gp")
 
 
-def _import_gp_dependencies() -> None:
-    """What GP's first model needs (torch alone takes a second or more to import), imported while the
-    first trials run rather than when the next trial waits for GP's suggestion."""
+def _start_gp_process() -> OptimizerProcess | None:
+    """A process for GP's models, importing their modules while the first trials run; ``None`` if it
+    cannot start (GP then fits its models in the driver)."""
     try:
-        import scipy.optimize  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError:  # GP's own suggestion says what is missing
-        pass
+        return OptimizerProcess(_GP_MODULES)
+    except OSError as exc:
+        print(f"unison: GP's process could not start ({exc}); its models are fitted in the driver",
+              file=sys.stderr)
+        return None
 
 
 def _median(values: list[float]) -> float:
@@ -72,8 +80,7 @@ class AutoSearch(Optimizer):
             its first model (after its 10 random trials) and results arrive more often than every
             0.2 s (on average), or when, after its 3rd, 12th and 40th suggestion from a model, its
             median suggestion takes more than half the mean time between the last 20 results (the
-            workers would wait for it). When the first results come slowly, torch is imported in
-            the background, so GP's first model does not wait for it. Default on. The points where
+            workers would wait for it). Default on. The points where
             this is decided are fixed, the outcome depends on measured times: the sequence of
             suggestions is the same for a seed unless the trials' pace is near those limits.
             ``timing=False`` (or ``optimizer="gp"``) makes it depend on the seed and the results
@@ -81,6 +88,17 @@ class AutoSearch(Optimizer):
 
     Multi-objective searches, conditional or mostly categorical spaces use TPE throughout
     (:func:`route`). ``self.sampler`` is ``"gp"`` or ``"tpe"`` (what suggests now), ``self.reason`` why.
+
+    GP's random start is drawn in the driver, as Optuna draws it but without importing Optuna
+    (:class:`~unison.optimizers.gp_startup.GPStart`; for numeric and categorical spaces with an int seed,
+    else with Optuna); its models are fitted in a process of its own (:mod:`unison.optimizers.process`),
+    so that neither torch's import nor the fits hold the driver's interpreter lock while it hands out
+    trials. The process starts after the 3rd result when results come slowly (or ``timing=False``),
+    importing torch while the trials run, or else when GP fits its first model; GP is handed over to it
+    then (its calls so far replayed there: the same study, trials in flight included), and suggests
+    exactly what it would have in the driver. If the process cannot start or dies, GP goes on in the driver
+    (from the same state: the same suggestions), saying so on stderr. :meth:`close` ends the process;
+    so does TPE's take-over, once GP's last trial has ended.
     """
 
     def __init__(self, *, gp_trials: int = 100, gp_max_dims: int = 16, timing: bool = True) -> None:
@@ -106,10 +124,14 @@ class AutoSearch(Optimizer):
         self._fit_s: list[float] = []  # GP's suggestions from a fitted model
         self._prechecked = False
         self._checks_done = 0
-        self._owner: dict[int, OptunaOptimizer] = {}
-        self._gp: OptunaOptimizer | None = None
+        self._owner: dict[int, Optimizer] = {}
+        self._gp: Optimizer | None = None  # an OptunaOptimizer, Offloaded once it fits models
+        self._process: OptimizerProcess | None = None  # GP's, once started (_gp_process)
+        self._process_tried = False
         self._tpe: OptunaOptimizer | None = None
-        if self.sampler == "gp":
+        if self.sampler == "gp" and seed is not None and draws_supported(space, seed):
+            self._gp = GPStart(space, mode, seed)  # its first trials wait for neither optuna nor numpy
+        elif self.sampler == "gp":
             self._gp = OptunaOptimizer("gp")
             self._gp.setup(space, mode, seed)
         else:
@@ -156,9 +178,12 @@ class AutoSearch(Optimizer):
             if why is not None:
                 self.sampler, self.reason = "tpe", why
                 self._start_tpe()
+                self._release_gp_if_done()
         optimizer = self._gp if self.sampler == "gp" else self._tpe
         assert optimizer is not None
         fitted = optimizer is self._gp and self._completed >= _STARTUP
+        if fitted and not isinstance(optimizer, Offloaded):
+            optimizer = self._offload_gp()
         start = time.perf_counter()
         hparams = optimizer.suggest(trial_number)
         if fitted:
@@ -179,13 +204,57 @@ class AutoSearch(Optimizer):
                     optimizer.observe(trial_number, hparams, value, status)
             return
         self._result_times.append(time.perf_counter())
-        if len(self._result_times) == _WARM_AFTER and self._gp is not None and self.timing:
+        if (len(self._result_times) == _WARM_AFTER and self.sampler == "gp" and not self._process_tried
+                and self.gp_trials > _STARTUP):  # else GP fits no model: trial numbers reach gp_trials first
             pace = self._pace()
-            if pace is not None and pace >= 2 * _FIT_GUESS_S:  # GP will be used: import it meanwhile
-                threading.Thread(target=_import_gp_dependencies, name="unison-gp-imports").start()
+            if not self.timing or (pace is not None and pace >= 2 * _FIT_GUESS_S):  # GP will fit models
+                self._gp_process()
         owner.observe(trial_number, hparams, value, status)
         if self._tpe is not None and owner is not self._tpe:
             self._tpe.observe(trial_number, hparams, value, status)  # a GP trial that ended after the switch
+            self._release_gp_if_done()
+
+    def _offload_gp(self) -> Offloaded:
+        """GP, about to fit its first model, handed over to its process (started now if it was not),
+        with its trials in flight."""
+        start = self._gp
+        assert start is not None
+        if isinstance(start, GPStart):  # Optuna's GP takes over from the calls it made
+            offloaded = Offloaded(OptunaOptimizer("gp"), self._gp_process(), start.history)
+        else:
+            offloaded = Offloaded(start, self._gp_process())
+        offloaded.hand_over()
+        self._owner = {n: offloaded if o is start else o for n, o in self._owner.items()}
+        self._gp = offloaded
+        return offloaded
+
+    def _gp_process(self) -> OptimizerProcess | None:
+        """GP's process, started at the first call (``None`` if it could not start)."""
+        if not self._process_tried:
+            self._process_tried = True
+            self._process = _start_gp_process()
+        return self._process
+
+    def _release_gp_if_done(self) -> None:
+        """After TPE took over: end GP (and its process) once none of its trials is in flight."""
+        if self._gp is not None and all(o is not self._gp for o in self._owner.values()):
+            gp, process, self._gp, self._process = self._gp, self._process, None, None
+            try:
+                gp.close()
+            finally:
+                if process is not None:
+                    process.close()
+
+    def close(self) -> None:
+        """End GP's process, if it was started."""
+        gp, process = getattr(self, "_gp", None), getattr(self, "_process", None)
+        self._process = None
+        try:
+            if gp is not None:
+                gp.close()
+        finally:
+            if process is not None:
+                process.close()
 
     def __repr__(self) -> str:
         return (f"AutoSearch(gp_trials={self.gp_trials}, gp_max_dims={self.gp_max_dims}, "

@@ -34,6 +34,12 @@ class Optimizer:
                 status: str) -> None:
         """A trial ended: ``status`` is ``completed``, ``stopped`` or ``failed`` (``value`` None)."""
 
+    def close(self) -> None:
+        """The driver is done with the optimizer (the experiment ended, failed or was interrupted):
+        release what it holds, such as a process of its own. Called once by the driver; by default,
+        nothing. An exception raised here (the one a last :meth:`observe` left, say) ends the
+        experiment as one raised by ``observe`` would."""
+
     def size(self) -> int | None:
         """How many distinct suggestions exist (a grid's size), or ``None`` when unbounded."""
         return None

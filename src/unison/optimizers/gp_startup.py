@@ -16,9 +16,10 @@ import math
 import random
 from typing import Any
 
+from unison.optimizers.base import Optimizer
 from unison.space import Choice, Distribution, Integer, LogUniform, Uniform, dependency_order
 
-__all__ = ["RandomSamplerDraws", "draws_supported"]
+__all__ = ["GPStart", "RandomSamplerDraws", "draws_supported"]
 
 _MT_N = 624
 
@@ -90,3 +91,30 @@ class RandomSamplerDraws:
         hparams = {name: self._draw(d) if isinstance(d, Distribution) else d
                    for name, d in ((n, self.space[n]) for n in self._order)}
         return {name: hparams[name] for name in self.space}
+
+
+class GPStart(Optimizer):
+    """``OptunaOptimizer("gp")`` until its first model, without Optuna: :class:`RandomSamplerDraws`'
+    suggestions, and every call recorded in :attr:`history` for the ``OptunaOptimizer`` that takes over
+    (:class:`unison.optimizers.process.Offloaded` replays it), which then holds the same study as if it
+    had suggested from the start. Asked again for a trial in flight, the same suggestion."""
+
+    def __init__(self, space: dict[str, Any], mode: str | list[str], seed: int) -> None:
+        self.space, self.mode, self.seed = space, mode, seed
+        self.draws = RandomSamplerDraws(space, seed)
+        self.history: list[tuple[str, Any]] = [("setup", (space, mode, seed))]
+        self._given: dict[int, dict[str, Any]] = {}
+
+    def suggest(self, trial_number: int) -> dict[str, Any]:
+        if trial_number not in self._given:
+            self._given[trial_number] = self.draws.suggest()
+            self.history.append(("suggest", (trial_number, dict(self._given[trial_number]))))
+        return dict(self._given[trial_number])
+
+    def observe(self, trial_number: int, hparams: dict[str, Any], value: float | list[float] | None,
+                status: str) -> None:
+        self._given.pop(trial_number, None)
+        self.history.append(("observe", (trial_number, hparams, value, status)))
+
+    def __repr__(self) -> str:
+        return "GPStart()"
