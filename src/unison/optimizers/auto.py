@@ -170,9 +170,19 @@ class AutoSearch(Optimizer):
                         f"({pace:.3g} s)")
         return None
 
+    def _warm_up(self, trial_number: int) -> None:
+        """Start GP's process once ``_WARM_AFTER`` results came, slowly (or ``timing=False``), and the
+        search goes on (a trial is asked for), so that torch is imported while trials run."""
+        if (len(self._result_times) >= _WARM_AFTER and self.sampler == "gp" and not self._process_tried
+                and _STARTUP < self.gp_trials and trial_number < self.gp_trials):  # else GP fits no model
+            pace = self._pace()
+            if not self.timing or (pace is not None and pace >= 2 * _FIT_GUESS_S):
+                self._gp_process()
+
     def suggest(self, trial_number: int) -> dict[str, Any] | None:
         if trial_number in self._owner:
             return self._owner[trial_number].suggest(trial_number)
+        self._warm_up(trial_number)
         if self.sampler == "gp":
             why = self._switch(trial_number)
             if why is not None:
@@ -204,11 +214,6 @@ class AutoSearch(Optimizer):
                     optimizer.observe(trial_number, hparams, value, status)
             return
         self._result_times.append(time.perf_counter())
-        if (len(self._result_times) == _WARM_AFTER and self.sampler == "gp" and not self._process_tried
-                and self.gp_trials > _STARTUP):  # else GP fits no model: trial numbers reach gp_trials first
-            pace = self._pace()
-            if not self.timing or (pace is not None and pace >= 2 * _FIT_GUESS_S):  # GP will fit models
-                self._gp_process()
         owner.observe(trial_number, hparams, value, status)
         if self._tpe is not None and owner is not self._tpe:
             self._tpe.observe(trial_number, hparams, value, status)  # a GP trial that ended after the switch

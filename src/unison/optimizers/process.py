@@ -125,6 +125,7 @@ class OptimizerProcess:
         )
         self.pid = self.proc.pid
         self.gone: str | None = None  # why the process cannot answer, once it cannot
+        self.loaded = False  # whether it was handed an optimizer (load)
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _end, self.proc)
 
@@ -139,6 +140,7 @@ class OptimizerProcess:
             raise OptimizerProcessGone(f"{optimizer!r} cannot be pickled for its process: {exc}") from exc
         try:
             self._request("load", (list(sys.path), blob))
+            self.loaded = True
         except OptimizerProcessGone:
             raise
         except Exception as exc:  # noqa: BLE001 - raised by the child's unpickling
@@ -163,8 +165,14 @@ class OptimizerProcess:
 
     def close(self) -> None:
         """End the process (killed if it does not exit within :data:`CLOSE_TIMEOUT_S`); raise the
-        exception a last ``observe`` raised there, if no call raised it yet. Again: nothing."""
+        exception a last ``observe`` raised there, if no call raised it yet. Again: nothing. A process
+        never handed an optimizer is killed at once (it may still be importing torch: nothing to wait for)."""
         if self.gone is not None:
+            return
+        if not self.loaded:
+            self.gone = "it was closed"
+            self.proc.kill()
+            self._finalizer()
             return
         try:
             self._request("close", None)
