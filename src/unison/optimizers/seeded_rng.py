@@ -15,7 +15,7 @@ uses Lemire's bounded method (on 32-bit halves of an output where the range fits
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 __all__ = ["SeededRng"]
 
@@ -140,14 +140,14 @@ class SeededRng:
         return low + self._lemire(span, 64, self._next64)
 
     @staticmethod
-    def _lemire(span: int, bits: int, draw: object) -> int:
+    def _lemire(span: int, bits: int, draw: Callable[[], int]) -> int:
         mask = (1 << bits) - 1
         excl = span + 1
-        m = draw() * excl  # type: ignore[operator]
+        m = draw() * excl
         leftover = m & mask
         if leftover < excl:
             threshold = (mask - span) % excl
             while leftover < threshold:
-                m = draw() * excl  # type: ignore[operator]
+                m = draw() * excl
                 leftover = m & mask
         return m >> bits
